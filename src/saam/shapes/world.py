@@ -148,7 +148,8 @@ def sample_objects(rng: random.Random, n_objects: int | None = None, *,
     return tuple(out)
 
 
-def sample_scene(seed: int, n_objects: int | None = None, *, split: str = "train") -> Scene:
+def sample_scene(seed: int, n_objects: int | None = None, *, split: str = "train",
+                 p_color: float = 0.9, p_size: float = 0.5) -> Scene:
     """One scene, fully determined by ``seed`` and ``split``.
 
     Splits: ``train`` (held-out combos excluded), ``test`` (same distribution as train, drawn
@@ -159,7 +160,7 @@ def sample_scene(seed: int, n_objects: int | None = None, *, split: str = "train
     salt = {"train": 0, "test": 1_000_003, "unseen": 2_000_029}[split]
     rng = random.Random(seed * 7919 + salt)
     objects = sample_objects(rng, n_objects, first_heldout=(split == "unseen"))
-    caption, refs = caption_for(objects, rng)
+    caption, refs = caption_for(objects, rng, p_color=p_color, p_size=p_size)
     return Scene(objects, caption, refs)
 
 

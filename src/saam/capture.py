@@ -1,0 +1,346 @@
+"""Record per-head cross-attention maps from a diffusers UNet pipeline.
+
+    with trace(pipe) as tc:
+        pipe(["a red circle", "a blue square"], num_images_per_prompt=2)
+    tc[0].word_map("red")            # DAAM-style map of image 0
+    tc[3].maps["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]   # [heads, tokens, h, w]
+
+How it works. ``trace`` swaps the processor of every cross-attention module (``attn2`` in SD)
+for a :class:`CaptureProcessor` that first calls the original processor, so the UNet's output
+is untouched bit for bit, and then recomputes that layer's softmax attention probabilities from
+its own query and key projections for the recorded branch only. Probabilities are summed online
+per (image, layer, head, token, pixel) at the layer's native resolution, so memory does not
+grow with the number of steps (per-step maps are opt-in). Forward pre-hooks on the UNet count
+denoising steps and read the pipeline's own ``do_classifier_free_guidance`` flag to find the
+conditional half of the batch; a pre-hook on the text encoder records the prompts' token ids.
+Everything is removed on exit, also after an exception.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .heads import HeadId, head_ids
+
+_ACTIVE = "_saam_trace_active"
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+@dataclass
+class HeadMaps:
+    """Cross-attention maps of one generated image.
+
+    Attributes:
+        maps: layer name -> float32 tensor [heads, tokens, h, w], summed over recorded steps.
+        steps: number of denoising steps summed.
+        timesteps: the scheduler timesteps seen, in order.
+        token_ids: the prompt's text-encoder input ids (None if the prompt was given as embeddings).
+        prompt: the prompt, decoded from ``token_ids``.
+        latent_size, image_size: (height, width).
+        per_step: layer -> [steps, heads, tokens, h, w] when ``trace(per_step=True)``.
+    """
+    maps: dict[str, torch.Tensor]
+    steps: int
+    timesteps: list[int]
+    token_ids: list[int] | None
+    prompt: str | None
+    latent_size: tuple[int, int]
+    image_size: tuple[int, int]
+    tokenizer: object = field(repr=False, default=None)
+    per_step: dict[str, torch.Tensor] | None = field(repr=False, default=None)
+
+    @property
+    def layer_heads(self) -> dict[str, int]:
+        return {l: m.shape[0] for l, m in self.maps.items()}
+
+    def heads(self, convention: str = "hrv") -> list[HeadId]:
+        return head_ids(self.layer_heads, convention)
+
+    def token_positions(self, word: str, occurrence: int = 0) -> list[int]:
+        from .words import token_positions
+        if self.prompt is None or self.tokenizer is None:
+            raise CaptureError("this trace has no prompt text (was the prompt given as embeddings?)")
+        return token_positions(self.prompt, word, self.tokenizer, occurrence)
+
+    def word_map(self, word: str, heads=None, weights=None, occurrence: int = 0,
+                 include_mid: bool = False) -> torch.Tensor:
+        """The word's aggregated map at latent size [h, w] (DAAM preset when ``heads`` is None)."""
+        from .aggregate import aggregate, daam_heads
+        if heads is None:
+            heads = daam_heads(self.layer_heads, include_mid=include_mid)
+        return aggregate(self, self.token_positions(word, occurrence), heads, weights)
+
+
+class _Recorder:
+    """Shared state of one trace: which batch rows to record, the step, and the sums."""
+
+    def __init__(self, pipe, branch: str, cfg: bool | None, per_step: bool, store_device):
+        self.pipe, self.branch, self.cfg, self.per_step = pipe, branch, cfg, per_step
+        self.store_device = store_device
+        self.results: list[HeadMaps] = []
+        self._gen: dict | None = None
+        self._pending_ids: list[list[int]] | None = None
+        self._awaiting_prompt = True
+        self.rows: slice | None = None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def on_text_encoder(self, module, args, kwargs):
+        if not self._awaiting_prompt:
+            return
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None:
+            self._pending_ids = ids.tolist()
+        self._awaiting_prompt = False
+
+    def on_unet(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        batch = sample.shape[0]
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.cfg is None else self.cfg
+        if cfg is None:
+            raise CaptureError(f"cannot tell whether {type(self.pipe).__name__} uses classifier-free "
+                               "guidance; pass trace(pipe, cfg=True/False)")
+        if cfg and batch % 2:
+            raise CaptureError(f"classifier-free guidance with an odd batch ({batch})")
+        if not cfg and self.branch == "uncond":
+            raise CaptureError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
+        half = batch // 2
+        self.rows = (slice(half, batch) if self.branch == "cond" else slice(0, half)) if cfg else slice(0, batch)
+        n = self.rows.stop - self.rows.start
+        if self._gen is None or self._pending_ids is not None or self._gen["n"] != n:
+            self._start(n, tuple(sample.shape[-2:]))
+        self._gen["steps"] += 1
+        self._gen["timesteps"].append(int(t.flatten()[0]) if torch.is_tensor(t) else int(t))
+        self._awaiting_prompt = True  # the next text-encoder call belongs to a new pipeline call
+
+    # -- accumulation -----------------------------------------------------------------------
+    def _start(self, n: int, latent: tuple[int, int]) -> None:
+        self.finish()
+        self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={},
+                         ids=self._pending_ids)
+        self._pending_ids = None
+
+    def observe(self, attn, layer: str, hidden_states, context, attention_mask) -> None:
+        """Record one cross-attention call (full UNet batch in, recorded rows kept)."""
+        rows = self.rows
+        probs = attention_probs(attn, hidden_states[rows], context[rows])
+        if attention_mask is not None:
+            # a padding mask over tokens: zero masked tokens and renormalise, as the processor's
+            # additive -inf mask would
+            b = hidden_states.shape[0]
+            m = attn.prepare_attention_mask(attention_mask, probs.shape[-1], b)
+            m = m.view(b, attn.heads, -1, m.shape[-1])[rows]
+            probs = probs * (m > -1).float()
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+        h, w = _grid(probs.shape[2], self._gen["latent"])
+        n, heads, _, tokens = probs.shape
+        self.add(layer, probs.permute(0, 1, 3, 2).reshape(n, heads, tokens, h, w))
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        """probs: [n, heads, tokens, h, w] for the recorded rows at this step."""
+        g = self._gen
+        p = probs.to(self.store_device, torch.float32)
+        if layer in g["sums"]:
+            g["sums"][layer] += p
+        else:
+            g["sums"][layer] = p.clone()
+        if self.per_step:
+            g["per_step"].setdefault(layer, []).append(p.to("cpu", copy=True))
+
+    def finish(self) -> None:
+        g, self._gen = self._gen, None
+        if g is None or g["steps"] == 0:
+            return
+        tok = getattr(self.pipe, "tokenizer", None)
+        ids = g["ids"]
+        n_prompts = len(ids) if ids else None
+        vae_scale = getattr(self.pipe, "vae_scale_factor", 8)
+        image = (g["latent"][0] * vae_scale, g["latent"][1] * vae_scale)
+        for i in range(g["n"]):
+            pid = ids[i // max(1, g["n"] // n_prompts)] if ids else None
+            prompt = tok.decode(pid, skip_special_tokens=True) if (pid and tok is not None) else None
+            per = ({l: torch.stack([s[i] for s in v]) for l, v in g["per_step"].items()}
+                   if self.per_step else None)
+            self.results.append(HeadMaps(
+                maps={l: s[i].cpu() for l, s in g["sums"].items()}, steps=g["steps"],
+                timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
+                latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per))
+
+
+def _grid(n: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """Height and width of a layer whose sequence has n pixels, given the latent size."""
+    for d in (1, 2, 4, 8, 16, 32, 64):
+        h, w = -(-latent[0] // d), -(-latent[1] // d)
+        if h * w == n:
+            return h, w
+    raise CaptureError(f"cannot place {n} pixels on a grid for latent size {latent}")
+
+
+def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-attention probabilities of a diffusers ``Attention`` module.
+
+    Recomputed from the module's own projections exactly as its processor forms them.
+
+    Args:
+        hidden_states: [n, pixels, channels] (or [n, c, h, w]) image-side input.
+        context: [n, tokens, dim] text-side input.
+    Returns:
+        [n, heads, pixels, tokens] float32 probabilities (each row sums to 1 over tokens).
+    """
+    if hidden_states.ndim == 4:
+        n, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(n, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    q = attn.to_q(hidden_states)
+    k = attn.to_k(context)
+    n, heads = q.shape[0], attn.heads
+    q = q.view(n, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+    k = k.view(n, -1, heads, k.shape[-1] // heads).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+    return scores.softmax(dim=-1)
+
+
+class CaptureProcessor:
+    """Wraps a module's original processor: same output, plus recorded probabilities."""
+
+    def __init__(self, base, layer: str, recorder: _Recorder):
+        self.base, self.layer, self.recorder = base, layer, recorder
+        params = inspect.signature(base.__call__).parameters
+        self._base_kwargs = (None if any(p.kind == p.VAR_KEYWORD for p in params.values())
+                             else set(params))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        if self._base_kwargs is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._base_kwargs}
+        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        rec = self.recorder
+        if encoder_hidden_states is not None and rec.rows is not None and rec._gen is not None:
+            with torch.no_grad():
+                rec.observe(attn, self.layer, hidden_states, encoder_hidden_states, attention_mask)
+        return out
+
+
+def cross_attention_layers(unet) -> dict[str, object]:
+    """Cross-attention modules of a UNet by layer name (module path without ``.processor``)."""
+    mods = dict(unet.named_modules())
+    out = {}
+    for key in unet.attn_processors:
+        name = key[: -len(".processor")]
+        if getattr(mods.get(name), "is_cross_attention", False):
+            out[name] = mods[name]
+    return out
+
+
+class Trace:
+    """The object ``trace`` yields: a list of :class:`HeadMaps`, one per generated image."""
+
+    def __init__(self, recorder: _Recorder, layers: dict[str, object]):
+        self._rec = recorder
+        self.layers = layers
+
+    @property
+    def results(self) -> list[HeadMaps]:
+        return self._rec.results
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, i: int) -> HeadMaps:
+        return self.results[i]
+
+    def __iter__(self) -> Iterator[HeadMaps]:
+        return iter(self.results)
+
+
+def _check_pipeline(pipe):
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(unet, "attn_processors"):
+        raise TypeError(f"trace() needs a UNet-based diffusers pipeline (with .unet), got {type(pipe).__name__}")
+    return unet
+
+
+@contextmanager
+def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool = False,
+          layers: list[str] | None = None, store_device: str | torch.device = "cpu") -> Iterator[Trace]:
+    """Record per-head cross-attention maps of every image the pipeline generates inside.
+
+    Args:
+        pipe: a UNet-based diffusers pipeline (SD 1.x/2.x, SDXL, img2img, ShapesWorld).
+        branch: ``"cond"`` (the prompt's branch, default) or ``"uncond"`` (the negative prompt's)
+            under classifier-free guidance.
+        cfg: whether the UNet batch is [uncond; cond]. None reads the pipeline's own
+            ``do_classifier_free_guidance`` at each step (right for diffusers' SD pipelines).
+        per_step: also keep every step's maps (memory grows with steps).
+        layers: layer names to record (default: every cross-attention layer).
+        store_device: where the running sums live.
+    Raises:
+        TypeError: not a UNet pipeline. ValueError: no cross-attention, unknown layer or branch.
+        CaptureError: a trace is already active on this pipeline.
+    """
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
+    unet = _check_pipeline(pipe)
+    cross = cross_attention_layers(unet)
+    if not cross:
+        raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
+    if layers is not None:
+        unknown = set(layers) - set(cross)
+        if unknown:
+            raise ValueError(f"not cross-attention layers of this UNet: {sorted(unknown)}")
+        cross = {l: cross[l] for l in layers}
+    rec = _Recorder(pipe, branch, cfg, per_step, store_device)
+    with install(pipe, rec, cross):
+        yield Trace(rec, cross)
+        rec.finish()
+
+
+@contextmanager
+def install(pipe, rec: _Recorder, cross: dict[str, object]):
+    """Install ``rec``'s processors on the ``cross`` layers and its hooks; undo all on exit."""
+    unet = _check_pipeline(pipe)
+    if getattr(unet, _ACTIVE, False):
+        raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
+    original = unet.attn_processors
+    new = dict(original)
+    for name in cross:
+        new[name + ".processor"] = CaptureProcessor(original[name + ".processor"], name, rec)
+    handles = []
+    setattr(unet, _ACTIVE, True)
+    try:
+        unet.set_attn_processor(new)
+        handles.append(unet.register_forward_pre_hook(rec.on_unet, with_kwargs=True))
+        te = getattr(pipe, "text_encoder", None)
+        if te is not None:
+            handles.append(te.register_forward_pre_hook(rec.on_text_encoder, with_kwargs=True))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+        unet.set_attn_processor(original)
+        setattr(unet, _ACTIVE, False)
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling of [..., h, w] maps to ``size``, clamped at 0 (DAAM's convention)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x.clamp_min(0)
+    lead = x.shape[:-2]
+    y = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]).float(), size=size, mode="bicubic",
+                      align_corners=False)
+    return y.reshape(*lead, *size).clamp_min(0)

@@ -1,0 +1,179 @@
+"""Scoring: IoU, bootstrap confidence intervals, AUROC, and the two evaluation protocols.
+
+Both protocols produce :class:`WordRecord` s: one attribute word of one image, its ground-truth
+mask, and every head's map of the word (``[heads, h, w]`` at latent size). Any head set's map is
+then a weighted mean over the first axis, so DAAM, top-k, bottom-k, random-k and soft are
+scored on exactly the same captured attention.
+
+- Generation protocol (DAAM's COCO-Gen style): generate from a caption; the analyzer finds the
+  generated objects; a colour word's truth is the union of objects of that colour, a shape
+  word's the union of objects of that shape, a size word's the union of objects of that size.
+  A word with no such object is recorded as missing (``gt is None``), never silently dropped.
+- Real-image protocol: a rendered scene (exact masks) is encoded, noised to ``strength`` of the
+  schedule and denoised with its caption (img2img) while tracing; the truth of a word is the exact
+  mask of the object it describes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .aggregate import DAAM_TAU, normalize, per_head_maps
+from .capture import trace
+from .heads import HeadId
+
+
+@dataclass
+class WordRecord:
+    image: int
+    caption: str
+    word: str
+    occurrence: int
+    kind: str
+    obj: int
+    gt: np.ndarray | None          # (H, W) bool at image size; None = object missing
+    maps: np.ndarray               # [heads, h, w] float16, per-head maps at latent size
+    n_objects: int = 1
+    bound: bool | None = None      # generation protocol: intended (colour, shape) object drawn?
+
+
+# ------------------------------------------------------------------------------ metrics
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    union = (pred | gt).sum()
+    return float((pred & gt).sum() / union) if union else 1.0
+
+
+def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, alpha: float = 0.05,
+                 stat=np.mean) -> tuple[float, float, float]:
+    """(statistic, low, high): percentile bootstrap over items."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots = np.array([stat(v[rng.integers(0, len(v), len(v))]) for _ in range(n)])
+    return float(stat(v)), float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve (probability a positive outscores a negative; ties count half)."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def auroc_ci(scores, labels, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n):
+        i = rng.integers(0, len(s), len(s))
+        a = auroc(s[i], y[i])
+        if not np.isnan(a):
+            boots.append(a)
+    if not boots:
+        return auroc(s, y), float("nan"), float("nan")
+    return auroc(s, y), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def combine(maps: np.ndarray, idx: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Weighted mean of per-head maps over a head subset: the aggregate of that head set."""
+    m = torch.as_tensor(np.asarray(maps[np.asarray(idx)], dtype=np.float32))
+    w = torch.ones(len(idx)) if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    return (m * w.view(-1, 1, 1)).sum(0) / w.sum()
+
+
+def record_iou(rec: WordRecord, idx, weights=None, tau: float = DAAM_TAU) -> float:
+    m = normalize(combine(rec.maps, idx, weights), rec.gt.shape)
+    return iou((m >= tau).numpy(), rec.gt)
+
+
+# ---------------------------------------------------------------------------- protocols
+
+def _records_for(hm, scene, image_idx: int, heads: list[HeadId], gt_of) -> list[WordRecord]:
+    out = []
+    for w in scene.words:
+        pos = hm.token_positions(w.word, w.occurrence)
+        maps = per_head_maps(hm, pos, heads).numpy().astype(np.float16)
+        gt, bound = gt_of(w)
+        out.append(WordRecord(image_idx, scene.caption, w.word, w.occurrence, w.kind, w.obj, gt,
+                              maps, len(scene.objects), bound))
+    return out
+
+
+def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidance: float, seed: int,
+                        batch_size: int = 16, progress: bool = True):
+    """Generate each scene's caption, trace it, and score words against the analyzer's masks.
+
+    Returns:
+        (records, images, detections): word records, (N, H, W, 3) uint8 images, and the
+        analyzer's objects per image.
+    """
+    from tqdm.auto import tqdm
+    from .shapes.analyzer import analyze
+    records, images, found = [], [], []
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for b in tqdm(range(0, len(scenes), batch_size), desc="generate+trace", disable=not progress):
+        batch = scenes[b:b + batch_size]
+        with trace(pipe) as tc:
+            out = pipe([s.caption for s in batch], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=gen, output_type="np").images
+        for j, (scene, hm, img) in enumerate(zip(batch, tc, out)):
+            img = (img * 255).round().astype(np.uint8)
+            det = analyze(img)
+            i = b + j
+
+            def gt_of(w, scene=scene, det=det):
+                attr = getattr(scene.objects[w.obj], w.kind)
+                hits = [d.mask for d in det if getattr(d, w.kind) == attr]
+                o = scene.objects[w.obj]
+                bound = any(d.color == o.color and d.shape == o.shape for d in det)
+                return (np.any(hits, axis=0) if hits else None), bound
+
+            records += _records_for(hm, scene, i, heads, gt_of)
+            images.append(img)
+            found.append(det)
+    return records, np.stack(images), found
+
+
+def real_image_protocol(pipe, scenes, heads: list[HeadId], *, strength: float, steps: int,
+                        guidance: float, seed: int, batch_size: int = 16, progress: bool = True):
+    """Noise rendered scenes to ``strength`` and denoise them with their captions while tracing."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+    from tqdm.auto import tqdm
+    from .shapes.world import render
+    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
+    i2i.set_progress_bar_config(disable=True)
+    records = []
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for b in tqdm(range(0, len(scenes), batch_size), desc=f"img2img@{strength}", disable=not progress):
+        batch = scenes[b:b + batch_size]
+        rendered = [render(s) for s in batch]
+        with trace(i2i) as tc:
+            i2i([s.caption for s in batch], image=[Image.fromarray(r[0]) for r in rendered],
+                strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                generator=gen, output_type="latent")
+        for j, (scene, hm, (_, masks)) in enumerate(zip(batch, tc, rendered)):
+            records += _records_for(hm, scene, b + j, heads, lambda w, m=masks: (m[w.obj], None))
+    return records
+
+
+def binding_score(color_map: torch.Tensor, own_shape: torch.Tensor, other_shapes: list[torch.Tensor]) -> float:
+    """How much more a colour word's map overlaps its own shape word's map than any other's.
+
+    Cosine similarity of min-max normalised maps; a positive score says the colour sits on the
+    object it was written for.
+    """
+    def cos(a, b):
+        a, b = normalize(a).flatten(), normalize(b).flatten()
+        return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-12))
+    own = cos(color_map, own_shape)
+    return own - max(cos(color_map, o) for o in other_shapes)

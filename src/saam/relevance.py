@@ -1,0 +1,226 @@
+"""Head relevance to visual concepts, as HRV measures it, and HRV's published vectors.
+
+At every cross-attention call of an ordinary generation, one random word per concept is drawn;
+the words, each encoded alone with the pipeline's own text encoder (start/end tokens dropped),
+are concatenated into a pseudo-context and projected by *that layer's* key projection. Softmax
+attention from the layer's conditional-branch queries over the pseudo-context is averaged over
+pixels and over each word's tokens, giving a [heads, concepts] score; each head votes for its
+argmax concept. Votes are counted per (image, step). Relevance normalises them as HRV does:
+per head, the fraction of (image, step) pairs each concept wins; then each concept's row is
+rescaled to sum to H, so mean relevance is 1. Generation itself is untouched: the probe runs
+beside the original attention processor (tested).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .capture import _Recorder, _check_pipeline, attention_probs, cross_attention_layers, install
+from .heads import HeadId, forward_order, from_hrv_names, head_ids
+from .words import token_positions
+
+
+@dataclass
+class Relevance:
+    """Relevance of every head to every concept.
+
+    Attributes:
+        concepts: concept names (rows).
+        heads: head ids (columns), HRV order (down, mid, up).
+        matrix: [concepts, heads]; each row sums to H (mean 1).
+        votes: [timesteps, heads, concepts] vote counts (None for published vectors).
+        timesteps: scheduler timestep of each votes row.
+        params: what produced it.
+    """
+    concepts: list[str]
+    heads: list[HeadId]
+    matrix: np.ndarray
+    votes: np.ndarray | None = None
+    timesteps: list[int] = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+
+    def row(self, concept: str) -> np.ndarray:
+        if concept not in self.concepts:
+            raise KeyError(f"unknown concept {concept!r}; known: {self.concepts}")
+        return self.matrix[self.concepts.index(concept)]
+
+    def per_timestep(self) -> np.ndarray:
+        """[timesteps, concepts, heads] relevance from each step's votes alone."""
+        if self.votes is None:
+            raise ValueError("no votes kept (published vectors carry none)")
+        return np.stack([normalize_votes(v) for v in self.votes])
+
+    @property
+    def layer_heads(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for h in self.heads:
+            out[h.layer] = max(out.get(h.layer, 0), h.head + 1)
+        return out
+
+    def save(self, path: Path) -> None:
+        from .cache import atomic_write
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, matrix=self.matrix, votes=self.votes if self.votes is not None else np.zeros(0),
+                 timesteps=np.array(self.timesteps))
+        atomic_write(Path(path), buf.getvalue())
+        meta = dict(concepts=self.concepts, heads=[list(h) for h in self.heads], params=self.params)
+        atomic_write(Path(path).with_suffix(".json"), json.dumps(meta, indent=1, default=str).encode())
+
+    @classmethod
+    def load(cls, path: Path) -> "Relevance":
+        z = np.load(Path(path))
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+        votes = z["votes"] if z["votes"].size else None
+        return cls(meta["concepts"], [HeadId(l, int(h)) for l, h in meta["heads"]], z["matrix"],
+                   votes, [int(t) for t in z["timesteps"]], meta["params"])
+
+
+def normalize_votes(votes: np.ndarray) -> np.ndarray:
+    """[..., heads, concepts] vote counts -> [concepts, heads] relevance, rows summing to H."""
+    v = np.asarray(votes, dtype=np.float64)
+    if v.ndim > 2:
+        v = v.reshape(-1, *v.shape[-2:]).sum(0)
+    h = v.shape[0]
+    frac = v / np.maximum(v.sum(1, keepdims=True), 1e-12)  # per head: share of pairs won
+    col = frac.sum(0, keepdims=True)                        # per concept
+    rel = np.where(col > 0, frac / np.maximum(col, 1e-12) * h, 0.0)
+    return rel.T.astype(np.float32)
+
+
+def load_concepts(path: Path | None = None) -> dict[str, list[str]]:
+    from . import paths
+    data = yaml.safe_load(Path(path or paths.CONCEPTS).read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
+        raise ValueError(f"{path}: expected a mapping concept -> non-empty list of words")
+    return {str(k): [str(w) for w in v] for k, v in data.items()}
+
+
+@torch.no_grad()
+def encode_words(pipe, words: list[str]) -> list[torch.Tensor]:
+    """Each word encoded alone by the pipeline's text encoder(s), start/end tokens dropped.
+
+    Returns one [n_tokens, dim] tensor per word, dim as the UNet's cross-attention expects
+    (SDXL: both encoders' states concatenated, as its ``encode_prompt`` returns them).
+    """
+    dev = pipe.unet.device
+    emb = pipe.encode_prompt(prompt=words, device=dev, num_images_per_prompt=1,
+                             do_classifier_free_guidance=False)[0]
+    out = []
+    for i, w in enumerate(words):
+        pos = token_positions(w, w, pipe.tokenizer)
+        out.append(emb[i, pos].to(pipe.unet.dtype))
+    return out
+
+
+class _VoteRecorder(_Recorder):
+    def __init__(self, pipe, words: list[list[torch.Tensor]], layers: dict[str, object], seed: int):
+        super().__init__(pipe, "cond", None, False, "cpu")
+        self.words = words
+        self.rng = random.Random(seed)
+        lh = {l: m.heads for l, m in layers.items()}
+        self.heads = head_ids(lh)
+        offs, o = {}, 0
+        for l in forward_order(lh):
+            offs[l], o = o, o + lh[l]
+        self.offset = offs
+        self.votes: dict[int, torch.Tensor] = {}
+        self.timesteps: dict[int, int] = {}
+
+    def observe(self, attn, layer, hidden_states, context, attention_mask) -> None:
+        rows = self.rows
+        hs = hidden_states[rows]
+        picks = [ws[self.rng.randrange(len(ws))] for ws in self.words]
+        ctx = torch.cat(picks).unsqueeze(0).expand(hs.shape[0], -1, -1)
+        seg = torch.cat([torch.full((len(p),), i) for i, p in enumerate(picks)]).to(hs.device)
+        probs = attention_probs(attn, hs, ctx).mean(2)  # [n, heads, tokens]: over pixels
+        c = len(picks)
+        per = torch.zeros(*probs.shape[:2], c, device=probs.device).index_add_(2, seg, probs)
+        per = per / torch.bincount(seg, minlength=c).to(per)  # mean over each word's tokens
+        won = torch.nn.functional.one_hot(per.argmax(-1), c).sum(0).cpu()  # [heads, concepts]
+        step = self._gen["steps"] - 1
+        v = self.votes.setdefault(step, torch.zeros(len(self.heads), c, dtype=torch.long))
+        v[self.offset[layer]: self.offset[layer] + won.shape[0]] += won
+        self.timesteps[step] = self._gen["timesteps"][-1]
+
+    def finish(self) -> None:
+        self._gen = None
+
+
+def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
+                   guidance: float = 5.0, seed: int = 0, batch_size: int = 8, height: int | None = None,
+                   width: int | None = None, progress: bool = True) -> Relevance:
+    """Count HRV votes over the generation of ``prompts`` and normalise them (see module doc)."""
+    from tqdm.auto import tqdm
+    _check_pipeline(pipe)
+    layers = cross_attention_layers(pipe.unet)
+    words = [encode_words(pipe, ws) for ws in concepts.values()]
+    rec = _VoteRecorder(pipe, words, layers, seed)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    with install(pipe, rec, layers):
+        for b in tqdm(batches, desc="relevance", disable=not progress):
+            pipe(b, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                 height=height, width=width, output_type="latent")
+    order = sorted(rec.votes)
+    votes = torch.stack([rec.votes[s] for s in order]).numpy()
+    params = dict(concepts=concepts, n_prompts=len(prompts), steps=steps, guidance=guidance, seed=seed)
+    return Relevance(list(concepts), rec.heads, normalize_votes(votes), votes,
+                     [rec.timesteps[s] for s in order], params)
+
+
+# ------------------------------------------------------------------ HRV's published files
+
+def read_hrv_concepts(csv_path: Path) -> dict[str, list[str]]:
+    """Parse HRV's ``340_final_text_list.csv`` (a concept line, then numbered words)."""
+    out: dict[str, list[str]] = {}
+    cur = None
+    for line in Path(csv_path).read_text(encoding="utf-8-sig").splitlines():
+        line = line.strip().strip('"').strip()
+        if not line:
+            continue
+        parts = line.split(".", 1)
+        if parts[0].isdigit() and cur is not None:
+            out[cur].append(parts[1].strip())
+        else:
+            cur = line
+            out[cur] = []
+    return out
+
+
+def load_hrv(vectors: Path, head_index: Path, layer_heads: dict[str, int],
+             concepts: list[str] | Path | None = None) -> Relevance:
+    """HRV's published relevance (``category_vectors_*.npy``, ``head_index_*.npy``) on our head ids.
+
+    Args:
+        vectors: (concepts, heads) array; head_index: (heads,) names like "up, layer: 8, head: 3".
+        layer_heads: this UNet's cross-attention layers and head counts (``HeadMaps.layer_heads``
+            or ``{l: m.heads for l, m in cross_attention_layers(unet).items()}``).
+        concepts: concept names, or the path of HRV's concept list CSV (default: "concept i").
+    Raises:
+        ValueError: a published head that this UNet does not have, or mismatched shapes.
+    """
+    m = np.load(vectors).astype(np.float32)
+    names = np.load(head_index, allow_pickle=True)
+    if m.ndim != 2 or m.shape[1] != len(names):
+        raise ValueError(f"{vectors}: shape {m.shape} does not match {len(names)} head names")
+    heads = from_hrv_names([str(n) for n in names], layer_heads)
+    if isinstance(concepts, (str, Path)):
+        concepts = list(read_hrv_concepts(Path(concepts)))
+    concepts = list(concepts) if concepts is not None else [f"concept {i}" for i in range(m.shape[0])]
+    if len(concepts) != m.shape[0]:
+        raise ValueError(f"{len(concepts)} concept names for {m.shape[0]} rows")
+    # reorder columns into our HRV-order head list
+    ours = head_ids(layer_heads)
+    col = {h: i for i, h in enumerate(heads)}
+    missing = [h for h in ours if h not in col]
+    if missing:
+        raise ValueError(f"{len(missing)} heads of this UNet have no published relevance, e.g. {missing[0]}")
+    matrix = m[:, [col[h] for h in ours]]
+    return Relevance(concepts, ours, matrix, None, [], dict(source=str(vectors)))
