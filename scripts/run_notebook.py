@@ -1,0 +1,47 @@
+"""Execute one notebook with papermill and a profile, recording its wall time.
+
+    python scripts/run_notebook.py notebooks/03-miou.ipynb build/paper/03-miou.ipynb --profile paper
+    python scripts/run_notebook.py --timings build/paper        # print the recorded times
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src", nargs="?")
+    ap.add_argument("dst", nargs="?")
+    ap.add_argument("--profile", default="paper")
+    ap.add_argument("--timings")
+    a = ap.parse_args()
+    if a.timings:
+        f = Path(a.timings) / "timings.json"
+        t = json.loads(f.read_text()) if f.exists() else {}
+        total = 0.0
+        print(f"notebook times ({a.timings}):")
+        for k in sorted(t):
+            print(f"  {k:32s} {t[k]:7.1f} s")
+            total += t[k]
+        print(f"  {'total':32s} {total:7.1f} s")
+        return
+    import papermill as pm
+    dst = Path(a.dst)
+    tmp = dst.with_name(dst.stem + ".partial.ipynb")
+    t0 = time.time()
+    os.environ["PROFILE"] = a.profile
+    pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile), kernel_name="python3",
+                        cwd=str(Path(a.src).resolve().parent), progress_bar=False)
+    os.replace(tmp, dst)  # only a finished notebook counts as built
+    f = dst.parent / "timings.json"
+    t = json.loads(f.read_text()) if f.exists() else {}
+    t[dst.stem] = time.time() - t0
+    f.write_text(json.dumps(t, indent=1))
+    print(f"{dst}: {t[dst.stem]:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

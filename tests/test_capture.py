@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+from conftest import run
+
+from saam.capture import CaptureError, CaptureProcessor, _Recorder, attention_probs, cross_attention_layers, trace
+from saam.words import WordNotFound
+
+
+def test_probs_match_default_attention_and_sum_to_one(sd1):
+    name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
+    hs = torch.randn(2, 64, attn.to_q.in_features)
+    ctx = torch.randn(2, 77, attn.to_k.in_features)
+    p = attention_probs(attn, hs, ctx)
+    assert p.shape == (2, attn.heads, 64, 77)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, attn.heads, 64))
+    # probabilities times values, through the output projection, is the module's own output
+    v = attn.to_v(ctx).view(2, 77, attn.heads, -1).transpose(1, 2)
+    out = (p @ v).transpose(1, 2).reshape(2, 64, -1)
+    torch.testing.assert_close(attn.to_out[0](out), attn(hs, ctx), rtol=1e-4, atol=1e-5)
+
+
+def test_processor_output_is_the_default_output(sd1):
+    name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
+    hs, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
+    expected = attn(hs, ctx)
+    rec = _Recorder(sd1, "cond", False, False, "cpu")
+    rec.rows, rec._gen = slice(0, 2), dict(latent=(8, 8), sums={}, per_step={}, steps=1)
+    out = CaptureProcessor(attn.processor, name, rec)(attn, hs, ctx)
+    assert torch.equal(out, expected)
+    assert rec._gen["sums"][name].shape == (2, attn.heads, 77, 8, 8)
+
+
+def test_images_identical_with_and_without_capture(sd1):
+    plain = run(sd1, "a red cat", guidance_scale=5.0)
+    with trace(sd1) as tc:
+        traced = run(sd1, "a red cat", guidance_scale=5.0)
+    assert np.array_equal(plain, traced)
+    assert len(tc) == 1 and tc[0].steps == 2
+
+
+def test_two_prompts_several_images_give_one_result_per_image(sd1):
+    with trace(sd1) as tc:
+        run(sd1, ["a red cat", "a blue dog on a mat"], num_images_per_prompt=2, guidance_scale=5.0)
+        run(sd1, "a green frog", guidance_scale=5.0)
+    assert [r.prompt for r in tc] == ["a red cat"] * 2 + ["a blue dog on a mat"] * 2 + ["a green frog"]
+    # different images of the same prompt differ (different noise), so maps differ
+    l0 = next(iter(tc[0].maps))
+    assert not torch.equal(tc[0].maps[l0], tc[1].maps[l0])
+    assert tc[2].word_map("dog").shape == tc[2].latent_size
+
+
+def test_cfg_on_and_off_record_the_conditional_rows(sd1):
+    """Without CFG the whole batch is conditional: nothing may be dropped (DAAM's bug)."""
+    with trace(sd1) as on:
+        run(sd1, "a red cat", guidance_scale=5.0)
+    with trace(sd1) as off:
+        run(sd1, "a red cat", guidance_scale=1.0)
+    assert len(on) == len(off) == 1
+    # same noise, same conditional input at step 1: the first step's conditional maps agree
+    with trace(sd1, per_step=True) as a:
+        run(sd1, "a red cat", guidance_scale=5.0)
+    with trace(sd1, per_step=True) as b:
+        run(sd1, "a red cat", guidance_scale=1.0)
+    l0 = next(iter(a[0].per_step))
+    torch.testing.assert_close(a[0].per_step[l0][0], b[0].per_step[l0][0])
+    with trace(sd1, branch="uncond", per_step=True) as u:
+        run(sd1, "a red cat", guidance_scale=5.0)
+    assert not torch.allclose(u[0].per_step[l0][0], a[0].per_step[l0][0])
+
+
+def test_per_step_maps_sum_to_the_accumulated_maps(sd1):
+    with trace(sd1, per_step=True) as tc:
+        run(sd1, "a red cat", steps=3)
+    hm = tc[0]
+    for l, m in hm.maps.items():
+        assert hm.per_step[l].shape[0] == 3
+        torch.testing.assert_close(hm.per_step[l].sum(0), m)
+    assert len(hm.timesteps) == 3 and hm.timesteps == sorted(hm.timesteps, reverse=True)
+
+
+def test_non_square_and_sdxl(sdxl):
+    img = None
+    with trace(sdxl) as tc:
+        img = run(sdxl, "a red cat", height=64, width=32, guidance_scale=5.0)
+    hm = tc[0]
+    assert img.shape[1:3] == (64, 32)
+    assert hm.latent_size == (32, 16) and hm.image_size == (64, 32)
+    assert any(".transformer_blocks.1." in l for l in hm.maps)  # SDXL's stacked transformer blocks
+    assert {m.shape[2] * 2 == m.shape[3] * 4 or True for m in hm.maps.values()}
+    for m in hm.maps.values():
+        assert m.shape[-2] / m.shape[-1] == 2.0
+
+
+def test_processors_and_hooks_restored_after_exception(sd1):
+    before = {k: type(v) for k, v in sd1.unet.attn_processors.items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with trace(sd1):
+            raise RuntimeError("boom")
+    assert {k: type(v) for k, v in sd1.unet.attn_processors.items()} == before
+    assert not sd1.unet._forward_pre_hooks and not sd1.text_encoder._forward_pre_hooks
+    with trace(sd1):  # usable again
+        pass
+
+
+def test_double_install_raises(sd1):
+    with trace(sd1):
+        with pytest.raises(CaptureError, match="already active"):
+            with trace(sd1):
+                pass
+    assert not any(isinstance(p, CaptureProcessor) for p in sd1.unet.attn_processors.values())
+
+
+def test_bad_inputs_are_clear_errors(sd1):
+    with trace(sd1) as tc:
+        run(sd1, "a red cat")
+    with pytest.raises(WordNotFound, match=r"'dog' is not a word.*\['a', 'red', 'cat'\]"):
+        tc[0].word_map("dog")
+    with pytest.raises(TypeError, match="UNet-based diffusers pipeline"):
+        with trace(object()):
+            pass
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    unet = UNet2DModel(sample_size=8, block_out_channels=(32, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        with trace(DDPMPipeline(unet=unet, scheduler=DDPMScheduler())):
+            pass
+    with pytest.raises(ValueError, match="branch"):
+        with trace(sd1, branch="both"):
+            pass

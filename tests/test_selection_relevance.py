@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from conftest import run
+
+from saam.heads import HeadId, from_hrv_names, head_ids, hrv_name, order
+from saam.relevance import Relevance, load_hrv, normalize_votes, relevance_pass
+from saam.select import bottom_k, eligible, head_set, random_k, resolve_k, soft_weights, top_k
+
+LH = {"up_blocks.1.attentions.0.transformer_blocks.0.attn2": 2,
+      "down_blocks.10.attentions.0.transformer_blocks.0.attn2": 2,
+      "down_blocks.2.attentions.1.transformer_blocks.0.attn2": 2,
+      "mid_block.attentions.0.transformer_blocks.0.attn2": 2}
+
+
+def test_orderings_are_explicit():
+    hrv = order(LH, "hrv")
+    # numeric, not lexical: down_blocks.2 before down_blocks.10
+    assert [l.split(".attentions")[0] for l in hrv] == ["down_blocks.2", "down_blocks.10", "mid_block", "up_blocks.1"]
+    assert order(LH, "daam")[0].startswith("up_blocks")
+    heads = head_ids(LH)
+    names = [hrv_name(h, LH) for h in heads]
+    assert names[0] == "down, layer: 0, head: 0" and names[-1] == "up, layer: 0, head: 1"
+    assert from_hrv_names(names, LH) == heads
+    with pytest.raises(ValueError, match="does not exist"):
+        from_hrv_names(["up, layer: 3, head: 0"], LH)
+
+
+def test_selection_functions():
+    r = np.array([0.1, 3.0, 2.0, 0.0, 1.0, 5.0])
+    assert list(top_k(r, 2)) == [5, 1]
+    assert list(bottom_k(r, 2)) == [3, 0]
+    assert list(top_k(r, 0.5)) == [5, 1, 2]
+    mask = np.array([1, 1, 1, 1, 1, 0], bool)
+    assert list(top_k(r, 1, mask)) == [1]
+    rk = random_k(6, 3, seed=1, mask=mask)
+    assert len(rk) == 3 and 5 not in rk and list(rk) == list(random_k(6, 3, seed=1, mask=mask))
+    w = soft_weights(r, mask)
+    assert w[5] == 0 and np.isclose(w.sum(), 1) and w[1] > w[2] > w[4] > w[0]
+    with pytest.raises(ValueError):
+        resolve_k(7, 6)
+    with pytest.raises(ValueError):
+        resolve_k(1.5, 6)
+    heads = head_ids(LH)
+    mid = eligible(heads, include_mid=False)
+    assert mid.sum() == 6 and len(head_set("all", heads)[0]) == 6
+    assert len(head_set("all", heads, include_mid=True)[0]) == 8
+
+
+def test_normalize_votes_like_hrv():
+    votes = np.array([[10, 0], [5, 5], [0, 10]])  # 3 heads, 2 concepts
+    rel = normalize_votes(votes)
+    assert rel.shape == (2, 3)
+    np.testing.assert_allclose(rel.sum(1), [3, 3])
+    np.testing.assert_allclose(rel[0], [2.0, 1.0, 0.0])
+    stacked = normalize_votes(np.stack([votes, votes]))
+    np.testing.assert_allclose(stacked, rel)
+
+
+def test_load_hrv_synthetic_files(tmp_path):
+    heads = head_ids(LH)
+    names = np.array([hrv_name(h, LH) for h in heads][::-1])  # published order may differ
+    m = np.arange(2 * len(heads), dtype=np.float32).reshape(2, -1)
+    np.save(tmp_path / "v.npy", m)
+    np.save(tmp_path / "i.npy", names)
+    rel = load_hrv(tmp_path / "v.npy", tmp_path / "i.npy", LH, ["color", "shape"])
+    assert rel.heads == heads
+    # column j of the file belongs to head names[j]
+    j = list(names).index(hrv_name(heads[0], LH))
+    assert rel.row("color")[0] == m[0, j]
+    with pytest.raises(ValueError, match="does not exist"):
+        load_hrv(tmp_path / "v.npy", tmp_path / "i.npy", {k: 1 for k in LH})
+
+
+def test_relevance_pass_leaves_generation_untouched(sd1, tmp_path):
+    concepts = {"color": ["red", "blue"], "animal": ["cat", "dog", "bird"]}
+    plain = run(sd1, ["a red cat", "a dog"], steps=3, guidance_scale=5.0)
+    rel = relevance_pass(sd1, concepts, ["a red cat", "a dog"], steps=3, guidance=5.0, progress=False)
+    again = run(sd1, ["a red cat", "a dog"], steps=3, guidance_scale=5.0)
+    assert np.array_equal(plain, again)
+    n_heads = sum(m.heads for m in __import__("saam.capture", fromlist=["x"]).cross_attention_layers(sd1.unet).values())
+    assert rel.votes.shape == (3, n_heads, 2)
+    assert (rel.votes.sum(-1) == 2).all()  # every head votes once per image per step
+    np.testing.assert_allclose(rel.matrix.sum(1)[rel.matrix.sum(1) > 0], n_heads, rtol=1e-5)
+    assert rel.per_timestep().shape == (3, 2, n_heads)
+    rel.save(tmp_path / "rel.npz")
+    back = Relevance.load(tmp_path / "rel.npz")
+    assert back.heads == rel.heads and np.array_equal(back.votes, rel.votes)
