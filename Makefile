@@ -35,6 +35,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 all: $(STAMP) $(EXECUTED)  ## run every notebook with PROFILE (default paper), writing figures/ and tables
+	@if [ "$(PROFILE)" = paper ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 
 # a notebook re-runs when it, its profile, the package or the model changed; in order, since

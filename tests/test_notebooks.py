@@ -14,7 +14,8 @@ DECLARED = {
     "02-head-relevance": ["fig2-head-relevance-hist.png", "fig2-relevance-heatmap.png",
                           "fig2-timestep-stability.png", "tab2-concentration.csv", "tab2-concentration.md"],
     "03-miou": ["tab1-miou.csv", "tab1-miou.md", "tab1-miou.tex", "tab1-miou-by-kind.csv", "tab1-tau-sweep.csv"],
-    "04-most-vs-least": ["tab2-k-sweep.csv", "fig4-k-sweep.png", "fig4-examples.png"],
+    "04-most-vs-least": ["tab2-k-sweep.csv", "fig4-k-sweep.png", "fig4-examples.png",
+                         "fig4-relevance-vs-localisation.png", "tab2-relevance-vs-localisation.csv"],
     "05-misinterpretation": ["tab3-binding-auroc.csv"],
 }
 

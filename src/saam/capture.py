@@ -140,12 +140,14 @@ class _Recorder:
             m = m.view(b, attn.heads, -1, m.shape[-1])[rows]
             probs = probs * (m > -1).float()
             probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
-        h, w = _grid(probs.shape[2], self._gen["latent"])
-        n, heads, _, tokens = probs.shape
-        self.add(layer, probs.permute(0, 1, 3, 2).reshape(n, heads, tokens, h, w))
+        self.add(layer, probs)
 
     def add(self, layer: str, probs: torch.Tensor) -> None:
-        """probs: [n, heads, tokens, h, w] for the recorded rows at this step."""
+        """probs: [n, heads, pixels, tokens] for the recorded rows at this step.
+
+        Summed in the layout attention produces it; the [heads, tokens, h, w] view is made once,
+        in ``finish``, instead of at every step.
+        """
         g = self._gen
         p = probs.to(self.store_device, torch.float32)
         if layer in g["sums"]:
@@ -164,13 +166,17 @@ class _Recorder:
         n_prompts = len(ids) if ids else None
         vae_scale = getattr(self.pipe, "vae_scale_factor", 8)
         image = (g["latent"][0] * vae_scale, g["latent"][1] * vae_scale)
+        def spatial(t: torch.Tensor) -> torch.Tensor:  # [..., pixels, tokens] -> [..., tokens, h, w]
+            h, w = _grid(t.shape[-2], g["latent"])
+            return t.transpose(-1, -2).reshape(*t.shape[:-2], t.shape[-1], h, w)
+
         for i in range(g["n"]):
             pid = ids[i // max(1, g["n"] // n_prompts)] if ids else None
             prompt = tok.decode(pid, skip_special_tokens=True) if (pid and tok is not None) else None
-            per = ({l: torch.stack([s[i] for s in v]) for l, v in g["per_step"].items()}
+            per = ({l: spatial(torch.stack([s[i] for s in v])) for l, v in g["per_step"].items()}
                    if self.per_step else None)
             self.results.append(HeadMaps(
-                maps={l: s[i].cpu() for l, s in g["sums"].items()}, steps=g["steps"],
+                maps={l: spatial(s[i]).cpu() for l, s in g["sums"].items()}, steps=g["steps"],
                 timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
                 latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per))
 

@@ -65,9 +65,22 @@ def model_fingerprint(params: dict) -> str:
     return fingerprint(Path(path)) if path and Path(path).exists() else str(path)
 
 
+# the modules whose code decides what a cached artefact contains; editing one invalidates caches
+_COMPUTE_MODULES = ("capture.py", "aggregate.py", "relevance.py", "evaluate.py", "words.py", "heads.py",
+                    "shapes/analyzer.py", "shapes/world.py")
+
+
+def code_fingerprint() -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for m in _COMPUTE_MODULES:
+        h.update((Path(__file__).parent / m).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _key(params: dict, *names: str) -> dict:
     return dict({n: params[n] for n in names if n in params}, model=params.get("model", "shapesworld"),
-                fingerprint=model_fingerprint(params), version=__version__)
+                fingerprint=model_fingerprint(params), code=code_fingerprint(), version=__version__)
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -205,3 +218,17 @@ def update_results(**entries) -> dict:
     cur.update(entries)
     write_json(f, cur)
     return cur
+
+
+def per_head_iou(recs, kind: str, tau: float) -> np.ndarray:
+    """Mean IoU of each single head's map over the words of one kind: which heads localise.
+
+    A diagnostic, not a method: it looks at the ground truth, so it is an upper reference for
+    what any truth-free head ranking (such as HRV relevance) could pick.
+    """
+    from .evaluate import record_iou
+    rs = [r for r in recs if r.kind == kind and r.gt is not None]
+    if not rs:
+        return np.full(0, np.nan)
+    n = rs[0].maps.shape[0]
+    return np.array([np.mean([record_iou(r, [h], None, tau) for r in rs]) for h in range(n)])

@@ -176,3 +176,16 @@ def examples(rows: list[dict], methods: Sequence[str]):
                 axes[r, j].set_title(t, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def relevance_vs_localisation(rel, head_iou: dict[str, np.ndarray]):
+    """Scatter of each head's relevance to a concept against its own IoU on that concept's words."""
+    from scipy.stats import spearmanr
+    fig, axes = plt.subplots(1, len(head_iou), figsize=(3.6 * len(head_iou), 3.2), squeeze=False)
+    for ax, (c, iou) in zip(axes[0], head_iou.items()):
+        r = rel.row(c)
+        rho = spearmanr(r, iou).statistic if len(iou) else float("nan")
+        ax.scatter(r, iou, s=12)
+        ax.set(xlabel=f"relevance to {c}", ylabel="single-head mIoU", title=f"{c}: Spearman rho = {rho:.2f}")
+    fig.tight_layout()
+    return fig

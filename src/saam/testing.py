@@ -92,21 +92,15 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                           prediction_type="v_prediction" if kind == "sd2" else "epsilon")
     torch.manual_seed(seed)
-    if kind == "sd1":
+    if kind in ("sd1", "sd2"):
+        # SD 2.x differs in per-block head counts, linear projections and v-prediction
+        extra = dict(attention_head_dim=4) if kind == "sd1" else dict(attention_head_dim=(2, 4),
+                                                                     use_linear_projection=True)
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
             out_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=4).eval()
-        return StableDiffusionPipeline(vae=_vae(seed), text_encoder=_clip_text(32, seed=seed),
-                                       tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    if kind == "sd2":
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
-            out_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-            attention_head_dim=(2, 4), use_linear_projection=True).eval()
+            **extra).eval()
         return StableDiffusionPipeline(vae=_vae(seed), text_encoder=_clip_text(32, seed=seed),
                                        tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)

@@ -137,8 +137,17 @@ def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=tor
     path = Path(path) if path is not None else paths.MODEL_DIR
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no ShapesWorld pipeline at {path}; run 'make model' to train one")
-    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    # silence two known, harmless notes: diffusers expects CLIP (we use BERT on purpose) and
+    # BERT's unused pooler is not stored
+    dlog.set_verbosity_error(); tlog.set_verbosity_error()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                       safety_checker=None, requires_safety_checker=False)
+    finally:
+        dlog.set_verbosity(levels[0]); tlog.set_verbosity(levels[1])
     if pipe.tokenizer.model_max_length != MAX_LENGTH or len(pipe.tokenizer) < 30000:
         raise RuntimeError(f"tokenizer at {path} did not load properly "
                            f"(max length {pipe.tokenizer.model_max_length}, {len(pipe.tokenizer)} tokens)")
