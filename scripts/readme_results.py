@@ -23,7 +23,7 @@ def block() -> str:
         f"Analyzer on degraded renders (`figures/analyzer.json`): attribute accuracy "
         f"{ana['attribute_accuracy']:.3f}, mean mask IoU {ana['mean_mask_iou']:.3f}.",
         "",
-        f"**Table 1** (`figures/tab1-miou.md`; k = {t1['k']:.0%} of {t1['n_heads']} heads' eligible set, "
+        f"**Table 1** (`figures/tab1-miou.md`; k = {t1['k']:.0%} of the eligible heads ({t1['n_heads']} in all), "
         f"tau = {t1['tau']}, mid block {'in' if t1['include_mid'] else 'out'}; {t1['n_words']} words, "
         f"{t1['n_missing']} with their object missing, counted apart):",
         "",
@@ -40,6 +40,14 @@ def block() -> str:
     if "concentration_top25" in res:
         lines += ["", "Share of relevance in the top 25 % of heads (`figures/tab2-concentration.md`): " + ", ".join(
             f"{k} {v:.2f}" for k, v in res["concentration_top25"].items())]
+    bc, br = FIG / "bench-capture.json", FIG / "bench-relevance.json"
+    if bc.exists() and br.exists():  # written by `make bench`, not by `make all`
+        c, r = json.loads(bc.read_text()), json.loads(br.read_text())
+        lines += ["", f"Cost (`make bench`, CPU, {c['images']} images x {c['steps']} steps, median of {c['repeats']} "
+                  f"paired repeats): capture {c['overhead_ratio']:.3f}x plain generation (target 1.10); trace "
+                  f"memory {c['trace_stored_mb_by_steps']['10']:.1f} MB at 10 steps and "
+                  f"{c['trace_stored_mb_by_steps']['40']:.1f} MB at 40 (flat in steps); relevance pass "
+                  f"{r['overhead_ratio']:.3f}x the same generations (target 1.5)."]
     return "\n".join(lines)
 
 
