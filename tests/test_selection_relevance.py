@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import run
 
-from saam.heads import HeadId, from_hrv_names, head_ids, hrv_name, order
+from saam.capture import cross_attention_layers
+from saam.heads import from_hrv_names, head_ids, hrv_name, order
 from saam.relevance import Relevance, load_hrv, normalize_votes, relevance_pass
 from saam.select import bottom_k, eligible, head_set, random_k, resolve_k, soft_weights, top_k
 
@@ -78,7 +79,7 @@ def test_relevance_pass_leaves_generation_untouched(sd1, tmp_path):
     rel = relevance_pass(sd1, concepts, ["a red cat", "a dog"], steps=3, guidance=5.0, progress=False)
     again = run(sd1, ["a red cat", "a dog"], steps=3, guidance_scale=5.0)
     assert np.array_equal(plain, again)
-    n_heads = sum(m.heads for m in __import__("saam.capture", fromlist=["x"]).cross_attention_layers(sd1.unet).values())
+    n_heads = sum(m.heads for m in cross_attention_layers(sd1.unet).values())
     assert rel.votes.shape == (3, n_heads, 2)
     assert (rel.votes.sum(-1) == 2).all()  # every head votes once per image per step
     np.testing.assert_allclose(rel.matrix.sum(1)[rel.matrix.sum(1) > 0], n_heads, rtol=1e-5)
@@ -105,7 +106,6 @@ def test_published_hrv_vectors_land_on_an_sd14_unet():
     """HRV's real SD v1.4 file on an SD v1.4-shaped UNet (built on the meta device: no weights)."""
     import csv
     from diffusers import UNet2DConditionModel
-    from saam.capture import cross_attention_layers
     with torch.device("meta"):
         unet = UNet2DConditionModel(
             sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
