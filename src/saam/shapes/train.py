@@ -4,6 +4,12 @@
     python -m saam.shapes.train unet --run data/runs/model --minutes 8 --steps 20000
     python -m saam.shapes.train assemble --run data/runs/model --out data/shapesworld-model
 
+A variant of the model (``saam.shapes.model.VARIANTS``, the issue-10 ablation) is fine-tuned
+from a trained folder, reusing its VAE:
+
+    python -m saam.shapes.train unet --run data/runs/C --variant C --init data/shapesworld-model --minutes 7
+    python -m saam.shapes.train assemble --run data/runs/C --variant C --init data/shapesworld-model --out data/variants/C
+
 Each stage picks up from ``<run>/<stage>.pt`` if it exists, so a run cut short by a session's
 end (or a 10-minute GPU call) continues where it stopped. Scenes are drawn fresh every step from
 a seeded stream (step -> seeds), so a resumed run sees exactly the data an uninterrupted one would.
@@ -132,16 +138,37 @@ def load_trained_vae(run: Path, dev, seed: int):
     return vae, st
 
 
+def load_init(init: Path, dev, heads: int):
+    """VAE (centred, scaled) and UNet weights of a trained model folder, to fine-tune from.
+
+    The UNet's parameter shapes do not depend on the head count, so a variant with other heads
+    starts from the same weights, read with its own head split.
+    """
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+    vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32).to(dev)
+    vae.eval().requires_grad_(False)
+    unet = M.build_unet(heads)
+    unet.load_state_dict({k: v.float() for k, v in load_file(init / "unet" / "diffusion_pytorch_model.safetensors").items()})
+    return vae, unet
+
+
 def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, seed: int,
-               warmup: int = 500, p_uncond: float = 0.1) -> None:
+               warmup: int = 500, p_uncond: float = 0.1, variant: str = "A", init: Path | None = None,
+               workers: int | None = None) -> None:
     dev = _device()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    vae, st = load_trained_vae(run, dev, seed)
+    v = M.VARIANTS[variant]
+    if init is not None:
+        vae, unet = load_init(init, dev, v["heads"])
+    else:
+        vae, _ = load_trained_vae(run, dev, seed)
+        unet = M.build_unet(v["heads"])
+    unet = unet.to(dev)
     sf = vae.config.scaling_factor
-    enc, tok = M.load_text_encoder()
+    enc, tok = M.load_text_encoder(v["causal_text"])
     enc = enc.half().float().to(dev)  # the committed encoder is fp16: train on exactly its values
-    unet = M.build_unet().to(dev)
     sched = M.build_scheduler("ddpm")
     acp = sched.alphas_cumprod.to(dev)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
@@ -154,7 +181,7 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
     t0 = time.time(); last_save = t0
     amp = dict(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else dict(device_type="cpu", enabled=False)
     stream = _SceneStream(step, steps, batch, seed + 1, tok, p_uncond)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(6, os.cpu_count() or 1),
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers or min(6, os.cpu_count() or 1),
                                          prefetch_factor=4, persistent_workers=False)
     for k, ids, params in loader:
         if time.time() - t0 >= minutes * 60:
@@ -166,7 +193,9 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
             # posterior *means*: with KL weight 1e-6 the VAE leaves unused channels at unit
             # posterior noise, so sampling would bury the signal (measured: std 0.94 vs 0.2)
             lat = vae.encode(x * 2 - 1).latent_dist.mean * sf
-            ctx = enc(ids.to(dev))[0]
+            ids = ids.to(dev)
+            ctx = enc(ids)[0]
+            mask = M.padding_mask(ids, tok.pad_token_id) if v["mask_padding"] else None
         noise = torch.randn(lat.shape, generator=gen, device=dev)
         t = torch.randint(0, 1000, (batch,), generator=gen, device=dev)
         a = acp[t].view(-1, 1, 1, 1)
@@ -175,7 +204,7 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
             warm = min(1.0, (step + 1) / warmup)
             g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         with torch.autocast(**amp):
-            pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+            pred = unet(noisy, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -192,18 +221,24 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
     print(f"unet: step {step}/{steps} in {time.time() - t0:.0f}s", flush=True)
 
 
-def assemble(run: Path, out: Path, seed: int) -> None:
+def assemble(run: Path, out: Path, seed: int, variant: str = "A", init: Path | None = None) -> None:
     dev = torch.device("cpu")
-    vae, st = load_trained_vae(run, dev, seed)
-    unet = M.build_unet()
+    heads = M.VARIANTS[variant]["heads"]
     s = torch.load(run / "unet.pt", map_location=dev)
-    unet.load_state_dict(s["model"])
-    M.assemble_pipeline(vae.float(), unet.eval(), out)
     logs = {k: [json.loads(l) for l in open(run / f"{k}-log.jsonl")] for k in ("vae", "unet")
             if (run / f"{k}-log.jsonl").exists()}
-    card = dict(vae_steps=torch.load(run / "vae.pt", map_location="cpu")["step"], unet_steps=s["step"],
-                latent_mean=st["mean"], latent_std=st["std"], vae_psnr_db=st["psnr"], seed=seed,
-                curves=logs)
+    if init is not None:  # a fine-tuned variant: the init's VAE, its card as the history
+        vae, _ = load_init(init, dev, heads)
+        card = dict(M.model_card(init), variant=variant, init=str(init), finetune_steps=s["step"],
+                    finetune_curves=logs)
+    else:
+        vae, st = load_trained_vae(run, dev, seed)
+        card = dict(vae_steps=torch.load(run / "vae.pt", map_location="cpu")["step"], unet_steps=s["step"],
+                    latent_mean=st["mean"], latent_std=st["std"], vae_psnr_db=st["psnr"], seed=seed,
+                    curves=logs, variant=variant)
+    unet = M.build_unet(heads)
+    unet.load_state_dict({k: t.float() for k, t in s["model"].items()})
+    M.assemble_pipeline(vae.float(), unet.eval(), out, variant=variant, share_with=init)
     (out / "training.json").write_text(json.dumps(card))
     print(f"assembled {out}", flush=True)
 
@@ -218,16 +253,21 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", choices=sorted(M.VARIANTS), default="A")
+    ap.add_argument("--init", type=Path, default=None, help="fine-tune from this model folder")
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=None)
     a = ap.parse_args(argv)
     a.run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     if a.stage == "vae":
         train_vae(a.run, a.minutes, a.steps or 6000, a.batch or 64, a.lr or 1e-3, a.seed)
     elif a.stage == "unet":
-        train_unet(a.run, a.minutes, a.steps or 20000, a.batch or 128, a.lr or 1e-3, a.seed)
+        train_unet(a.run, a.minutes, a.steps or 20000, a.batch or 128, a.lr or 1e-3, a.seed,
+                   warmup=a.warmup, variant=a.variant, init=a.init, workers=a.workers)
     else:
         from .. import paths
-        assemble(a.run, a.out or paths.MODEL_DIR, a.seed)
+        assemble(a.run, a.out or paths.MODEL_DIR, a.seed, a.variant, a.init)
 
 
 if __name__ == "__main__":
