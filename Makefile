@@ -1,6 +1,8 @@
 # saam: the paper companion. `make help` lists the targets.
 SHELL := /bin/bash
 PROFILE ?= paper
+SET ?=
+VARIANT ?= C
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,16 +13,20 @@ export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
+PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
+ifeq ($(filter $(PROFILE),$(PROFILES)),)
+$(error no profile '$(PROFILE)' (params/$(PROFILE).yaml); known profiles: $(PROFILES))
+endif
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 OUTDIR := build/$(PROFILE)
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
-SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json)
+SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
 
-.PHONY: help env all test test-unit test-notebooks model fidelity bench report clean distclean
+.PHONY: help env all test test-unit model fidelity bench report lab clean distclean
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "  PROFILE=$(PROFILE) (params/*.yaml: paper, smoke, sd14, sd15, sd21, sdxl)"
+	@echo "  PROFILE=$(PROFILE) (params/*.yaml: $(PROFILES)); SET=\"key=value ...\" overrides a profile for one run"
 
 env: $(STAMP)  ## create .venv with the pinned environment (needs only python3)
 
@@ -34,7 +40,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -c "import torch, diffusers, transformers; print('env ok: torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-all: $(STAMP) $(EXECUTED)  ## run every notebook with PROFILE (default paper), writing figures/ and tables
+all: $(STAMP) $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."], writing its figures and tables
 	@if [ "$(PROFILE)" = paper ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 
@@ -42,13 +48,14 @@ all: $(STAMP) $(EXECUTED)  ## run every notebook with PROFILE (default paper), w
 # later notebooks read what earlier ones cached
 $(OUTDIR)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml $(SRC) | $(STAMP)
 	@mkdir -p $(OUTDIR)
-	$(BIN)/python scripts/run_notebook.py $< $@ --profile $(PROFILE)
+	$(BIN)/python scripts/run_notebook.py $< $@ --profile $(PROFILE) --set "$(SET)"
 
 $(OUTDIR)/01-%.ipynb: $(OUTDIR)/00-shapesworld-model.ipynb
 $(OUTDIR)/02-%.ipynb: $(OUTDIR)/01-attention-maps.ipynb
 $(OUTDIR)/03-%.ipynb: $(OUTDIR)/02-head-relevance.ipynb
 $(OUTDIR)/04-%.ipynb: $(OUTDIR)/03-miou.ipynb
 $(OUTDIR)/05-%.ipynb: $(OUTDIR)/04-most-vs-least.ipynb
+$(OUTDIR)/06-%.ipynb: $(OUTDIR)/05-misinterpretation.ipynb
 
 test: $(STAMP)  ## unit tests, then every notebook with the smoke profile (artefacts checked)
 	$(BIN)/python -m pytest -q tests
@@ -56,10 +63,15 @@ test: $(STAMP)  ## unit tests, then every notebook with the smoke profile (artef
 test-unit: $(STAMP)  ## unit tests only (no notebooks)
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-model: $(STAMP)  ## retrain the ShapesWorld model from scratch (GPU: ~20 min; 2 CPU cores: many hours)
+model: $(STAMP)  ## retrain organism VARIANT (A: from scratch, GPU ~20 min; B/C/D: fine-tuned from A, GPU ~9 min; resumable)
+ifeq ($(VARIANT),A)
 	$(BIN)/python -m saam.shapes.train vae --run data/runs/model --steps 6000 --batch 64
 	$(BIN)/python -m saam.shapes.train unet --run data/runs/model --steps 7600 --batch 256
 	$(BIN)/python -m saam.shapes.train assemble --run data/runs/model --out data/shapesworld-model
+else
+	$(BIN)/python -m saam.shapes.train unet --run data/runs/$(VARIANT) --variant $(VARIANT) --init data/shapesworld-model --steps 3000 --batch 256 --lr 3e-4 --warmup 100
+	$(BIN)/python -m saam.shapes.train assemble --run data/runs/$(VARIANT) --variant $(VARIANT) --init data/shapesworld-model --out data/variants/$(VARIANT)
+endif
 
 fidelity: $(STAMP)  ## score the committed model's generations -> figures/fidelity.json
 	$(BIN)/python -c "from saam import experiments as E; p=E.load_params('$(PROFILE)'); print(E.fidelity(E.load_model(p), p))"
@@ -67,8 +79,11 @@ fidelity: $(STAMP)  ## score the committed model's generations -> figures/fideli
 bench: $(STAMP)  ## capture and relevance overhead, side by side -> figures/bench-*.json
 	$(BIN)/python scripts/bench.py
 
-report: $(STAMP)  ## HTML report from the executed notebooks -> build/report/index.html
+report: $(STAMP)  ## HTML report from the executed notebooks -> build/<profile>/report/index.html
 	$(BIN)/python scripts/report.py --profile $(PROFILE)
+
+lab: $(STAMP)  ## JupyterLab on notebooks/ with the project's kernel (edit `profile` in a chapter's first cell)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 clean:  ## remove build products and caches (never the model, inputs or committed figures)
 	rm -rf build data/cache .pytest_cache

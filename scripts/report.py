@@ -1,52 +1,126 @@
-"""Build an HTML report from the executed notebooks: build/report/index.html + one page per chapter.
+"""Build the HTML report from a profile's executed chapters: build/<profile>/report/.
 
-Figures are embedded in the chapter pages (nbconvert inlines notebook outputs); the front page
-carries Table 1 and links every chapter. Run `make all` first.
+    python scripts/report.py --profile paper      # after `make all`
+
+A front page (the claim, what we found, Table 1, the key figures, the organism's fidelity and head
+specialisation, links), then one page per chapter with its figures inline and a table of contents.
+The folder is self-contained: chapter figures are embedded by nbconvert, front-page figures are
+copied beside it, so it opens from disk. Parameter cells that papermill superseded, and stderr
+streams, are left out of the pages.
 """
+from __future__ import annotations
+
 import argparse
 import html
+import json
+import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.45;color:#222}
+table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}img{max-width:100%}nav a{margin-right:1em}figure{margin:1em 0}figcaption{font-size:0.85em;color:#555}
+.note{background:#f7f7f0;border-left:4px solid #cc9;padding:0.5em 1em}"""
+KEY_FIGURES = (("fig4-k-sweep", "mIoU against k: most relevant, least relevant and random heads vs DAAM"),
+               ("fig6-organisms", "Head specialisation and Table 1 on each organism variant"),
+               ("fig2-attention-sinks", "Where cross-attention goes: start token, words, end, padding"),
+               ("fig4-examples", "Word maps from all heads, the most and the least relevant heads"))
+
+
+def clean(nb):
+    """Drop the parameters cell papermill superseded and stderr streams (progress, warnings)."""
+    injected = any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    cells = []
+    for c in nb.cells:
+        tags = c.metadata.get("tags", [])
+        if injected and "parameters" in tags:
+            continue
+        if c.cell_type == "code":
+            c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        cells.append(c)
+    nb.cells = cells
+    return nb
+
+
+def chapter_pages(src: Path, out: Path) -> list[tuple[str, str]]:
+    import nbformat
+    from nbconvert import HTMLExporter
+    exp = HTMLExporter(template_name="lab")
+    exp.exclude_input_prompt = exp.exclude_output_prompt = True
+    pages = []
+    nbs = [n for n in sorted(src.glob("[0-9][0-9]-*.ipynb")) if not n.stem.endswith(".partial")]
+    for f in nbs:
+        nb = clean(nbformat.read(f, as_version=4))
+        title = nb.cells[0].source.splitlines()[0].lstrip("# ").strip()
+        body, _ = exp.from_notebook_node(nb, resources=dict(metadata=dict(name=title)))
+        (out / f"{f.stem}.html").write_text(body)
+        pages.append((f.stem, title))
+    return pages
+
+
+def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]) -> str:
+    import pandas as pd
+    res = json.loads((figs / "results.json").read_text()) if (figs / "results.json").exists() else {}
+    parts = [f"<h1>Selective aggregation of attention maps: the {html.escape(profile)} report</h1>",
+             "<nav>" + "".join(f'<a href="{s}.html">{html.escape(s[:2])}</a>' for s, _ in pages) + "</nav>",
+             "<h2>The claim</h2><p>DAAM explains a text-to-image diffusion model by averaging the cross-attention maps "
+             "of every head for a word. The paper (Park, Ko, Byun, Rhee, 2026) averages only the heads most relevant to "
+             "the word's concept (head relevance as in HRV) and reports better segmentation (mIoU), far worse maps from "
+             "the least relevant heads, and maps that diagnose prompt misinterpretations.</p>"]
+    t1 = res.get("table1")
+    if t1:
+        verdict = ("beats" if t1["miou_selective"] > t1["miou_daam_ci"][1] else
+                   "does worse than" if t1["miou_selective"] < t1["miou_daam_ci"][0] else "does not differ from")
+        parts.append(f"<h2>What we found</h2><p class='note'>On this profile's model, selecting the top "
+                     f"{t1['k']:g} of heads by relevance <b>{verdict}</b> DAAM: mIoU {t1['miou_selective']:.3f} "
+                     f"[{t1['miou_selective_ci'][0]:.3f}, {t1['miou_selective_ci'][1]:.3f}] vs {t1['miou_daam']:.3f} "
+                     f"[{t1['miou_daam_ci'][0]:.3f}, {t1['miou_daam_ci'][1]:.3f}]; the least relevant heads "
+                     f"{t1['miou_bottom']:.3f} (generation protocol, tau {t1['tau']}, {t1['n_words']} words).</p>")
+    if (figs / "tab1-miou.csv").exists():
+        parts.append("<h2>Table 1: mIoU</h2>" + pd.read_csv(figs / "tab1-miou.csv").to_html(index=False, float_format="%.3f"))
+    fid, conc = res.get("fidelity"), res.get("concentration_top25_hrv34") or res.get("concentration_top25")
+    if fid or conc:
+        items = []
+        if fid:
+            items.append(f"<li>fidelity: colour {fid['single_color_accuracy']:.0%}, shape {fid['single_shape_accuracy']:.0%}, "
+                         f"two-object binding {fid['two_object_binding']:.0%} (targets 90 / 80 / 50 %)</li>")
+        if conc:
+            items.append("<li>head specialisation (relevance share of the top 25 % of heads): "
+                         + ", ".join(f"{c} {conc[c]:.2f}" for c in conc if c.lower() in ("color", "shape", "size"))
+                         + " (SD v1.4, HRV's published vectors: 0.77 / 0.89 / 0.88)</li>")
+        parts.append("<h2>The model these results come from</h2><ul>" + "".join(items) + "</ul>")
+    for name, caption in KEY_FIGURES:
+        png = figs / f"{name}.png"
+        if png.exists():
+            shutil.copy(png, out / png.name)
+            parts.append(f'<figure><img src="{png.name}" alt="{html.escape(caption)}"><figcaption>'
+                         f"{html.escape(caption)} (<code>{name}</code>)</figcaption></figure>")
+    parts.append("<h2>Chapters</h2><ol start='0'>" + "".join(
+        f'<li><a href="{s}.html">{html.escape(t)}</a></li>' for s, t in pages) + "</ol>")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saam report ({html.escape(profile)})"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def build(profile: str) -> Path:
+    from saam import paths
+    src = paths.BUILD / profile
+    out = src / "report"
+    if not any(src.glob("[0-9][0-9]-*.ipynb")):
+        raise SystemExit(f"no executed chapters in {src}; run `make all PROFILE={profile}` first")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    pages = chapter_pages(src, out)
+    (out / "index.html").write_text(front_page(profile, paths.figures_dir(profile), out, pages))
+    return out / "index.html"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="paper")
-    a = ap.parse_args()
-    from nbconvert import HTMLExporter
-    import nbformat
-    src = ROOT / "build" / a.profile
-    out = ROOT / "build" / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    nbs = sorted(src.glob("[0-9][0-9]-*.ipynb"))
-    nbs = [n for n in nbs if not n.stem.endswith(".partial")]
-    if not nbs:
-        raise SystemExit(f"no executed notebooks in {src}; run `make all PROFILE={a.profile}` first")
-    exp = HTMLExporter()
-    items = []
-    for nb in nbs:
-        body, _ = exp.from_notebook_node(nbformat.read(nb, as_version=4))
-        (out / f"{nb.stem}.html").write_text(body)
-        title = nbformat.read(nb, as_version=4).cells[0].source.splitlines()[0].lstrip("# ")
-        items.append(f'<li><a href="{nb.stem}.html">{html.escape(title)}</a></li>')
-    figs = ROOT / "figures" if a.profile == "paper" else src / "figures"
-    table = (figs / "tab1-miou.csv")
-    import pandas as pd
-    t1 = pd.read_csv(table).to_html(index=False, float_format="%.3f") if table.exists() else "<p>(no Table 1)</p>"
-    img = figs / "fig4-k-sweep.png"
-    if img.exists():  # the report folder is self-contained
-        import shutil
-        shutil.copy(img, out / img.name)
-    front = f"""<!doctype html><html><head><meta charset="utf-8"><title>saam report ({a.profile})</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head><body>
-<h1>Selective aggregation of attention maps: ShapesWorld report ({a.profile})</h1>
-<h2>Table 1: mIoU</h2>{t1}
-{f'<h2>mIoU against k</h2><img src="{img.name}" width="600">' if img.exists() else ''}
-<h2>Chapters</h2><ol>{''.join(items)}</ol></body></html>"""
-    (out / "index.html").write_text(front)
-    print(out / "index.html")
+    print(build(ap.parse_args().profile))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ def main() -> None:
     ap.add_argument("src", nargs="?")
     ap.add_argument("dst", nargs="?")
     ap.add_argument("--profile", default="paper")
+    ap.add_argument("--set", default="", help='one-run profile overrides, e.g. "steps=4 n_eval=6"')
     ap.add_argument("--timings")
     a = ap.parse_args()
     if a.timings:
@@ -30,11 +31,14 @@ def main() -> None:
         return
     import papermill as pm
     dst = Path(a.dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
-    os.environ["PROFILE"] = a.profile
-    pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile), kernel_name="python3",
-                        cwd=str(Path(a.src).resolve().parent), progress_bar=False)
+    from saam.profiles import load
+    load(a.profile, a.set)  # a bad profile or override stops here, before any kernel starts
+    pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile, overrides=a.set),
+                        kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
+                        report_mode=False)
     os.replace(tmp, dst)  # only a finished notebook counts as built
     f = dst.parent / "timings.json"
     t = json.loads(f.read_text()) if f.exists() else {}

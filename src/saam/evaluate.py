@@ -50,37 +50,48 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, alpha: float = 0.05,
                  stat=np.mean) -> tuple[float, float, float]:
-    """(statistic, low, high): percentile bootstrap over items."""
+    """(statistic, low, high): percentile bootstrap over items (``scipy.stats.bootstrap``)."""
+    from scipy.stats import bootstrap
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    boots = np.array([stat(v[rng.integers(0, len(v), len(v))]) for _ in range(n)])
-    return float(stat(v)), float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+    if len(v) == 1 or np.all(v == v[0]):
+        return float(stat(v)), float(stat(v)), float(stat(v))
+    res = bootstrap((v,), stat, n_resamples=n, confidence_level=1 - alpha, method="percentile",
+                    random_state=np.random.default_rng(seed), vectorized=False)
+    return float(stat(v)), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve (probability a positive outscores a negative; ties count half)."""
-    s, y = np.asarray(scores, float), np.asarray(labels, bool)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); NaN without both classes."""
+    from sklearn.metrics import roc_auc_score
+    y = np.asarray(labels, bool)
+    if y.all() or not y.any():
         return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+    return float(roc_auc_score(y, np.asarray(scores, float)))
 
 
 def auroc_ci(scores, labels, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(AUROC, low, high): stratified percentile bootstrap (positives and negatives resampled
+    apart, so every resample has both classes)."""
     s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    a = auroc(s, y)
+    if np.isnan(a):
+        return a, float("nan"), float("nan")
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n):
-        i = rng.integers(0, len(s), len(s))
-        a = auroc(s[i], y[i])
-        if not np.isnan(a):
-            boots.append(a)
-    if not boots:
-        return auroc(s, y), float("nan"), float("nan")
-    return auroc(s, y), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boots.append(auroc(s[i], y[i]))
+    return a, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+
+
+def roc(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) of the ROC curve (``sklearn.metrics.roc_curve``)."""
+    from sklearn.metrics import roc_curve
+    fpr, tpr, _ = roc_curve(np.asarray(labels, bool), np.asarray(scores, float))
+    return fpr, tpr
 
 
 def combine(maps: np.ndarray, idx: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -116,11 +127,11 @@ def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidan
         (records, images, detections): word records, (N, H, W, 3) uint8 images, and the
         analyzer's objects per image.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar
     from .shapes.analyzer import analyze
     records, images, found = [], [], []
     gen = torch.Generator("cpu").manual_seed(seed)
-    for b in tqdm(range(0, len(scenes), batch_size), desc="generate+trace", disable=not progress):
+    for b in bar(range(0, len(scenes), batch_size), desc="generate+trace", disable=not progress):
         batch = scenes[b:b + batch_size]
         with trace(pipe) as tc:
             out = pipe([s.caption for s in batch], num_inference_steps=steps, guidance_scale=guidance,
@@ -148,13 +159,13 @@ def real_image_protocol(pipe, scenes, heads: list[HeadId], *, strength: float, s
     """Noise rendered scenes to ``strength`` and denoise them with their captions while tracing."""
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
-    from tqdm.auto import tqdm
+    from .progress import bar
     from .shapes.world import render
     i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
     i2i.set_progress_bar_config(disable=True)
     records = []
     gen = torch.Generator("cpu").manual_seed(seed)
-    for b in tqdm(range(0, len(scenes), batch_size), desc=f"img2img@{strength}", disable=not progress):
+    for b in bar(range(0, len(scenes), batch_size), desc=f"img2img@{strength}", disable=not progress):
         batch = scenes[b:b + batch_size]
         rendered = [render(s) for s in batch]
         with trace(i2i) as tc:

@@ -7,75 +7,100 @@ so re-running a notebook (or restyling a figure) never recomputes what has not c
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import __version__, paths
 from .cache import atomic_write, cached, fingerprint
 
-KIND_CONCEPT = {"color": "color", "shape": "shape", "size": "size"}
-REAL_MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-               "sd21": "stabilityai/stable-diffusion-2-1", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+KINDS = ("color", "shape", "size")  # word kinds of ShapesWorld captions = the concepts they score against
 
 
-def load_params(profile: str | None = None, overrides: dict | None = None) -> dict:
-    """Parameters of a profile (``params/<profile>.yaml``, default from $PROFILE or 'paper')."""
-    profile = profile or os.environ.get("PROFILE", "paper")
-    f = paths.PARAMS / f"{profile}.yaml"
-    if not f.exists():
-        known = sorted(p.stem for p in paths.PARAMS.glob("*.yaml"))
-        raise FileNotFoundError(f"no profile {profile!r} ({f}); known profiles: {known}")
-    p = yaml.safe_load(f.read_text())
-    p["profile"] = profile
-    p.update(overrides or {})
-    if p.get("model", "shapesworld") != "shapesworld":
+def load_params(profile: str | None = None, overrides: str | dict | None = None) -> dict:
+    """Parameters of a profile, validated (``saam.profiles.load``); real-model profiles also check
+    that their weights are there before anything runs."""
+    from .profiles import load
+    p = load(profile, overrides)
+    if p["model"] != "shapesworld":
         _require_weights(p)  # stop before any notebook writes anything
     return p
 
 
-def _require_weights(params: dict) -> Path:
-    model = params.get("model")
-    path = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path")
-    if not path or not (Path(path) / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"profile {params['profile']!r} needs the weights of {REAL_MODELS.get(model, model)} as a "
-            f"local diffusers folder, and none was found at {path!r}. On a machine with internet: "
-            f"`huggingface-cli download {REAL_MODELS.get(model, model)} --local-dir <dir>`, then "
-            "`make all PROFILE=... SAAM_MODEL_PATH=<dir>` (a GPU is strongly advised).")
-    return Path(path)
-
-
-def load_model(params: dict, device: str = "cpu"):
-    """The pipeline a profile names: the committed ShapesWorld model, or real SD from a local path.
-
-    Real models are never downloaded here: the profile's ``model_path`` (or $SAAM_MODEL_PATH)
-    must hold a diffusers folder; otherwise this stops at once saying how to get one.
-    """
-    model = params.get("model", "shapesworld")
-    if model == "shapesworld":
-        from .shapes.model import load_pipeline
-        return load_pipeline(params.get("model_path") or paths.MODEL_DIR, device=device)
-    path = _require_weights(params)
+def start_chapter(notebook: str, profile: str, overrides: str | dict | None = None) -> dict:
+    """What every chapter does first: load and validate its profile (which also decides where its
+    figures go), seed torch, show what the chapter produces. Returns the parameters."""
     import torch
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True,
-                                             torch_dtype=torch.float16 if device != "cpu" else torch.float32)
-    return pipe.to(device)
+    from IPython.display import Markdown, display
+    from .artefacts import produces_markdown
+    p = load_params(profile, overrides)
+    torch.manual_seed(p["seed"])
+    where = paths.FIGURES.relative_to(paths.ROOT) if paths.FIGURES.is_relative_to(paths.ROOT) else paths.FIGURES
+    display(Markdown(produces_markdown(notebook, str(where)) + f" Profile `{profile}`"
+                     + (f" with overrides `{overrides}`" if overrides else "") + "."))
+    return p
+
+
+def shapesworld_only(params: dict, why: str) -> bool:
+    """True on ShapesWorld profiles; otherwise says in one line why the chapter (or section) is skipped."""
+    if params["model"] == "shapesworld":
+        return True
+    from IPython.display import Markdown, display
+    display(Markdown(f"*Skipped for `{params['model']}`: {why}*"))
+    return False
+
+
+def model_dir(params: dict) -> Path:
+    """The model folder of a profile (``saam.models.model_path``)."""
+    from .models import model_path
+    return model_path(params)
+
+
+def generator(params: dict):
+    """A CPU generator seeded from the profile: the same images on any device."""
+    import torch
+    return torch.Generator("cpu").manual_seed(params["seed"])
+
+
+def samples(pipe, params: dict, n: int = 16):
+    """``n`` held-out scenes and the model's images of their captions, uint8."""
+    scenes = eval_scenes(params, "test", n, seed_offset=7_000_000)
+    imgs = pipe([s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                generator=generator(params), output_type="np").images
+    return scenes, [(i * 255).round().astype(np.uint8) for i in imgs]
+
+
+def published_concentration(top: float = 0.25) -> pd.DataFrame:
+    """Concentration of HRV's published SD v1.4 and SDXL vectors, per concept (the reference)."""
+    from .relevance import concentration, published
+    out = None
+    for m in ("sd14", "sdxl"):
+        names, mat = published(m)
+        t = pd.DataFrame({"concept": names, f"{m}_published": [concentration(r, top) for r in mat]})
+        out = t if out is None else out.merge(t, on="concept")
+    return out
+
+
+def _require_weights(params: dict) -> Path:
+    from .models import model_path
+    return model_path(params)
+
+
+def load_model(params: dict):
+    """The pipeline a profile names (``saam.models.load_model``)."""
+    from .models import load_model
+    return load_model(params)
 
 
 def model_fingerprint(params: dict) -> str:
-    path = params.get("model_path") or (paths.MODEL_DIR if params.get("model", "shapesworld") == "shapesworld"
-                                        else os.environ.get("SAAM_MODEL_PATH", ""))
-    return fingerprint(Path(path)) if path and Path(path).exists() else str(path)
+    from .models import model_path
+    return fingerprint(model_path(params))
 
 
 # the modules whose code decides what a cached artefact contains; editing one invalidates caches
 _COMPUTE_MODULES = ("capture.py", "aggregate.py", "relevance.py", "evaluate.py", "words.py", "heads.py",
-                    "shapes/analyzer.py", "shapes/world.py")
+                    "sinks.py", "shapes/analyzer.py", "shapes/world.py", "shapes/model.py")
 
 
 def code_fingerprint() -> str:
@@ -108,18 +133,18 @@ def relevance_prompts(params: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------ steps
 
-def fidelity(pipe, params: dict) -> dict:
+def fidelity(pipe, params: dict, write: bool = True) -> dict:
     """Analyzer-scored fidelity on held-out prompts; cached, and written to figures/fidelity.json."""
     def compute():
         import torch
-        from tqdm.auto import tqdm
+        from .progress import bar
         from .shapes.analyzer import analyze
         out = {}
         for name, n_obj, split in (("single", 1, "test"), ("two", 2, "test"), ("unseen", 1, "unseen")):
             scenes = eval_scenes(params, split, params["n_fidelity"], n_obj, seed_offset=5_000_000)
             gen = torch.Generator("cpu").manual_seed(params["seed"])
             ok_c = ok_s = ok_b = ok_n = 0
-            for b in tqdm(range(0, len(scenes), 32), desc=f"fidelity {name}"):
+            for b in bar(range(0, len(scenes), 32), desc=f"fidelity {name}"):
                 batch = scenes[b:b + 32]
                 imgs = pipe([s.caption for s in batch], num_inference_steps=params["steps"],
                             guidance_scale=params["guidance"], generator=gen, output_type="np").images
@@ -142,17 +167,50 @@ def fidelity(pipe, params: dict) -> dict:
                    targets=dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50))
         return out
     res = cached("fidelity", _key(params, "seed", "steps", "guidance", "n_fidelity"), compute)
-    write_json(paths.FIGURES / "fidelity.json", res)
+    if write:
+        write_json(paths.FIGURES / "fidelity.json", res)
     return res
 
 
-def relevance(pipe, params: dict):
+def relevance(pipe, params: dict, concepts: str | None = None):
+    """The relevance pass (cached). ``concepts`` (default: the profile's): ``"hrv"`` for HRV's 34
+    concepts, as HRV measured SD; ``"ours"`` for the 6 of ``data/concepts.yaml``."""
     from .relevance import load_concepts, relevance_pass
-    concepts = load_concepts()
-    key = dict(_key(params, "seed", "steps", "guidance", "n_relevance_prompts"), concepts=concepts)
+    concepts = concepts or params.get("concepts", "hrv")
+    words = load_concepts("hrv" if concepts == "hrv" else None)
+    key = dict(_key(params, "seed", "steps", "guidance", "n_relevance_prompts"), concepts=words, start_token=True)
     return cached("relevance", key, lambda: relevance_pass(
-        pipe, concepts, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
+        pipe, words, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
         seed=params["seed"], batch_size=16))
+
+
+def sink_budget(pipe, params: dict, n: int | None = None):
+    """Attention budget (``saam.sinks``) of every head over ``n`` traced held-out generations;
+    on ShapesWorld object pixels are the analyzer's objects, elsewhere all pixels form one region.
+    Cached. Returns (per-head table, summary)."""
+    from .sinks import attention_budget, budget_summary
+
+    def compute():
+        import torch
+        from .capture import trace
+        from .shapes.analyzer import analyze
+        scenes = eval_scenes(params, "test", n or params.get("n_sinks", 32), seed_offset=3_000_000)
+        gen = torch.Generator("cpu").manual_seed(params["seed"])
+        parts = []
+        for b in range(0, len(scenes), 16):
+            batch = scenes[b:b + 16]
+            with trace(pipe) as tc:
+                imgs = pipe([s.caption for s in batch], num_inference_steps=params["steps"],
+                            guidance_scale=params["guidance"], generator=gen, output_type="np").images
+            for hm, img in zip(tc, imgs):
+                mask = None
+                if params["model"] == "shapesworld":
+                    det = analyze((img * 255).round().astype(np.uint8))
+                    mask = np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)
+                parts.append(attention_budget(hm, mask))
+        return pd.concat(parts).groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
+    per_head = cached("sinks", dict(_key(params, "seed", "steps", "guidance"), n=n or params.get("n_sinks", 32)), compute)
+    return per_head, budget_summary(per_head)
 
 
 def records(pipe, params: dict, protocol: str, heads, strength: float | None = None):
@@ -170,16 +228,16 @@ def records(pipe, params: dict, protocol: str, heads, strength: float | None = N
 # ------------------------------------------------------------------------------ tables
 
 def method_sets(rel, kind: str, k, include_mid: bool, seed: int = 0) -> dict:
-    """{method: (head indices, weights)} for a word kind, on the relevance's head list."""
-    from .select import bottom_k, eligible, random_k, soft_weights, top_k
+    """{method label (``select.METHODS``): (head indices, weights)} for a word kind, on the
+    relevance's head list."""
+    from .select import METHODS, bottom_k, eligible, random_k, soft_weights, top_k
     mask = eligible(rel.heads, include_mid)
-    row = rel.row(KIND_CONCEPT[kind])
+    row = rel.row(kind)
     w = soft_weights(row, mask)
-    return {"DAAM (all heads)": (np.flatnonzero(mask), None),
-            "top-k (selective)": (top_k(row, k, mask), None),
-            "bottom-k": (bottom_k(row, k, mask), None),
-            "random-k": (random_k(len(row), k, seed, mask), None),
-            "soft (relevance-weighted)": (np.flatnonzero(w > 0), w[w > 0])}
+    sets = dict(daam=(np.flatnonzero(mask), None), top=(top_k(row, k, mask), None),
+                bottom=(bottom_k(row, k, mask), None), random=(random_k(len(row), k, seed, mask), None),
+                soft=(np.flatnonzero(w > 0), w[w > 0]))
+    return {METHODS[m]: v for m, v in sets.items()}
 
 
 def score(recs, rel, k, tau: float, include_mid: bool, seed: int = 0) -> pd.DataFrame:
@@ -240,3 +298,119 @@ def per_head_iou(recs, kind: str, tau: float) -> np.ndarray:
         return np.full(0, np.nan)
     n = rs[0].maps.shape[0]
     return np.array([np.mean([record_iou(r, [h], None, tau) for r in rs]) for h in range(n)])
+
+
+def relevance_vs_localisation(recs, rel, params: dict):
+    """Does relevance rank heads by how well they localise? Per concept: Spearman rho between a
+    head's relevance and its own single-head mIoU (eligible heads: mid block as the profile says),
+    the best single head, and the oracle top-k (k heads with the best single-head IoU, chosen on
+    the same words: a ceiling, not a method).
+
+    Returns:
+        (table, {concept: per-head mIoU}).
+    """
+    from scipy.stats import spearmanr
+    from .evaluate import record_iou
+    from .select import eligible, top_k
+    mask = eligible(rel.heads, params["include_mid"])
+    head_iou = {c: per_head_iou(recs, c, params["tau"]) for c in KINDS}
+    rows = []
+    for c, v in head_iou.items():
+        if not len(v):
+            continue
+        idx = top_k(v, params["k"], mask)
+        words = [r for r in recs if r.kind == c and r.gt is not None]
+        rows.append(dict(concept=c, spearman_rho=float(spearmanr(rel.row(c)[mask], v[mask]).statistic),
+                         best_single_head_miou=float(np.nanmax(v[mask])),
+                         oracle_top_k_miou=float(np.mean([record_iou(r, idx, None, params["tau"]) for r in words])),
+                         n_heads=int(mask.sum())))
+    return pd.DataFrame(rows), head_iou
+
+
+def example_rows(recs, rel, images, params: dict, methods: list[str], n: int) -> list[dict]:
+    """One word per image, alternating colour and shape words: the image, its truth and each
+    method's normalised map, for ``plots.examples``."""
+    from .aggregate import normalize
+    from .evaluate import combine
+    seen, ex = set(), []
+    for r in recs:
+        if r.gt is not None and r.image not in seen and r.kind == ("color", "shape")[len(ex) % 2]:
+            seen.add(r.image)
+            ex.append(r)
+    rows = []
+    for r in ex[:n]:
+        sets = method_sets(rel, r.kind, params["k"], params["include_mid"], params["seed"] + r.image)
+        row = dict(image=images[r.image], gt=r.gt, title=f"{r.word} ({r.kind}) in: {r.caption}")
+        row.update({m: normalize(combine(r.maps, *sets[m]), r.gt.shape).numpy() for m in methods})
+        rows.append(row)
+    return rows
+
+
+def binding_items(recs, rel, params: dict, methods: list[str]) -> pd.DataFrame:
+    """Every colour word of a multi-object caption with its binding score under each method
+    (colour maps from the colour heads, shape maps from the shape heads) and whether the model
+    drew the intended (colour, shape) object (``bound``, from the analyzer)."""
+    from .evaluate import binding_score, combine
+    sets = {kind: method_sets(rel, kind, params["k"], params["include_mid"], params["seed"]) for kind in ("color", "shape")}
+    by_img: dict[int, list] = {}
+    for r in recs:
+        by_img.setdefault(r.image, []).append(r)
+    items = []
+    for i, rs in by_img.items():
+        shapes = [r for r in rs if r.kind == "shape"]
+        for c in (r for r in rs if r.kind == "color" and r.n_objects > 1):
+            own = [s for s in shapes if s.obj == c.obj]
+            others = [s for s in shapes if s.obj != c.obj]
+            if not own or not others:
+                continue
+            item = dict(image=i, word=c.word, occurrence=c.occurrence, caption=c.caption, bound=bool(c.bound))
+            for m in methods:
+                cs, ss = sets["color"][m], sets["shape"][m]
+                item[m] = binding_score(combine(c.maps, *cs), combine(own[0].maps, *ss),
+                                        [combine(o.maps, *ss) for o in others])
+            items.append(item)
+    return pd.DataFrame(items, columns=["image", "word", "occurrence", "caption", "bound", *methods])
+
+
+# ------------------------------------------------------------------------------ organisms
+
+def organism_properties(params: dict, model_path: Path) -> dict:
+    """The properties the ablation compares (issue 10) for one model folder, all cached.
+
+    Attention sink (share of attention on start token / words / end / padding, object and
+    background pixels), relevance concentration (top 25 % share, HRV's 34 concepts, bootstrap CI
+    over prompts), Spearman rho between a head's relevance and its own localisation, image
+    fidelity, and Table 1's DAAM vs top-k vs bottom-k (generation protocol) with CIs.
+    """
+    from .relevance import concentration_table
+    from .select import METHODS
+    from .shapes.model import variant_of
+    p = dict(params, model_path=str(model_path))
+    pipe = load_model(p)
+    v = variant_of(model_dir(p))
+    out = dict(variant=v["variant"], about=v["about"])
+    _, sinks = sink_budget(pipe, p)
+    for region in sinks.index:
+        for c in sinks.columns:
+            out[f"sink_{region}_{c}"] = float(sinks.loc[region, c])
+    rel = relevance(pipe, p, "hrv")
+    for r in concentration_table(rel, list(KINDS), seed=p["seed"]).itertuples():
+        out[f"conc_{r.concept.lower()}"], out[f"conc_{r.concept.lower()}_ci"] = r.top_share, [r.ci_low, r.ci_high]
+    fid = fidelity(pipe, p, write=False)
+    out.update({k: fid[k] for k in ("single_color_accuracy", "single_shape_accuracy", "two_object_binding")})
+    recs = records(pipe, p, "generation", rel.heads)[0]
+    diag, _ = relevance_vs_localisation(recs, rel, p)
+    out.update({f"rho_{r.concept}": r.spearman_rho for r in diag.itertuples()})
+    tab = miou_table(score(recs, rel, p["k"], p["tau"], p["include_mid"], p["seed"]), by_kind=False, seed=p["seed"])
+    for key, m in (("daam", "daam"), ("topk", "top"), ("bottomk", "bottom")):
+        r = tab[tab.method == METHODS[m]].iloc[0]
+        out[f"miou_{key}"], out[f"miou_{key}_ci"] = r.mIoU, [r.ci_low, r.ci_high]
+    return out
+
+
+def organisms(params: dict) -> pd.DataFrame:
+    """``organism_properties`` of every variant the profile lists (``variants``), each at the
+    ablation's sizes (``ablation``), one row per variant."""
+    from .shapes.model import variant_folder
+    p = dict(params, **params.get("ablation", {}))
+    return pd.DataFrame([organism_properties(p, variant_folder(v)) for v in params["variants"]])

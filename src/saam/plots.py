@@ -1,4 +1,6 @@
-"""Figure functions the notebooks call. Each returns a matplotlib Figure; ``save`` writes PNG + PDF."""
+"""Figure functions the notebooks call. Each draws what analysis code computed and returns a
+matplotlib Figure; ``save`` writes PNG + PDF and shows it inline. Palettes are colour-blind safe
+(seaborn's ``colorblind``, viridis, cividis for maps)."""
 from __future__ import annotations
 
 import io
@@ -16,32 +18,59 @@ import seaborn as sns  # noqa: E402
 from . import paths  # noqa: E402
 from .cache import atomic_write  # noqa: E402
 
-sns.set_theme(style="whitegrid", context="notebook")
+sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
+MAP_CMAP = "cividis"  # word maps over images: perceptually uniform and colour-blind safe
 
 
 def save(fig, name: str) -> Path:
-    """figures/<name>.png and .pdf, written atomically; returns the PNG path."""
+    """Write <figures>/<name>.png and .pdf atomically, show the PNG inline when running in a
+    notebook (so executed chapters and the HTML report carry every figure), close the figure.
+
+    Returns the PNG path.
+    """
     out = paths.FIGURES / f"{name}.png"
+    png = b""
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
         fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight",
                     metadata={"CreationDate": None} if ext == "pdf" else {"Software": None})
         atomic_write(paths.FIGURES / f"{name}.{ext}", buf.getvalue())
+        png = png or buf.getvalue()
+    plt.close(fig)
+    _show_inline(png)
     return out
 
 
+def _show_inline(png: bytes) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and type(shell).__name__ != "TerminalInteractiveShell":
+        display(Image(data=png, format="png"))
+
+
 def training_curves(card: dict):
+    """VAE PSNR and UNet loss against step; a fine-tuned variant's steps continue the base curve."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, (stage, key, label) in zip(axes, (("vae", "psnr", "reconstruction PSNR (dB)"),
-                                              ("unet", "loss", "epsilon MSE"))):
-        rows = card.get("curves", {}).get(stage, [])
-        if rows:
+                                              ("unet", "loss", "noise-prediction MSE"))):
+        runs = [("trained", card.get("curves", {}).get(stage, []), 0)]
+        if stage == "unet" and card.get("finetune_curves", {}).get("unet"):
+            runs.append((f"fine-tuned ({card.get('variant')})", card["finetune_curves"]["unet"],
+                         card.get("unet_steps", 0)))
+        for name, rows, offset in runs:
+            if not rows:
+                continue
             s = pd.DataFrame(rows)
-            ax.plot(s.step, s[key], lw=0.8)
+            ax.plot(s.step + offset, s[key], lw=0.8, label=name)
             if key == "loss":
-                ax.plot(s.step, s[key].rolling(10, min_periods=1).mean(), lw=2)
                 ax.set_yscale("log")
-        ax.set(title=f"{stage.upper()} training", xlabel="step", ylabel=label)
+        ax.set(title=f"{stage.upper()} training", xlabel="optimiser step", ylabel=label)
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -70,7 +99,7 @@ def word_maps(image: np.ndarray, maps: dict[str, np.ndarray], title: str = ""):
     axes[0].set_title("image", fontsize=9)
     for ax, (w, m) in zip(axes[1:], maps.items()):
         ax.imshow(image, interpolation="nearest")
-        ax.imshow(m, cmap="jet", alpha=0.55, vmin=0, vmax=1, interpolation="bilinear")
+        ax.imshow(m, cmap=MAP_CMAP, alpha=0.6, vmin=0, vmax=1, interpolation="bilinear")
         ax.set_title(w, fontsize=9)
     for ax in axes:
         ax.axis("off")
@@ -87,8 +116,8 @@ def relevance_histograms(rel, concepts: Sequence[str] | None = None):
         r = np.sort(rel.row(c))[::-1]
         ax.bar(np.arange(len(r)), r, width=1.0, color=sns.color_palette()[0])
         ax.axhline(1.0, color="k", lw=0.6, ls="--")
-        ax.set(title=c, xlabel="head (sorted)")
-    np.atleast_1d(axes)[0].set_ylabel("relevance (mean 1)")
+        ax.set(title=c, xlabel="heads, most relevant first")
+    np.atleast_1d(axes)[0].set_ylabel("relevance (mean over heads = 1)")
     fig.tight_layout()
     return fig
 
@@ -107,18 +136,12 @@ def relevance_heatmaps(rel, concepts: Sequence[str] | None = None):
         grid = np.full((len(layers), width), np.nan)
         for h, v in zip(rel.heads, rel.row(c)):
             grid[layers.index(h.layer), h.head] = v
-        sns.heatmap(grid, ax=ax, cmap="viridis", cbar=False, vmin=0, vmax=np.nanmax(rel.matrix))
+        sns.heatmap(grid, ax=ax, cmap="viridis", cbar=c == concepts[-1], vmin=0, vmax=np.nanmax(rel.matrix),
+                    cbar_kws=dict(label="relevance (mean 1)"))
         ax.set(title=c, xlabel="head")
     np.atleast_1d(axes)[0].set_yticks(np.arange(len(layers)) + 0.5, short, fontsize=7, rotation=0)
     fig.tight_layout()
     return fig
-
-
-def concentration(rel, top: float = 0.25) -> pd.DataFrame:
-    """Share of each concept's relevance held by its top ``top`` fraction of heads."""
-    k = max(1, int(round(top * rel.matrix.shape[1])))
-    return pd.DataFrame([dict(concept=c, top_share=float(np.sort(rel.row(c))[::-1][:k].sum() / rel.row(c).sum()))
-                         for c in rel.concepts])
 
 
 def timestep_stability(rel, concepts: Sequence[str], k: float = 0.25, windows: int = 5):
@@ -129,7 +152,7 @@ def timestep_stability(rel, concepts: Sequence[str], k: float = 0.25, windows: i
     edges = np.linspace(0, T, windows + 1).astype(int)
     fig, ax = plt.subplots(figsize=(5, 3))
     for c in concepts:
-        ci = rel.concepts.index(c)
+        ci = rel.index(c)
         overall = set(np.argsort(-rel.matrix[ci])[:kk])
         ys = []
         for a, b in zip(edges[:-1], edges[1:]):
@@ -170,7 +193,7 @@ def examples(rows: list[dict], methods: Sequence[str]):
         axes[r, 1].imshow(row["gt"], cmap="gray", interpolation="nearest")
         for j, m in enumerate(methods):
             axes[r, 2 + j].imshow(row["image"], interpolation="nearest")
-            axes[r, 2 + j].imshow(row[m], cmap="jet", alpha=0.55, vmin=0, vmax=1)
+            axes[r, 2 + j].imshow(row[m], cmap=MAP_CMAP, alpha=0.6, vmin=0, vmax=1)
         for j, t in enumerate(["image", "truth", *methods]):
             axes[r, j].set_xticks([]); axes[r, j].set_yticks([])
             if r == 0:
@@ -179,14 +202,77 @@ def examples(rows: list[dict], methods: Sequence[str]):
     return fig
 
 
-def relevance_vs_localisation(rel, head_iou: dict[str, np.ndarray]):
-    """Scatter of each head's relevance to a concept against its own IoU on that concept's words."""
-    from scipy.stats import spearmanr
+def relevance_vs_localisation(rel, head_iou: dict[str, np.ndarray], table: pd.DataFrame, eligible: np.ndarray):
+    """Each eligible head's relevance to a concept against its own mIoU on that concept's words;
+    the titles quote the Spearman rho of ``table`` (the same heads, one number per concept)."""
+    rho = dict(zip(table.concept, table.spearman_rho))
     fig, axes = plt.subplots(1, len(head_iou), figsize=(3.6 * len(head_iou), 3.2), squeeze=False)
     for ax, (c, iou) in zip(axes[0], head_iou.items()):
-        r = rel.row(c)
-        rho = spearmanr(r, iou).statistic if len(iou) else float("nan")
-        ax.scatter(r, iou, s=12)
-        ax.set(xlabel=f"relevance to {c}", ylabel="single-head mIoU", title=f"{c}: Spearman rho = {rho:.2f}")
+        ax.scatter(rel.row(c)[eligible], iou[eligible], s=12)
+        ax.set(xlabel=f"relevance to {c} (mean 1)", ylabel="single-head mIoU",
+               title=f"{c}: Spearman rho = {rho.get(c, float('nan')):.2f}")
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str = ""):
+    """ROC curves, one per method: {label: (fpr, tpr, auroc)}."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for m, (fpr, tpr, a) in curves.items():
+        ax.plot(fpr, tpr, label=f"{m} (AUROC {a:.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def attention_budget(budget: pd.DataFrame, title: str = ""):
+    """Stacked shares of attention on start token / words / end / padding, per block and region.
+
+    ``budget``: ``saam.sinks.attention_budget`` rows (one per head and region)."""
+    from .sinks import CLASSES
+    g = budget.groupby(["block", "region"], sort=False)[list(CLASSES)].mean()
+    g = g.reindex([(b, r) for b in ("down", "mid", "up") for r in ("object", "background") if (b, r) in g.index])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    left = np.zeros(len(g))
+    labels = [f"{b} / {r}" for b, r in g.index]
+    for c, col in zip(CLASSES, sns.color_palette("colorblind", len(CLASSES))):
+        ax.barh(labels, g[c], left=left, color=col, label=c)
+        left += g[c].to_numpy()
+    ax.invert_yaxis()
+    ax.set(xlabel="share of cross-attention (mean over heads)", xlim=(0, 1), title=title)
+    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.08 if title else 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def organisms(table: pd.DataFrame, reference: dict[str, float]):
+    """Ablation at a glance: concentration per concept (with CI) and Table 1's DAAM vs top-k per
+    variant; dashed lines are SD v1.4's concentration from HRV's published vectors."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax = axes[0]
+    concepts = [c for c in ("color", "shape", "size") if f"conc_{c}" in table]
+    x = np.arange(len(table))
+    w = 0.8 / len(concepts)
+    for i, (c, col) in enumerate(zip(concepts, sns.color_palette("colorblind", len(concepts)))):
+        lo = table[f"conc_{c}"] - table[f"conc_{c}_ci"].map(lambda v: v[0])
+        hi = table[f"conc_{c}_ci"].map(lambda v: v[1]) - table[f"conc_{c}"]
+        ax.bar(x + i * w, table[f"conc_{c}"], w, yerr=[lo, hi], color=col, label=c, capsize=2)
+        if c in reference:
+            ax.axhline(reference[c], color=col, ls="--", lw=1)
+    ax.set_xticks(x + w * (len(concepts) - 1) / 2, table.variant)
+    ax.set(ylabel="relevance share of top 25 % heads", ylim=(0, 1.05), xlabel="organism variant",
+           title="head specialisation (dashed: SD v1.4)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for i, (m, col) in enumerate(zip(("daam", "topk", "bottomk"), sns.color_palette("colorblind", 3))):
+        v = table[f"miou_{m}"]
+        ci = table[f"miou_{m}_ci"]
+        ax.bar(x + i * 0.27, v, 0.27, yerr=[v - ci.map(lambda c: c[0]), ci.map(lambda c: c[1]) - v],
+               color=col, capsize=2, label={"daam": "DAAM (all heads)", "topk": "top-k", "bottomk": "bottom-k"}[m])
+    ax.set_xticks(x + 0.27, table.variant)
+    ax.set(ylabel="mIoU (generation protocol)", xlabel="organism variant", title="Table 1 on each organism")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -2,7 +2,10 @@
 
 At every cross-attention call of an ordinary generation, one random word per concept is drawn;
 the words, each encoded alone with the pipeline's own text encoder (start/end tokens dropped),
-are concatenated into a pseudo-context and projected by *that layer's* key projection. Softmax
+are concatenated into a pseudo-context and projected by *that layer's* key projection. As in
+HRV's code, the first word keeps its start token (``start_token=True``): it sits in every softmax
+denominator and is never scored, and where the model uses the start token as an attention sink
+(SD) it takes the mass that idle pixels would otherwise spread over the concept words. Softmax
 attention from the layer's conditional-branch queries over the pseudo-context is averaged over
 pixels and over each word's tokens, giving a [heads, concepts] score; each head votes for its
 argmax concept. Votes are counted per (image, step). Relevance normalises them as HRV does:
@@ -36,6 +39,7 @@ class Relevance:
         matrix: [concepts, heads]; each row sums to H (mean 1).
         votes: [timesteps, heads, concepts] vote counts (None for published vectors).
         timesteps: scheduler timestep of each votes row.
+        prompt_votes: [prompts, heads, concepts] vote counts per prompt (for CIs over prompts).
         params: what produced it.
     """
     concepts: list[str]
@@ -44,11 +48,19 @@ class Relevance:
     votes: np.ndarray | None = None
     timesteps: list[int] = field(default_factory=list)
     params: dict = field(default_factory=dict)
+    prompt_votes: np.ndarray | None = None
 
     def row(self, concept: str) -> np.ndarray:
-        if concept not in self.concepts:
+        """A concept's relevance over heads; the name matches case-insensitively ("color" = "Color")."""
+        return self.matrix[self.index(concept)]
+
+    def index(self, concept: str) -> int:
+        if concept in self.concepts:
+            return self.concepts.index(concept)
+        hits = [i for i, c in enumerate(self.concepts) if c.lower() == str(concept).lower()]
+        if len(hits) != 1:
             raise KeyError(f"unknown concept {concept!r}; known: {self.concepts}")
-        return self.matrix[self.concepts.index(concept)]
+        return hits[0]
 
     def per_timestep(self) -> np.ndarray:
         """[timesteps, concepts, heads] relevance from each step's votes alone."""
@@ -68,7 +80,8 @@ class Relevance:
         import io
         buf = io.BytesIO()
         np.savez(buf, matrix=self.matrix, votes=self.votes if self.votes is not None else np.zeros(0),
-                 timesteps=np.array(self.timesteps))
+                 timesteps=np.array(self.timesteps),
+                 prompt_votes=self.prompt_votes if self.prompt_votes is not None else np.zeros(0))
         atomic_write(Path(path), buf.getvalue())
         meta = dict(concepts=self.concepts, heads=[list(h) for h in self.heads], params=self.params)
         atomic_write(Path(path).with_suffix(".json"), json.dumps(meta, indent=1, default=str).encode())
@@ -78,8 +91,9 @@ class Relevance:
         z = np.load(Path(path))
         meta = json.loads(Path(path).with_suffix(".json").read_text())
         votes = z["votes"] if z["votes"].size else None
+        pv = z["prompt_votes"] if "prompt_votes" in z and z["prompt_votes"].size else None
         return cls(meta["concepts"], [HeadId(l, int(h)) for l, h in meta["heads"]], z["matrix"],
-                   votes, [int(t) for t in z["timesteps"]], meta["params"])
+                   votes, [int(t) for t in z["timesteps"]], meta["params"], pv)
 
 
 def normalize_votes(votes: np.ndarray) -> np.ndarray:
@@ -94,8 +108,45 @@ def normalize_votes(votes: np.ndarray) -> np.ndarray:
     return rel.T.astype(np.float32)
 
 
-def load_concepts(path: Path | None = None) -> dict[str, list[str]]:
+def concentration(matrix_row: np.ndarray, top: float = 0.25) -> float:
+    """Share of a concept's relevance held by its ``top`` fraction of heads (HRV: 0.77 colour on SD v1.4)."""
+    r = np.sort(np.asarray(matrix_row, dtype=np.float64))[::-1]
+    k = max(1, int(round(top * len(r))))
+    return float(r[:k].sum() / r.sum()) if r.sum() > 0 else float("nan")
+
+
+def concentration_table(rel: "Relevance", concepts: list[str] | None = None, top: float = 0.25,
+                        n_boot: int = 1000, seed: int = 0):
+    """Concentration per concept with a percentile bootstrap 95 % CI over prompts.
+
+    Prompts are resampled with replacement and the relevance renormalised from their votes, so
+    the CI shows how much the share would move with another prompt set (fewer prompts give a
+    noisier and, by chance, larger share).
+    """
+    import pandas as pd
+    concepts = list(concepts or rel.concepts)
+    idx = [rel.concepts.index(c) for c in concepts]
+    point = [concentration(rel.matrix[i], top) for i in idx]
+    lo = hi = [float("nan")] * len(idx)
+    if rel.prompt_votes is not None and len(rel.prompt_votes) > 1:
+        pv = rel.prompt_votes
+        rng = np.random.default_rng(seed)
+        boots = np.array([[concentration(m[i], top) for i in idx]
+                          for m in (normalize_votes(pv[rng.integers(0, len(pv), len(pv))]) for _ in range(n_boot))])
+        lo, hi = np.nanquantile(boots, 0.025, axis=0), np.nanquantile(boots, 0.975, axis=0)
+    n = len(rel.prompt_votes) if rel.prompt_votes is not None else rel.params.get("n_prompts")
+    return pd.DataFrame(dict(concept=concepts, top_share=point, ci_low=lo, ci_high=hi, n_prompts=n,
+                             top=top))
+
+
+def load_concepts(path: Path | str | None = None) -> dict[str, list[str]]:
+    """Concept -> words: our YAML list (default ``data/concepts.yaml``), ``"hrv"`` for HRV's 34
+    concepts (``data/hrv/340_final_text_list.csv``), or any YAML / HRV-style CSV path."""
     from . import paths
+    if path == "hrv":
+        path = paths.HRV_CONCEPTS
+    if str(path or "").endswith(".csv"):
+        return read_hrv_concepts(Path(path))
     data = yaml.safe_load(Path(path or paths.CONCEPTS).read_text())
     if not isinstance(data, dict) or not all(isinstance(v, list) and v for v in data.values()):
         raise ValueError(f"{path}: expected a mapping concept -> non-empty list of words")
@@ -103,11 +154,13 @@ def load_concepts(path: Path | None = None) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def encode_words(pipe, words: list[str]) -> list[torch.Tensor]:
-    """Each word encoded alone by the pipeline's text encoder(s), start/end tokens dropped.
+def encode_words(pipe, words: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each word encoded alone by the pipeline's text encoder(s).
 
-    Returns one [n_tokens, dim] tensor per word, dim as the UNet's cross-attention expects
-    (SDXL: both encoders' states concatenated, as its ``encode_prompt`` returns them).
+    Returns one (start, tokens) pair per word: the start token's state [1, dim] and the word's
+    token states [n_tokens, dim] (end token and padding dropped), dim as the UNet's
+    cross-attention expects (SDXL: both encoders' states concatenated, as its ``encode_prompt``
+    returns them).
     """
     dev = pipe.unet.device
     emb = pipe.encode_prompt(prompt=words, device=dev, num_images_per_prompt=1,
@@ -115,14 +168,16 @@ def encode_words(pipe, words: list[str]) -> list[torch.Tensor]:
     out = []
     for i, w in enumerate(words):
         pos = token_positions(w, w, pipe.tokenizer)
-        out.append(emb[i, pos].to(pipe.unet.dtype))
+        out.append((emb[i, :1].to(pipe.unet.dtype), emb[i, pos].to(pipe.unet.dtype)))
     return out
 
 
 class _VoteRecorder(_Recorder):
-    def __init__(self, pipe, words: list[list[torch.Tensor]], layers: dict[str, object], seed: int):
+    def __init__(self, pipe, words: list[list[tuple[torch.Tensor, torch.Tensor]]], layers: dict[str, object],
+                 seed: int, start_token: bool):
         super().__init__(pipe, "cond", None, False, "cpu")
-        self.words = words
+        self.words, self.start_token = words, start_token
+        self.batch_votes: torch.Tensor | None = None  # [images of the current call, heads, concepts]
         self.rng = random.Random(seed)
         lh = {l: m.heads for l, m in layers.items()}
         self.heads = head_ids(lh)
@@ -137,16 +192,22 @@ class _VoteRecorder(_Recorder):
         rows = self.rows
         hs = hidden_states[rows]
         picks = [ws[self.rng.randrange(len(ws))] for ws in self.words]
-        ctx = torch.cat(picks).unsqueeze(0).expand(hs.shape[0], -1, -1)
-        seg = torch.cat([torch.full((len(p),), i) for i, p in enumerate(picks)]).to(hs.device)
-        probs = attention_probs(attn, hs, ctx).mean(2)  # [n, heads, tokens]: over pixels
+        tokens = [t for _, t in picks]
+        start = [picks[0][0]] if self.start_token else []
+        ctx = torch.cat(start + tokens).unsqueeze(0).expand(hs.shape[0], -1, -1)
+        probs = attention_probs(attn, hs, ctx).mean(2)[..., len(start):]  # [n, heads, tokens]: over pixels
         c = len(picks)
+        seg = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tokens)]).to(probs.device)
         per = torch.zeros(*probs.shape[:2], c, device=probs.device).index_add_(2, seg, probs)
         per = per / torch.bincount(seg, minlength=c).to(per)  # mean over each word's tokens
-        won = torch.nn.functional.one_hot(per.argmax(-1), c).sum(0).cpu()  # [heads, concepts]
+        won = torch.nn.functional.one_hot(per.argmax(-1), c).cpu()  # [n, heads, concepts]
         step = self._gen["steps"] - 1
+        lo, hi = self.offset[layer], self.offset[layer] + won.shape[1]
         v = self.votes.setdefault(step, torch.zeros(len(self.heads), c, dtype=torch.long))
-        v[self.offset[layer]: self.offset[layer] + won.shape[0]] += won
+        v[lo:hi] += won.sum(0)
+        if self.batch_votes is None or self.batch_votes.shape[0] != won.shape[0]:
+            self.batch_votes = torch.zeros(won.shape[0], len(self.heads), c, dtype=torch.int32)
+        self.batch_votes[:, lo:hi] += won.to(torch.int32)
         self.timesteps[step] = self._gen["timesteps"][-1]
 
     def finish(self) -> None:
@@ -155,24 +216,34 @@ class _VoteRecorder(_Recorder):
 
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
                    guidance: float = 5.0, seed: int = 0, batch_size: int = 8, height: int | None = None,
-                   width: int | None = None, progress: bool = True) -> Relevance:
-    """Count HRV votes over the generation of ``prompts`` and normalise them (see module doc)."""
-    from tqdm.auto import tqdm
+                   width: int | None = None, start_token: bool = True, progress: bool = True) -> Relevance:
+    """Count HRV votes over the generation of ``prompts`` and normalise them (see module doc).
+
+    Args:
+        concepts: concept -> words (``load_concepts()``, or ``load_concepts("hrv")`` for HRV's 34).
+        prompts: generation prompts, unrelated to the concepts (HRV: ImageNet classes, PromptHero).
+        start_token: keep the first word's start token in the pseudo-context, as HRV's code does.
+    """
+    from .progress import bar
     _check_pipeline(pipe)
     layers = cross_attention_layers(pipe.unet)
     words = [encode_words(pipe, ws) for ws in concepts.values()]
-    rec = _VoteRecorder(pipe, words, layers, seed)
+    rec = _VoteRecorder(pipe, words, layers, seed, start_token)
     gen = torch.Generator("cpu").manual_seed(seed)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    per_prompt = []
     with install(pipe, rec, layers):
-        for b in tqdm(batches, desc="relevance", disable=not progress):
+        for b in bar(batches, desc="relevance", disable=not progress):
             pipe(b, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                  height=height, width=width, output_type="latent")
+            per_prompt.append(rec.batch_votes.numpy())
+            rec.batch_votes = None
     order = sorted(rec.votes)
     votes = torch.stack([rec.votes[s] for s in order]).numpy()
-    params = dict(concepts=concepts, n_prompts=len(prompts), steps=steps, guidance=guidance, seed=seed)
+    params = dict(concepts=concepts, n_prompts=len(prompts), steps=steps, guidance=guidance, seed=seed,
+                  start_token=start_token)
     return Relevance(list(concepts), rec.heads, normalize_votes(votes), votes,
-                     [rec.timesteps[s] for s in order], params)
+                     [rec.timesteps[s] for s in order], params, np.concatenate(per_prompt))
 
 
 # ------------------------------------------------------------------ HRV's published files
@@ -192,6 +263,16 @@ def read_hrv_concepts(csv_path: Path) -> dict[str, list[str]]:
             cur = line
             out[cur] = []
     return out
+
+
+def published(model: str = "sd14") -> tuple[list[str], np.ndarray]:
+    """HRV's published relevance as shipped in ``data/hrv``: (34 concept names, [34, heads] matrix),
+    in HRV's own head order (use :func:`load_hrv` to place the heads on a UNet)."""
+    from . import paths
+    files = {"sd14": "category_vectors_sd_v1_4.npy", "sdxl": "category_vectors_sd_xl_base_1_0.npy"}
+    if model not in files:
+        raise KeyError(f"HRV published vectors for {sorted(files)} only, not {model!r}")
+    return list(read_hrv_concepts(paths.HRV_CONCEPTS)), np.load(paths.HRV / files[model]).astype(np.float32)
 
 
 def load_hrv(vectors: Path, head_index: Path, layer_heads: dict[str, int],

@@ -12,6 +12,10 @@ import numpy as np
 
 from .heads import HeadId, block_of
 
+# every aggregation method: key (used in code) -> label (used in tables and figures), defined once
+METHODS = {"daam": "DAAM (all heads)", "top": "top-k (selective)", "bottom": "bottom-k",
+           "random": "random-k", "soft": "soft (relevance-weighted)"}
+
 
 def eligible(heads: Sequence[HeadId], include_mid: bool = True) -> np.ndarray:
     """Boolean mask of heads allowed in a set (mid-block heads optional, as DAAM drops them)."""

@@ -41,6 +41,15 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def variant_folder(name: str) -> Path:
+    """Where a variant's model folder lives: A is the originally trained ``data/shapesworld-model``,
+    the others ``data/variants/<name>`` (fine-tuned from A; ``make model VARIANT=<name>``)."""
+    from .. import paths
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
+    return paths.MODEL_DIR if name == "A" else paths.VARIANTS / name
+
+
 def variant_of(path) -> dict:
     """The variant settings stored with a model folder (``saam.json``); A when absent."""
     f = Path(path) / "saam.json"
@@ -183,22 +192,16 @@ def _link_identical(folder: Path, other: Path, final: Path) -> None:
 
 def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=torch.float32):
     """Load the committed ShapesWorld pipeline offline, and check that it really loaded."""
-    from diffusers import StableDiffusionPipeline
     from .. import paths
+    from ..models import quiet
     path = Path(path) if path is not None else paths.MODEL_DIR
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no ShapesWorld pipeline at {path}; run 'make model' to train one")
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-    levels = dlog.get_verbosity(), tlog.get_verbosity()
-    # silence two known, harmless notes: diffusers expects CLIP (we use BERT on purpose) and
-    # BERT's unused pooler is not stored
-    dlog.set_verbosity_error(); tlog.set_verbosity_error()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+    # quiet: diffusers expects CLIP (we use BERT on purpose), BERT's unused pooler is not stored
+    with quiet():
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                        safety_checker=None, requires_safety_checker=False)
-    finally:
-        dlog.set_verbosity(levels[0]); tlog.set_verbosity(levels[1])
     if pipe.tokenizer.model_max_length != MAX_LENGTH or len(pipe.tokenizer) < 30000:
         raise RuntimeError(f"tokenizer at {path} did not load properly "
                            f"(max length {pipe.tokenizer.model_max_length}, {len(pipe.tokenizer)} tokens)")
@@ -216,41 +219,34 @@ def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 class _PaddingMask:
     """Hooks that hand the UNet an ``encoder_attention_mask`` hiding the prompt's padding.
 
-    ``StableDiffusionPipeline`` passes no mask, so: a hook on the text encoder keeps each call's
-    padding mask; at the first UNet call after encoding, the masks are laid out as the pipeline
-    lays out the embeddings (negative prompts first, each prompt repeated per image).
+    ``StableDiffusionPipeline`` passes no mask, so: a hook on the text encoder keeps the padding
+    mask of its latest calls; at each UNet call the masks are laid out as the pipeline lays out
+    the embeddings: under classifier-free guidance [negative prompts; prompts] (the two latest
+    encoder calls, prompts first), each prompt repeated once per image.
     """
 
     def __init__(self, pipe):
-        self.pad = pipe.tokenizer.pad_token_id
+        self.pipe, self.pad = pipe, pipe.tokenizer.pad_token_id
         self.calls: list[torch.Tensor] = []
-        self.mask: torch.Tensor | None = None
         pipe.text_encoder.register_forward_pre_hook(self.on_text, with_kwargs=True)
         pipe.unet.register_forward_pre_hook(self.on_unet, with_kwargs=True)
 
     def on_text(self, module, args, kwargs):
         ids = args[0] if args else kwargs["input_ids"]
-        if self.mask is not None:  # a new pipeline call
-            self.calls, self.mask = [], None
-        self.calls.append(padding_mask(ids, self.pad))
+        self.calls = self.calls[-1:] + [padding_mask(ids, self.pad)]
 
     def on_unet(self, module, args, kwargs):
         ctx = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if ctx is None or kwargs.get("encoder_attention_mask") is not None:
             return None
-        if self.mask is None or self.mask.shape[0] != ctx.shape[0]:
-            self.mask = self._layout(ctx.shape[0])
-        return args, dict(kwargs, encoder_attention_mask=self.mask.to(ctx.device))
-
-    def _layout(self, batch: int) -> torch.Tensor:
-        # calls: [prompts] or [prompts, negative prompts]; the UNet batch is [negative; prompts]
-        # with each prompt repeated once per image, as diffusers' encode_prompt repeats them
-        parts = self.calls[::-1]
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        parts = self.calls[-2:][::-1] if cfg else self.calls[-1:]
         n = sum(len(c) for c in parts)
-        if not parts or len(parts) > 2 or batch % n:
-            raise RuntimeError(f"cannot lay out the padding masks of {[len(c) for c in self.calls]} "
-                               f"prompts over a UNet batch of {batch}")
-        return torch.cat([c.repeat_interleave(batch // n, 0) for c in parts])
+        if len(parts) != 1 + cfg or ctx.shape[0] % n or parts[0].shape[1] != ctx.shape[1]:
+            raise RuntimeError(f"cannot lay out the padding masks of {[len(c) for c in parts]} prompts "
+                               f"over a UNet batch of {ctx.shape[0]} (guidance: {cfg})")
+        mask = torch.cat([c.repeat_interleave(ctx.shape[0] // n, 0) for c in parts])
+        return args, dict(kwargs, encoder_attention_mask=mask.to(ctx.device))
 
 
 def mask_padding(pipe):

@@ -146,7 +146,7 @@ def load_init(init: Path, dev, heads: int):
     """
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
-    vae = AutoencoderKL.from_pretrained(init / "vae", torch_dtype=torch.float32).to(dev)
+    vae = AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32).to(dev)
     vae.eval().requires_grad_(False)
     unet = M.build_unet(heads)
     unet.load_state_dict({k: v.float() for k, v in load_file(init / "unet" / "diffusion_pytorch_model.safetensors").items()})

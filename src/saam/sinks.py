@@ -1,0 +1,67 @@
+"""Where each head's cross-attention goes: start token, words, end token, padding.
+
+HRV scores a head by the attention it gives concept words in a pseudo-context that holds the
+start token and the words, and nothing else. Whether that ranks heads the way they behave on a
+real prompt depends on where the model puts the attention it does not give to words (its
+*sink*): on SD the start token takes most of it, and the pseudo-context carries that token; a
+model that sinks into padding sees its idle attention spread over the concept words instead.
+This module measures that budget per head, separately on object and background pixels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .capture import HeadMaps
+from .heads import HeadId, block_of
+
+CLASSES = ("start", "words", "end", "padding")
+
+
+def token_classes(hm: HeadMaps) -> dict[str, list[int]]:
+    """Token positions of the prompt by class: the start token, the prompt's words, the end token
+    (CLIP's first end-of-text, BERT's [SEP]) and the padding after it."""
+    if hm.token_ids is None or hm.tokenizer is None:
+        raise ValueError("token classes need the prompt's token ids (trace a pipeline call with a prompt)")
+    ids = list(hm.token_ids)
+    tok = hm.tokenizer
+    ends = {t for t in (tok.eos_token_id, tok.sep_token_id) if t is not None}
+    end = next((i for i in range(1, len(ids)) if ids[i] in ends), len(ids))
+    n = next(iter(hm.maps.values())).shape[1]
+    return dict(start=[0], words=list(range(1, end)), end=[end] if end < n else [],
+                padding=list(range(end + 1, n)))
+
+
+def attention_budget(hm: HeadMaps, object_mask: np.ndarray | None = None) -> pd.DataFrame:
+    """Share of each head's attention on each token class, on object and on background pixels.
+
+    Args:
+        hm: one traced image.
+        object_mask: (H, W) bool at image size, True on the objects the prompt names; None when
+            no masks are known (one region, "all").
+    Returns:
+        One row per (head, region) with columns head, layer, block, region and one share per
+        class in :data:`CLASSES` (shares of a row sum to 1; NaN where the region is empty).
+    """
+    cls = token_classes(hm)
+    known = object_mask is not None
+    obj = torch.as_tensor(np.asarray(object_mask if known else np.ones(hm.image_size), dtype=np.float32))[None, None]
+    rows = []
+    for layer, m in hm.maps.items():  # m: [heads, tokens, h, w], each pixel sums to steps
+        frac = F.adaptive_avg_pool2d(obj, m.shape[-2:])[0, 0]  # object share of each cell
+        per_class = torch.stack([m[:, idx].sum(1) if idx else torch.zeros_like(m[:, 0])
+                                 for idx in cls.values()], 1)  # [heads, classes, h, w]
+        for region, w in ((("object", frac), ("background", 1 - frac)) if known else (("all", frac),)):
+            tot = w.sum()
+            share = (per_class * w).sum((-1, -2)) / (tot * hm.steps) if tot > 0 else torch.full(per_class.shape[:2], float("nan"))
+            for h in range(m.shape[0]):
+                rows.append(dict(head=str(HeadId(layer, h)), layer=layer, block=block_of(layer),
+                                 region=region, **dict(zip(CLASSES, share[h].tolist()))))
+    return pd.DataFrame(rows)
+
+
+def budget_summary(budget: pd.DataFrame) -> pd.DataFrame:
+    """Mean share per region and class over heads (and images): the model's sink at a glance."""
+    return budget.groupby("region", sort=False)[list(CLASSES)].mean()
