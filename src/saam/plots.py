@@ -22,13 +22,9 @@ sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
 MAP_CMAP = "cividis"  # word maps over images: perceptually uniform and colour-blind safe
 
 
-def save(fig, name: str) -> Path:
+def save(fig, name: str) -> None:
     """Write <figures>/<name>.png and .pdf atomically, show the PNG inline when running in a
-    notebook (so executed chapters and the HTML report carry every figure), close the figure.
-
-    Returns the PNG path.
-    """
-    out = paths.FIGURES / f"{name}.png"
+    notebook (so executed chapters and the HTML report carry every figure), close the figure."""
     png = b""
     for ext in ("png", "pdf"):
         buf = io.BytesIO()
@@ -38,7 +34,6 @@ def save(fig, name: str) -> Path:
         png = png or buf.getvalue()
     plt.close(fig)
     _show_inline(png)
-    return out
 
 
 def _show_inline(png: bytes) -> None:
@@ -242,7 +237,7 @@ def attention_budget(budget: pd.DataFrame, title: str = ""):
         left += g[c].to_numpy()
     ax.invert_yaxis()
     ax.set(xlabel="share of cross-attention (mean over heads)", xlim=(0, 1), title=title)
-    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.08 if title else 1.0))
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     return fig
 

@@ -124,8 +124,8 @@ def concentration_table(rel: "Relevance", concepts: list[str] | None = None, top
     noisier and, by chance, larger share).
     """
     import pandas as pd
-    concepts = list(concepts or rel.concepts)
-    idx = [rel.concepts.index(c) for c in concepts]
+    idx = [rel.index(c) for c in (concepts or rel.concepts)]
+    concepts = [rel.concepts[i] for i in idx]
     point = [concentration(rel.matrix[i], top) for i in idx]
     lo = hi = [float("nan")] * len(idx)
     if rel.prompt_votes is not None and len(rel.prompt_votes) > 1:

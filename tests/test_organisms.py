@@ -1,0 +1,137 @@
+"""Profiles, the attention budget, relevance with the start token, and the organism variants."""
+import numpy as np
+import pytest
+import torch
+
+from saam import profiles
+from saam.capture import HeadMaps, trace
+from saam.relevance import Relevance, concentration, concentration_table, normalize_votes, relevance_pass
+from saam.sinks import CLASSES, attention_budget, token_classes
+
+
+# ------------------------------------------------------------------ profiles
+
+def test_profiles_validate_keys_types_and_overrides():
+    p = profiles.load("smoke", "steps=4 n_eval=6 include_mid=true")
+    assert (p["steps"], p["n_eval"], p["include_mid"]) == (4, 6, True)
+    with pytest.raises(profiles.ProfileError, match=r"unknown key\(s\) \['stpes'\].*known keys"):
+        profiles.load("smoke", "stpes=4")
+    with pytest.raises(profiles.ProfileError, match="'k' must be int or float, got '0.25'"):
+        profiles.load("smoke", {"k": "0.25"})
+    with pytest.raises(profiles.ProfileError, match="not key=value"):
+        profiles.load("smoke", "steps")
+    with pytest.raises(profiles.ProfileError, match="known profiles: .*smoke"):
+        profiles.load("nope")
+
+
+def test_profile_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
+    from saam import paths
+    monkeypatch.setattr(paths, "PARAMS", tmp_path)
+    (tmp_path / "typo.yaml").write_text("model: shapesworld\nseed: 0\nstpes: 3\n")
+    with pytest.raises(profiles.ProfileError, match=r"typo.yaml: unknown key\(s\) \['stpes'\]"):
+        profiles.load("typo")
+    (tmp_path / "short.yaml").write_text("model: sd14\nseed: 0\n")
+    with pytest.raises(profiles.ProfileError, match=r"short.yaml: missing key\(s\) \['steps'"):
+        profiles.load("short")
+
+
+def test_profile_decides_where_figures_go(monkeypatch):
+    from saam import paths
+    monkeypatch.delenv("SAAM_FIGURES", raising=False)
+    profiles.load("smoke")
+    assert paths.FIGURES == paths.BUILD / "smoke" / "figures"
+    profiles.load("paper")
+    assert paths.FIGURES == paths.ROOT / "figures"
+
+
+# ------------------------------------------------------------------ attention budget
+
+class _Tok:
+    eos_token_id, sep_token_id = 9, None
+
+
+def _hm(maps, ids):
+    return HeadMaps(maps=maps, steps=2, timesteps=[1, 0], token_ids=ids, prompt="x", latent_size=(4, 4),
+                    image_size=(8, 8), tokenizer=_Tok())
+
+
+def test_attention_budget_splits_mass_by_token_class_and_region():
+    # 6 tokens: start, 2 words, end (id 9), 2 pads; head 0 looks at the start token on the
+    # left half and at word 1 on the right half; head 1 puts everything on padding
+    a = torch.zeros(2, 6, 4, 4)
+    a[0, 0, :, :2] = 2.0
+    a[0, 1, :, 2:] = 2.0
+    a[1, 4] = 2.0
+    hm = _hm({"down_blocks.0.attentions.0.transformer_blocks.0.attn2": a}, [0, 5, 6, 9, 9, 9])
+    assert token_classes(hm) == dict(start=[0], words=[1, 2], end=[3], padding=[4, 5])
+    obj = np.zeros((8, 8), bool)
+    obj[:, 4:] = True  # the right half of the image is the object
+    b = attention_budget(hm, obj).set_index(["head", "region"])
+    np.testing.assert_allclose(b[list(CLASSES)].sum(axis=1), 1.0)
+    h0 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2[0]"
+    assert b.loc[(h0, "object"), "words"] == pytest.approx(1.0)
+    assert b.loc[(h0, "background"), "start"] == pytest.approx(1.0)
+    assert attention_budget(hm).region.unique().tolist() == ["all"]
+
+
+# ------------------------------------------------------------------ relevance
+
+def test_concentration_and_its_ci():
+    assert concentration(np.array([4.0, 0, 0, 0]), 0.25) == 1.0
+    assert concentration(np.ones(8), 0.25) == pytest.approx(0.25)
+    rng = np.random.default_rng(0)
+    pv = rng.integers(0, 3, size=(30, 8, 2))
+    pv[:, :2, 0] += 20  # heads 0-1 win concept 0 in every prompt
+    rel = Relevance(["a", "b"], [], normalize_votes(pv), pv.sum(0)[None], [0], {}, pv)
+    t = concentration_table(rel, n_boot=200)
+    row = t.set_index("concept").loc["a"]
+    assert row.ci_low <= row.top_share <= row.ci_high and row.top_share > 0.3 and row.n_prompts == 30
+
+
+def test_relevance_pass_keeps_start_token_and_per_prompt_votes(sd1):
+    concepts = {"Color": ["red", "blue"], "Animals": ["cat", "dog"]}
+    a = relevance_pass(sd1, concepts, ["a red cat", "a dog", "a tree"], steps=2, batch_size=2, progress=False)
+    b = relevance_pass(sd1, concepts, ["a red cat", "a dog", "a tree"], steps=2, batch_size=2, progress=False,
+                       start_token=False)
+    assert a.prompt_votes.shape == (3, len(a.heads), 2)
+    np.testing.assert_array_equal(a.prompt_votes.sum(0), a.votes.sum(0))
+    assert a.params["start_token"] and not b.params["start_token"]
+    assert a.votes.sum() == b.votes.sum()  # one vote per head, step and image either way
+    assert a.row("color") is not None  # concept names match case-insensitively
+
+
+# ------------------------------------------------------------------ organism variants
+
+@pytest.fixture(scope="module")
+def variant_c():
+    from saam.shapes.model import load_pipeline, variant_folder
+    return load_pipeline(variant_folder("C"))
+
+
+def test_variant_c_hides_padding_from_cross_attention(variant_c):
+    pipe = variant_c
+    assert pipe.text_encoder.config.is_decoder  # causal: the start token is prompt-independent
+    with trace(pipe) as tc:
+        pipe(["a red circle", "a large blue square and a pink cross"], num_images_per_prompt=2, num_inference_steps=2,
+             generator=torch.Generator().manual_seed(0), output_type="latent")
+    for hm in tc:
+        cls = token_classes(hm)
+        for m in hm.maps.values():
+            assert m[:, cls["padding"]].sum() == 0
+            assert m[:, cls["start"] + cls["words"]].sum() > 0
+
+
+def test_causal_encoder_start_token_is_constant(variant_c):
+    from saam.shapes.model import encode_text
+    e = encode_text(variant_c.text_encoder, variant_c.tokenizer, ["a red circle", "two green crosses"])
+    torch.testing.assert_close(e[0, 0], e[1, 0])
+
+
+def test_variant_folders_share_weights_and_declare_themselves():
+    from saam.shapes.model import VARIANTS, variant_folder, variant_of
+    for v in VARIANTS:
+        folder = variant_folder(v)
+        assert variant_of(folder)["variant"] == v
+        if v != "A":
+            te = folder / "text_encoder" / "model.safetensors"
+            assert te.is_symlink() and te.resolve() == (variant_folder("A") / "text_encoder" / "model.safetensors").resolve()
