@@ -4,7 +4,6 @@ matplotlib Figure; ``save`` writes PNG + PDF and shows it inline. Palettes are c
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib
