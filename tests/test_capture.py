@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import run
 
-from saam.capture import CaptureError, CaptureProcessor, _Recorder, attention_probs, cross_attention_layers, trace
+from saam.capture import (CaptureError, CaptureProcessor, MapRecorder, Observer, Tracker, attention_probs,
+                          cross_attention_layers, install, probs, trace)
 from saam.words import WordNotFound
 
 
@@ -24,11 +25,58 @@ def test_processor_output_is_the_default_output(sd1):
     name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
     hs, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
     expected = attn(hs, ctx)
-    rec = _Recorder(sd1, "cond", False, False, "cpu")
-    rec.rows, rec._gen = slice(0, 2), dict(latent=(8, 8), sums={}, per_step={}, steps=1)
-    out = CaptureProcessor(attn.processor, name, rec)(attn, hs, ctx)
+    rec = MapRecorder(sd1)
+    tracker = Tracker(sd1, rec, cfg=False)
+    tracker.rows, tracker.n = slice(0, 2), 2
+    rec.start(2, (8, 8), None)
+    out = CaptureProcessor(attn.processor, name, tracker)(attn, hs, ctx)  # no hooks: projects again
     assert torch.equal(out, expected)
     assert rec._gen["sums"][name].shape == (2, attn.heads, 64, 77)  # [n, heads, pixels, tokens]
+    torch.testing.assert_close(rec._gen["sums"][name], attention_probs(attn, hs, ctx))
+
+
+def test_attention_mask_branch_drops_masked_tokens(sd1):
+    """The additive mask the processor gets (as diffusers builds it from encoder_attention_mask)
+    gives masked tokens probability 0, and the rest renormalise: the processor's own output."""
+    name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
+    hs, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
+    keep = torch.zeros(2, 77)
+    keep[:, :5] = 1
+    bias = ((1 - keep) * -10000.0)[:, None]  # [n, 1, tokens], what UNet2DConditionModel passes
+    rec = MapRecorder(sd1)
+    tracker = Tracker(sd1, rec, cfg=False)
+    tracker.rows, tracker.n = slice(0, 2), 2
+    rec.start(2, (8, 8), None)
+    out = CaptureProcessor(attn.processor, name, tracker)(attn, hs, ctx, bias)
+    p = rec._gen["sums"][name]
+    assert p[..., 5:].abs().max() == 0
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, attn.heads, 64))
+    v = attn.to_v(ctx).view(2, 77, attn.heads, -1).transpose(1, 2)
+    torch.testing.assert_close(attn.to_out[0]((p @ v).transpose(1, 2).reshape(2, 64, -1)), out, rtol=1e-4, atol=1e-5)
+
+
+def test_observer_sees_the_processors_projections(sd1):
+    """A custom observer gets each call's own q/k (from the to_q/to_k hooks) for the recorded rows."""
+    class Count(Observer):
+        def __init__(self):
+            self.calls, self.steps, self.starts = 0, [], 0
+
+        def start(self, n, latent, token_ids):
+            self.starts += 1
+            assert n == 2 and token_ids is not None
+
+        def step(self, index, timestep):
+            self.steps.append(index)
+
+        def observe(self, attn, layer, q, k, attention_mask):
+            self.calls += 1
+            assert q.shape[0] == k.shape[0] == 2 and probs(attn, q, k).shape[:2] == (2, attn.heads)
+
+    obs = Count()
+    with install(sd1, obs):
+        run(sd1, ["a red cat", "a dog"], guidance_scale=5.0)
+    assert obs.starts == 1 and obs.steps == [0, 1] and obs.calls == 2 * len(cross_attention_layers(sd1.unet))
+    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for m in cross_attention_layers(sd1.unet).values())
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
@@ -103,6 +151,7 @@ def test_processors_and_hooks_restored_after_exception(sd1):
             raise RuntimeError("boom")
     assert {k: type(v) for k, v in sd1.unet.attn_processors.items()} == before
     assert not sd1.unet._forward_pre_hooks and not sd1.text_encoder._forward_pre_hooks
+    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for m in cross_attention_layers(sd1.unet).values())
     with trace(sd1):  # usable again
         pass
 

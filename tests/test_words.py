@@ -37,3 +37,24 @@ def test_truncated_word_is_an_error():
     prompt = " ".join(["cat"] * 80) + " dog"
     with pytest.raises(WordNotFound, match="77-token window"):
         token_positions(prompt, "dog", tok)
+
+
+def test_all_occurrences_merge_as_daam_does():
+    tok = clip_tokenizer()
+    prompt = "a rose-colored vase next to a Vase of roses"
+    assert token_positions(prompt, "vase", tok, occurrence="all") == [5, 9]
+    with pytest.raises(TypeError, match="int or 'all'"):
+        token_positions(prompt, "vase", tok, occurrence="2")
+
+
+def test_a_traced_prompt_cut_by_the_window_says_so(sd1):
+    from conftest import run
+    from saam.capture import trace
+    with trace(sd1) as tc:
+        run(sd1, " ".join(["cat"] * 80) + " dog", steps=1)
+    assert tc[0].truncated
+    with pytest.raises(WordNotFound, match="77-token window and was cut there"):
+        tc[0].word_map("dog")
+    with trace(sd1) as tc:
+        run(sd1, "a dog", steps=1)
+    assert not tc[0].truncated

@@ -64,13 +64,29 @@ class HeadMaps:
     def heads(self, convention: str = "hrv") -> list[HeadId]:
         return head_ids(self.layer_heads, convention)
 
-    def token_positions(self, word: str, occurrence: int = 0) -> list[int]:
-        from .words import token_positions
+    def token_positions(self, word: str, occurrence: int | str = 0) -> list[int]:
+        """Positions of ``word`` in this image's prompt (``occurrence``: index, or "all")."""
+        from .words import WordNotFound, token_positions
         if self.prompt is None or self.tokenizer is None:
             raise CaptureError("this trace has no prompt text (was the prompt given as embeddings?)")
-        return token_positions(self.prompt, word, self.tokenizer, occurrence)
+        try:
+            return token_positions(self.prompt, word, self.tokenizer, occurrence)
+        except WordNotFound as e:
+            if self.truncated:
+                raise WordNotFound(f"{e} The prompt filled the text encoder's {len(self.token_ids)}-token window "
+                                   f"and was cut there: {word!r} may have been truncated away.") from None
+            raise
 
-    def word_map(self, word: str, heads=None, weights=None, occurrence: int = 0,
+    @property
+    def truncated(self) -> bool:
+        """Whether the prompt filled the text encoder's window (so later words were cut off)."""
+        ids, tok = self.token_ids, self.tokenizer
+        if not ids or tok is None:
+            return False
+        pads = {t for t in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id) if t is not None}
+        return len(ids) >= getattr(tok, "model_max_length", len(ids) + 1) and ids[-2] not in pads
+
+    def word_map(self, word: str, heads=None, weights=None, occurrence: int | str = 0,
                  include_mid: bool = False) -> torch.Tensor:
         """The word's aggregated map at latent size [h, w] (DAAM preset when ``heads`` is None)."""
         from .aggregate import aggregate, daam_heads
@@ -79,19 +95,53 @@ class HeadMaps:
         return aggregate(self, self.token_positions(word, occurrence), heads, weights)
 
 
-class _Recorder:
-    """Shared state of one trace: which batch rows to record, the step, and the sums."""
+class Observer:
+    """What a trace shows an observer: override the methods you need (all are no-ops here).
 
-    def __init__(self, pipe, branch: str, cfg: bool | None, per_step: bool, store_device):
-        self.pipe, self.branch, self.cfg, self.per_step = pipe, branch, cfg, per_step
-        self.store_device = store_device
-        self.results: list[HeadMaps] = []
-        self._gen: dict | None = None
+    ``trace`` installs a :class:`MapRecorder`; ``relevance_pass`` a vote recorder. The tracker
+    calls, in order: ``start`` at the first UNet call of each pipeline call, ``step`` at every
+    UNet call, ``observe`` at every cross-attention call of a traced layer (recorded rows only),
+    ``finish`` when the next pipeline call starts or the trace closes.
+    """
+
+    def start(self, n: int, latent: tuple[int, int], token_ids: list[list[int]] | None) -> None:
+        """A new pipeline call: ``n`` recorded images of latent size ``latent``; the prompts' ids."""
+
+    def step(self, index: int, timestep: int) -> None:
+        """Denoising step ``index`` (0-based within the call) at scheduler ``timestep``."""
+
+    def observe(self, attn, layer: str, q: torch.Tensor, k: torch.Tensor, attention_mask) -> None:
+        """One cross-attention call of ``layer`` (module ``attn``), recorded rows only.
+
+        Args:
+            q: [n, pixels, inner] the processor's own query projection (``attn.to_q`` output).
+            k: [n, tokens, inner] its key projection of the text context.
+            attention_mask: [n, 1 or pixels, tokens] additive mask as the processor got it, or None.
+        ``probs(attn, q, k, attention_mask)`` turns them into attention probabilities.
+        """
+
+    def finish(self) -> None:
+        """The pipeline call is over (or the trace closes)."""
+
+
+class Tracker:
+    """Shared state of one trace: which batch rows to record, the step, and the observer.
+
+    Forward pre-hooks on the UNet count denoising steps and read the pipeline's own
+    ``do_classifier_free_guidance`` to find the conditional half; a pre-hook on the text encoder
+    records the prompts' token ids; forward hooks on each traced layer's ``to_q`` / ``to_k`` keep
+    the projections the processor computes, so probabilities cost only a softmax more.
+    """
+
+    def __init__(self, pipe, observer: Observer, branch: str = "cond", cfg: bool | None = None):
+        self.pipe, self.observer, self.branch, self.cfg = pipe, observer, branch, cfg
+        self.rows: slice | None = None
+        self.n: int | None = None
+        self.steps = 0
         self._pending_ids: list[list[int]] | None = None
         self._awaiting_prompt = True
-        self.rows: slice | None = None
+        self.proj: dict[str, torch.Tensor] = {}
 
-    # -- hooks ------------------------------------------------------------------------------
     def on_text_encoder(self, module, args, kwargs):
         if not self._awaiting_prompt:
             return
@@ -115,41 +165,52 @@ class _Recorder:
         half = batch // 2
         self.rows = (slice(half, batch) if self.branch == "cond" else slice(0, half)) if cfg else slice(0, batch)
         n = self.rows.stop - self.rows.start
-        if self._gen is None or self._pending_ids is not None or self._gen["n"] != n:
-            self._start(n, tuple(sample.shape[-2:]))
-        self._gen["steps"] += 1
-        self._gen["timesteps"].append(int(t.flatten()[0]) if torch.is_tensor(t) else int(t))
+        if self.n is None or self._pending_ids is not None or self.n != n:
+            self.finish()
+            self.n, self.steps = n, 0
+            self.observer.start(n, tuple(sample.shape[-2:]), self._pending_ids)
+            self._pending_ids = None
+        self.observer.step(self.steps, int(t.flatten()[0]) if torch.is_tensor(t) else int(t))
+        self.steps += 1
         self._awaiting_prompt = True  # the next text-encoder call belongs to a new pipeline call
 
-    # -- accumulation -----------------------------------------------------------------------
-    def _start(self, n: int, latent: tuple[int, int]) -> None:
-        self.finish()
-        self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={},
-                         ids=self._pending_ids)
-        self._pending_ids = None
+    def projection_hook(self, layer: str, which: str):
+        def hook(module, args, output):
+            self.proj[which + layer] = output
+        return hook
 
-    def observe(self, attn, layer: str, hidden_states, context, attention_mask) -> None:
-        """Record one cross-attention call (full UNet batch in, recorded rows kept)."""
-        rows = self.rows
-        probs = attention_probs(attn, hidden_states[rows], context[rows])
-        if attention_mask is not None:
-            # a padding mask over tokens: zero masked tokens and renormalise, as the processor's
-            # additive -inf mask would
-            b = hidden_states.shape[0]
-            m = attn.prepare_attention_mask(attention_mask, probs.shape[-1], b)
-            m = m.view(b, attn.heads, -1, m.shape[-1])[rows]
-            probs = probs * (m > -1).float()
-            probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
-        self.add(layer, probs)
+    def finish(self) -> None:
+        if self.n is not None:
+            self.observer.finish()
+        self.n = None
 
-    def add(self, layer: str, probs: torch.Tensor) -> None:
-        """probs: [n, heads, pixels, tokens] for the recorded rows at this step.
+
+class MapRecorder(Observer):
+    """Sums each layer's attention probabilities per (image, head, token, pixel): :class:`HeadMaps`."""
+
+    def __init__(self, pipe, per_step: bool = False, store_device="cpu"):
+        self.pipe, self.per_step, self.store_device = pipe, per_step, store_device
+        self.results: list[HeadMaps] = []
+        self._gen: dict | None = None
+
+    def start(self, n, latent, token_ids):
+        self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={}, ids=token_ids)
+
+    def step(self, index, timestep):
+        self._gen["steps"] += 1
+        self._gen["timesteps"].append(timestep)
+
+    def observe(self, attn, layer, q, k, attention_mask):
+        self.add(layer, probs(attn, q, k, attention_mask))
+
+    def add(self, layer: str, p: torch.Tensor) -> None:
+        """p: [n, heads, pixels, tokens] for the recorded rows at this step.
 
         Summed in the layout attention produces it; the [heads, tokens, h, w] view is made once,
         in ``finish``, instead of at every step.
         """
         g = self._gen
-        p = probs.to(self.store_device, torch.float32)
+        p = p.to(self.store_device, torch.float32)
         if layer in g["sums"]:
             g["sums"][layer] += p
         else:
@@ -166,6 +227,7 @@ class _Recorder:
         n_prompts = len(ids) if ids else None
         vae_scale = getattr(self.pipe, "vae_scale_factor", 8)
         image = (g["latent"][0] * vae_scale, g["latent"][1] * vae_scale)
+
         def spatial(t: torch.Tensor) -> torch.Tensor:  # [..., pixels, tokens] -> [..., tokens, h, w]
             h, w = _grid(t.shape[-2], g["latent"])
             return t.transpose(-1, -2).reshape(*t.shape[:-2], t.shape[-1], h, w)
@@ -190,17 +252,9 @@ def _grid(n: int, latent: tuple[int, int]) -> tuple[int, int]:
     raise CaptureError(f"cannot place {n} pixels on a grid for latent size {latent}")
 
 
-def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-attention probabilities of a diffusers ``Attention`` module.
-
-    Recomputed from the module's own projections exactly as its processor forms them.
-
-    Args:
-        hidden_states: [n, pixels, channels] (or [n, c, h, w]) image-side input.
-        context: [n, tokens, dim] text-side input.
-    Returns:
-        [n, heads, pixels, tokens] float32 probabilities (each row sums to 1 over tokens).
-    """
+def project(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key projections a diffusers ``Attention`` processor forms (group norm and
+    cross-attention norm included): ([n, pixels, inner], [n, tokens, inner])."""
     if hidden_states.ndim == 4:
         n, c, h, w = hidden_states.shape
         hidden_states = hidden_states.view(n, c, h * w).transpose(1, 2)
@@ -208,8 +262,27 @@ def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) ->
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     if attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
-    q = attn.to_q(hidden_states)
-    k = attn.to_k(context)
+    return attn.to_q(hidden_states), attn.to_k(context)
+
+
+def keys(attn, context: torch.Tensor) -> torch.Tensor:
+    """A layer's key projection of any text context [n, tokens, dim] (e.g. HRV's pseudo-context),
+    without triggering the trace's projection hooks: [n, tokens, inner]."""
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return attn.to_k.forward(context)
+
+
+def probs(attn, q: torch.Tensor, k: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """Softmax attention probabilities from projected queries and keys, as the processor forms them.
+
+    Args:
+        q: [n, pixels, inner]; k: [n, tokens, inner].
+        attention_mask: the processor's additive mask over tokens, or None; masked tokens get
+            probability 0.
+    Returns:
+        [n, heads, pixels, tokens] float32 (each row sums to 1 over tokens).
+    """
     n, heads = q.shape[0], attn.heads
     q = q.view(n, -1, heads, q.shape[-1] // heads).transpose(1, 2)
     k = k.view(n, -1, heads, k.shape[-1] // heads).transpose(1, 2)
@@ -218,14 +291,27 @@ def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) ->
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+    if attention_mask is not None:
+        m = attention_mask.float()
+        if m.ndim == 2:  # [n, tokens] of 1 (keep) / 0 (drop)
+            m = (1 - m) * -10000.0
+        m = m.view(n, -1, m.shape[-1])[:, None]  # [n, 1, 1 or pixels, tokens]: same for every head
+        scores = scores + m
     return scores.softmax(dim=-1)
 
 
-class CaptureProcessor:
-    """Wraps a module's original processor: same output, plus recorded probabilities."""
+def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-attention probabilities of a diffusers ``Attention`` module, recomputed from
+    its own projections: [n, heads, pixels, tokens] (see :func:`probs`)."""
+    return probs(attn, *project(attn, hidden_states, context))
 
-    def __init__(self, base, layer: str, recorder: _Recorder):
-        self.base, self.layer, self.recorder = base, layer, recorder
+
+class CaptureProcessor:
+    """Wraps a module's original processor: same output; the projections it computed (kept by
+    hooks on ``to_q`` / ``to_k``) go to the tracker's observer for the recorded rows."""
+
+    def __init__(self, base, layer: str, tracker: Tracker):
+        self.base, self.layer, self.tracker = base, layer, tracker
         params = inspect.signature(base.__call__).parameters
         self._base_kwargs = (None if any(p.kind == p.VAR_KEYWORD for p in params.values())
                              else set(params))
@@ -234,11 +320,19 @@ class CaptureProcessor:
                  *args, **kwargs):
         if self._base_kwargs is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self._base_kwargs}
+        tr = self.tracker
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        rec = self.recorder
-        if encoder_hidden_states is not None and rec.rows is not None and rec._gen is not None:
+        q, k = tr.proj.pop("q" + self.layer, None), tr.proj.pop("k" + self.layer, None)
+        if encoder_hidden_states is not None and tr.rows is not None and tr.n is not None:
             with torch.no_grad():
-                rec.observe(attn, self.layer, hidden_states, encoder_hidden_states, attention_mask)
+                if q is None or k is None:  # a processor that bypasses to_q / to_k: project again
+                    q, k = project(attn, hidden_states, encoder_hidden_states)
+                mask = None
+                if attention_mask is not None:
+                    b = hidden_states.shape[0]
+                    mask = attn.prepare_attention_mask(attention_mask, k.shape[1], b)
+                    mask = mask.view(b, attn.heads, -1, mask.shape[-1])[:, 0][tr.rows]
+                tr.observer.observe(attn, self.layer, q[tr.rows], k[tr.rows], mask)
         return out
 
 
@@ -256,7 +350,7 @@ def cross_attention_layers(unet) -> dict[str, object]:
 class Trace:
     """The object ``trace`` yields: a list of :class:`HeadMaps`, one per generated image."""
 
-    def __init__(self, recorder: _Recorder, layers: dict[str, object]):
+    def __init__(self, recorder: MapRecorder, layers: dict[str, object]):
         self._rec = recorder
         self.layers = layers
 
@@ -283,6 +377,18 @@ def _check_pipeline(pipe):
     return unet
 
 
+def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
+    cross = cross_attention_layers(_check_pipeline(pipe))
+    if not cross:
+        raise ValueError(f"{type(pipe.unet).__name__} has no cross-attention layers to trace")
+    if layers is not None:
+        unknown = set(layers) - set(cross)
+        if unknown:
+            raise ValueError(f"not cross-attention layers of this UNet: {sorted(unknown)}")
+        cross = {l: cross[l] for l in layers}
+    return cross
+
+
 @contextmanager
 def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool = False,
           layers: list[str] | None = None, store_device: str | torch.device = "cpu") -> Iterator[Trace]:
@@ -301,47 +407,50 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
         TypeError: not a UNet pipeline. ValueError: no cross-attention, unknown layer or branch.
         CaptureError: a trace is already active on this pipeline.
     """
-    if branch not in ("cond", "uncond"):
-        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
-    unet = _check_pipeline(pipe)
-    cross = cross_attention_layers(unet)
-    if not cross:
-        raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
-    if layers is not None:
-        unknown = set(layers) - set(cross)
-        if unknown:
-            raise ValueError(f"not cross-attention layers of this UNet: {sorted(unknown)}")
-        cross = {l: cross[l] for l in layers}
-    rec = _Recorder(pipe, branch, cfg, per_step, store_device)
-    with install(pipe, rec, cross):
+    rec = MapRecorder(pipe, per_step, store_device)
+    with install(pipe, rec, layers, branch=branch, cfg=cfg) as cross:
         yield Trace(rec, cross)
-        rec.finish()
 
 
 @contextmanager
-def install(pipe, rec: _Recorder, cross: dict[str, object]):
-    """Install ``rec``'s processors on the ``cross`` layers and its hooks; undo all on exit."""
+def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch: str = "cond",
+            cfg: bool | None = None):
+    """Show ``observer`` every cross-attention call of ``layers`` (default all) of ``pipe``.
+
+    Installs the capture processors and the step, prompt and projection hooks; removes all of
+    them on exit, also after an exception, and finishes the observer. Yields the traced layers
+    ({name: module}).
+    """
+    if branch not in ("cond", "uncond"):
+        raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     unet = _check_pipeline(pipe)
+    cross = _select_layers(pipe, layers)
     if getattr(unet, _ACTIVE, False):
         raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
+    tracker = Tracker(pipe, observer, branch, cfg)
     original = unet.attn_processors
     new = dict(original)
     for name in cross:
-        new[name + ".processor"] = CaptureProcessor(original[name + ".processor"], name, rec)
+        new[name + ".processor"] = CaptureProcessor(original[name + ".processor"], name, tracker)
     handles = []
     setattr(unet, _ACTIVE, True)
     try:
         unet.set_attn_processor(new)
-        handles.append(unet.register_forward_pre_hook(rec.on_unet, with_kwargs=True))
+        handles.append(unet.register_forward_pre_hook(tracker.on_unet, with_kwargs=True))
+        for name, mod in cross.items():
+            handles.append(mod.to_q.register_forward_hook(tracker.projection_hook(name, "q")))
+            handles.append(mod.to_k.register_forward_hook(tracker.projection_hook(name, "k")))
         te = getattr(pipe, "text_encoder", None)
         if te is not None:
-            handles.append(te.register_forward_pre_hook(rec.on_text_encoder, with_kwargs=True))
-        yield rec
+            handles.append(te.register_forward_pre_hook(tracker.on_text_encoder, with_kwargs=True))
+        yield cross
+        tracker.finish()
     finally:
         for h in handles:
             h.remove()
         unet.set_attn_processor(original)
         setattr(unet, _ACTIVE, False)
+        tracker.proj.clear()
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

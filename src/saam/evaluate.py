@@ -124,12 +124,11 @@ def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidan
     """Generate each scene's caption, trace it, and score words against the analyzer's masks.
 
     Returns:
-        (records, images, detections): word records, (N, H, W, 3) uint8 images, and the
-        analyzer's objects per image.
+        (records, images): word records and the (N, H, W, 3) uint8 images.
     """
     from .progress import bar
     from .shapes.analyzer import analyze
-    records, images, found = [], [], []
+    records, images = [], []
     gen = torch.Generator("cpu").manual_seed(seed)
     for b in bar(range(0, len(scenes), batch_size), desc="generate+trace", disable=not progress):
         batch = scenes[b:b + batch_size]
@@ -150,8 +149,7 @@ def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidan
 
             records += _records_for(hm, scene, i, heads, gt_of)
             images.append(img)
-            found.append(det)
-    return records, np.stack(images), found
+    return records, np.stack(images)
 
 
 def real_image_protocol(pipe, scenes, heads: list[HeadId], *, strength: float, steps: int,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, paths
-from .cache import atomic_write, cached, fingerprint
+from .cache import atomic_write, cached, code_fingerprint, fingerprint
 
 KINDS = ("color", "shape", "size")  # word kinds of ShapesWorld captions = the concepts they score against
 
@@ -98,22 +98,11 @@ def model_fingerprint(params: dict) -> str:
     return fingerprint(model_path(params))
 
 
-# the modules whose code decides what a cached artefact contains; editing one invalidates caches
-_COMPUTE_MODULES = ("capture.py", "aggregate.py", "relevance.py", "evaluate.py", "words.py", "heads.py",
-                    "sinks.py", "shapes/analyzer.py", "shapes/world.py", "shapes/model.py")
-
-
-def code_fingerprint() -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for m in _COMPUTE_MODULES:
-        h.update((Path(__file__).parent / m).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _key(params: dict, *names: str) -> dict:
+def _key(params: dict, *names: str, code: tuple[str, ...]) -> dict:
+    """A cache key: the named parameters, the model's weights, and the source of the package code
+    the step runs (``code``: its entry modules; what they import is followed automatically)."""
     return dict({n: params[n] for n in names if n in params}, model=params.get("model", "shapesworld"),
-                fingerprint=model_fingerprint(params), code=code_fingerprint(), version=__version__)
+                fingerprint=model_fingerprint(params), code=code_fingerprint("models", *code), version=__version__)
 
 
 # ------------------------------------------------------------------------------ scenes
@@ -134,42 +123,24 @@ def relevance_prompts(params: dict) -> list[str]:
 # ------------------------------------------------------------------------------ steps
 
 def fidelity(pipe, params: dict, write: bool = True) -> dict:
-    """Analyzer-scored fidelity on held-out prompts; cached, and written to figures/fidelity.json."""
-    def compute():
-        import torch
-        from .progress import bar
-        from .shapes.analyzer import analyze
-        out = {}
-        for name, n_obj, split in (("single", 1, "test"), ("two", 2, "test"), ("unseen", 1, "unseen")):
-            scenes = eval_scenes(params, split, params["n_fidelity"], n_obj, seed_offset=5_000_000)
-            gen = torch.Generator("cpu").manual_seed(params["seed"])
-            ok_c = ok_s = ok_b = ok_n = 0
-            for b in bar(range(0, len(scenes), 32), desc=f"fidelity {name}"):
-                batch = scenes[b:b + 32]
-                imgs = pipe([s.caption for s in batch], num_inference_steps=params["steps"],
-                            guidance_scale=params["guidance"], generator=gen, output_type="np").images
-                for s, im in zip(batch, imgs):
-                    det = analyze((im * 255).round().astype(np.uint8))
-                    ok_n += len(det) == len(s.objects)
-                    if n_obj == 1:
-                        d = det[0] if det else None
-                        ok_c += bool(d and d.color == s.objects[0].color)
-                        ok_s += bool(d and d.shape == s.objects[0].shape)
-                    else:
-                        ok_b += all(any(d.color == o.color and d.shape == o.shape for d in det) for o in s.objects)
-            n = len(scenes)
-            if n_obj == 1:
-                out[f"{name}_color_accuracy"], out[f"{name}_shape_accuracy"] = ok_c / n, ok_s / n
-            else:
-                out["two_object_binding"] = ok_b / n
-            out[f"{name}_count_accuracy"], out[f"n_{name}"] = ok_n / n, n
-        out.update(steps=params["steps"], guidance=params["guidance"],
-                   targets=dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50))
-        return out
-    res = cached("fidelity", _key(params, "seed", "steps", "guidance", "n_fidelity"), compute)
+    """Analyzer-scored fidelity on held-out prompts (``shapes.analyzer.fidelity``); cached, and
+    written to <figures>/fidelity.json."""
+    from .shapes.analyzer import fidelity as score
+    groups = {name: eval_scenes(params, split, params["n_fidelity"], n_obj, seed_offset=5_000_000)
+              for name, n_obj, split in (("single", 1, "test"), ("two", 2, "test"), ("unseen", 1, "unseen"))}
+    key = _key(params, "seed", "steps", "guidance", "n_fidelity", code=("shapes.analyzer", "shapes.world"))
+    res = cached("fidelity", key, lambda: score(pipe, groups, params["steps"], params["guidance"], params["seed"]))
     if write:
         write_json(paths.FIGURES / "fidelity.json", res)
     return res
+
+
+def analyzer_check(params: dict) -> dict:
+    """The analyzer's accuracy on 4 x ``n_fidelity`` degraded renders (cached)."""
+    from .shapes.analyzer import analyzer_accuracy
+    n = params["n_fidelity"] * 4
+    return cached("analyzer", dict(n=n, seed=params["seed"], code=code_fingerprint("shapes.analyzer")),
+                  lambda: analyzer_accuracy(n, params["seed"]))
 
 
 def relevance(pipe, params: dict, concepts: str | None = None):
@@ -178,7 +149,8 @@ def relevance(pipe, params: dict, concepts: str | None = None):
     from .relevance import load_concepts, relevance_pass
     concepts = concepts or params.get("concepts", "hrv")
     words = load_concepts("hrv" if concepts == "hrv" else None)
-    key = dict(_key(params, "seed", "steps", "guidance", "n_relevance_prompts"), concepts=words, start_token=True)
+    key = dict(_key(params, "seed", "steps", "guidance", "n_relevance_prompts", code=("relevance", "shapes.world")),
+               concepts=words, start_token=True)
     return cached("relevance", key, lambda: relevance_pass(
         pipe, words, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
         seed=params["seed"], batch_size=16))
@@ -209,14 +181,17 @@ def sink_budget(pipe, params: dict, n: int | None = None):
                     mask = np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)
                 parts.append(attention_budget(hm, mask))
         return pd.concat(parts).groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
-    per_head = cached("sinks", dict(_key(params, "seed", "steps", "guidance"), n=n or params.get("n_sinks", 32)), compute)
+    key = dict(_key(params, "seed", "steps", "guidance", code=("sinks", "capture", "shapes.analyzer", "shapes.world")),
+               n=n or params.get("n_sinks", 32))
+    per_head = cached("sinks", key, compute)
     return per_head, budget_summary(per_head)
 
 
 def records(pipe, params: dict, protocol: str, heads, strength: float | None = None):
     from .evaluate import generation_protocol, real_image_protocol
     scenes = eval_scenes(params)
-    key = dict(_key(params, "seed", "steps", "guidance", "n_eval"), protocol=protocol, strength=strength)
+    key = dict(_key(params, "seed", "steps", "guidance", "n_eval", code=("evaluate", "shapes.world", "shapes.analyzer")),
+               protocol=protocol, strength=strength)
     if protocol == "generation":
         return cached("records-gen", key, lambda: generation_protocol(
             pipe, scenes, heads, steps=params["steps"], guidance=params["guidance"], seed=params["seed"]))

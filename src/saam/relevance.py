@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from .capture import _Recorder, _check_pipeline, attention_probs, cross_attention_layers, install
+from .capture import Observer, _check_pipeline, cross_attention_layers, install, keys, probs
 from .heads import HeadId, forward_order, from_hrv_names, head_ids
 from .words import token_positions
 
@@ -172,12 +172,13 @@ def encode_words(pipe, words: list[str]) -> list[tuple[torch.Tensor, torch.Tenso
     return out
 
 
-class _VoteRecorder(_Recorder):
-    def __init__(self, pipe, words: list[list[tuple[torch.Tensor, torch.Tensor]]], layers: dict[str, object],
+class VoteRecorder(Observer):
+    """At every cross-attention call, each head votes for the concept it attends to most in a
+    fresh pseudo-context (see the module doc)."""
+
+    def __init__(self, words: list[list[tuple[torch.Tensor, torch.Tensor]]], layers: dict[str, object],
                  seed: int, start_token: bool):
-        super().__init__(pipe, "cond", None, False, "cpu")
         self.words, self.start_token = words, start_token
-        self.batch_votes: torch.Tensor | None = None  # [images of the current call, heads, concepts]
         self.rng = random.Random(seed)
         lh = {l: m.heads for l, m in layers.items()}
         self.heads = head_ids(lh)
@@ -185,33 +186,34 @@ class _VoteRecorder(_Recorder):
         for l in forward_order(lh):
             offs[l], o = o, o + lh[l]
         self.offset = offs
-        self.votes: dict[int, torch.Tensor] = {}
+        self.votes: dict[int, torch.Tensor] = {}      # step -> [heads, concepts]
         self.timesteps: dict[int, int] = {}
+        self.batch_votes: torch.Tensor | None = None  # [images of the current call, heads, concepts]
+        self._step = 0
 
-    def observe(self, attn, layer, hidden_states, context, attention_mask) -> None:
-        rows = self.rows
-        hs = hidden_states[rows]
+    def start(self, n, latent, token_ids):
+        self.batch_votes = torch.zeros(n, len(self.heads), len(self.words), dtype=torch.int32)
+
+    def step(self, index, timestep):
+        self._step = index
+        self.timesteps[index] = timestep
+
+    def observe(self, attn, layer, q, k, attention_mask) -> None:
         picks = [ws[self.rng.randrange(len(ws))] for ws in self.words]
         tokens = [t for _, t in picks]
         start = [picks[0][0]] if self.start_token else []
-        ctx = torch.cat(start + tokens).unsqueeze(0).expand(hs.shape[0], -1, -1)
-        probs = attention_probs(attn, hs, ctx).mean(2)[..., len(start):]  # [n, heads, tokens]: over pixels
+        ctx = torch.cat(start + tokens).unsqueeze(0).to(q.device, q.dtype)
+        kk = keys(attn, ctx).expand(q.shape[0], -1, -1)
+        pr = probs(attn, q, kk).mean(2)[..., len(start):]  # [n, heads, tokens]: mean over pixels
         c = len(picks)
-        seg = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tokens)]).to(probs.device)
-        per = torch.zeros(*probs.shape[:2], c, device=probs.device).index_add_(2, seg, probs)
+        seg = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tokens)]).to(pr.device)
+        per = torch.zeros(*pr.shape[:2], c, device=pr.device).index_add_(2, seg, pr)
         per = per / torch.bincount(seg, minlength=c).to(per)  # mean over each word's tokens
         won = torch.nn.functional.one_hot(per.argmax(-1), c).cpu()  # [n, heads, concepts]
-        step = self._gen["steps"] - 1
         lo, hi = self.offset[layer], self.offset[layer] + won.shape[1]
-        v = self.votes.setdefault(step, torch.zeros(len(self.heads), c, dtype=torch.long))
+        v = self.votes.setdefault(self._step, torch.zeros(len(self.heads), c, dtype=torch.long))
         v[lo:hi] += won.sum(0)
-        if self.batch_votes is None or self.batch_votes.shape[0] != won.shape[0]:
-            self.batch_votes = torch.zeros(won.shape[0], len(self.heads), c, dtype=torch.int32)
         self.batch_votes[:, lo:hi] += won.to(torch.int32)
-        self.timesteps[step] = self._gen["timesteps"][-1]
-
-    def finish(self) -> None:
-        self._gen = None
 
 
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
@@ -228,11 +230,11 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
     _check_pipeline(pipe)
     layers = cross_attention_layers(pipe.unet)
     words = [encode_words(pipe, ws) for ws in concepts.values()]
-    rec = _VoteRecorder(pipe, words, layers, seed, start_token)
+    rec = VoteRecorder(words, layers, seed, start_token)
     gen = torch.Generator("cpu").manual_seed(seed)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     per_prompt = []
-    with install(pipe, rec, layers):
+    with install(pipe, rec):
         for b in bar(batches, desc="relevance", disable=not progress):
             pipe(b, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                  height=height, width=width, output_type="latent")

@@ -41,11 +41,12 @@ def word_spans(prompt: str, tokenizer) -> list[tuple[str, list[int]]]:
     return out
 
 
-def token_positions(prompt: str, word: str, tokenizer, occurrence: int = 0,
+def token_positions(prompt: str, word: str, tokenizer, occurrence: int | str = 0,
                     max_length: int | None = None) -> list[int]:
     """Token positions of ``word`` (one or more words, e.g. "rose-colored") in ``prompt``.
 
-    Matching is case-insensitive on whole words. ``occurrence`` picks among repeats (0 = first).
+    Matching is case-insensitive on whole words. ``occurrence`` picks among repeats: an index
+    (default 0, the first), or ``"all"`` for every occurrence together, as DAAM merges them.
 
     Raises:
         WordNotFound: the word is not in the prompt (the message lists the prompt's words), or
@@ -60,11 +61,16 @@ def token_positions(prompt: str, word: str, tokenizer, occurrence: int = 0,
     if not hits:
         raise WordNotFound(f"{word!r} is not a word of the prompt {prompt!r}; its words are "
                            f"{[w for w, _ in spans]}")
-    if occurrence >= len(hits) or occurrence < 0:
+    if occurrence == "all":
+        pos = [p for i in hits for _, ps in spans[i:i + len(query)] for p in ps]
+    elif not isinstance(occurrence, int) or isinstance(occurrence, bool):
+        raise TypeError(f"occurrence must be an int or 'all', got {occurrence!r}")
+    elif occurrence >= len(hits) or occurrence < 0:
         raise WordNotFound(f"{word!r} occurs {len(hits)} time(s) in {prompt!r}; "
                            f"occurrence {occurrence} does not exist")
-    i = hits[occurrence]
-    pos = [p for _, ps in spans[i:i + len(query)] for p in ps]
+    else:
+        i = hits[occurrence]
+        pos = [p for _, ps in spans[i:i + len(query)] for p in ps]
     limit = max_length or getattr(tokenizer, "model_max_length", None)
     if limit and limit < 10_000 and max(pos) >= limit - 1:
         raise WordNotFound(f"{word!r} lies beyond the text encoder's {limit}-token window "

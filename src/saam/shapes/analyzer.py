@@ -149,3 +149,43 @@ def analyzer_accuracy(n: int = 400, seed: int = 0) -> dict:
     out.update(attribute_accuracy=sum(hits.values()) / (3 * n_obj), mean_mask_iou=float(np.mean(ious)),
                count_accuracy=count_ok / n, n_scenes=n, n_objects=n_obj)
     return out
+
+
+def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int) -> dict:
+    """Score a model's images of scene captions with the analyzer.
+
+    Args:
+        groups: name -> scenes; one-object groups score colour and shape accuracy, multi-object
+            groups score binding (every object drawn with its colour *and* shape).
+    Returns:
+        ``<name>_color_accuracy``, ``<name>_shape_accuracy`` or ``two_object_binding`` (for a
+        group named "two"; ``<name>_binding`` otherwise), ``<name>_count_accuracy``, ``n_<name>``.
+    """
+    from ..progress import bar
+    out = {}
+    for name, scenes in groups.items():
+        gen = torch.Generator("cpu").manual_seed(seed)
+        ok_c = ok_s = ok_b = ok_n = 0
+        multi = max(len(s.objects) for s in scenes) > 1
+        for b in bar(range(0, len(scenes), 32), desc=f"fidelity {name}"):
+            batch = scenes[b:b + 32]
+            imgs = pipe([s.caption for s in batch], num_inference_steps=steps, guidance_scale=guidance,
+                        generator=gen, output_type="np").images
+            for s, im in zip(batch, imgs):
+                det = analyze((im * 255).round().astype(np.uint8))
+                ok_n += len(det) == len(s.objects)
+                if not multi:
+                    d = det[0] if det else None
+                    ok_c += bool(d and d.color == s.objects[0].color)
+                    ok_s += bool(d and d.shape == s.objects[0].shape)
+                else:
+                    ok_b += all(any(d.color == o.color and d.shape == o.shape for d in det) for o in s.objects)
+        n = len(scenes)
+        if not multi:
+            out[f"{name}_color_accuracy"], out[f"{name}_shape_accuracy"] = ok_c / n, ok_s / n
+        else:
+            out["two_object_binding" if name == "two" else f"{name}_binding"] = ok_b / n
+        out[f"{name}_count_accuracy"], out[f"n_{name}"] = ok_n / n, n
+    out.update(steps=steps, guidance=guidance,
+               targets=dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50))
+    return out

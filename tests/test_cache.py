@@ -1,0 +1,66 @@
+"""The cache stores data (no pickles), survives a broken entry, and follows the code it ran."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from saam import cache
+from saam.evaluate import WordRecord
+from saam.heads import HeadId
+from saam.relevance import Relevance
+
+
+def _value():
+    rel = Relevance(["Color", "Shape"], [HeadId("down_blocks.0.a", 0), HeadId("up_blocks.1.a", 3)],
+                    np.eye(2, dtype=np.float32), np.ones((3, 2, 2), np.int64), [999, 500, 1], {"n": 3}, None)
+    rec = WordRecord(0, "a red circle", "red", 0, "color", 0, np.zeros((4, 4), bool), np.ones((2, 2, 2), np.float16),
+                     1, np.bool_(True))
+    return dict(rel=rel, records=([rec, rec], np.zeros((2, 4, 4, 3), np.uint8)),
+                table=pd.DataFrame(dict(head=["a", "b"], share=[0.5, 0.25])), n=np.int64(3), text="x", none=None)
+
+
+def test_roundtrip_without_pickle(tmp_path):
+    v = _value()
+    out = cache.loads(cache.dumps(v))
+    assert out["rel"].heads == v["rel"].heads and isinstance(out["rel"].heads[0], HeadId)
+    np.testing.assert_array_equal(out["rel"].votes, v["rel"].votes)
+    (r, _), images = out["records"][0], out["records"][1]
+    assert r.word == "red" and r.bound is True and r.maps.dtype == np.float16 and images.shape == (2, 4, 4, 3)
+    pd.testing.assert_frame_equal(out["table"], v["table"])
+    assert out["n"] == 3 and out["none"] is None
+    with pytest.raises(TypeError, match="cannot cache"):
+        cache.dumps(object())
+
+
+def test_broken_entry_is_named_and_recomputed(tmp_path, capsys):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(3)}
+    cache.cached("x", {"p": 1}, compute, root=tmp_path)
+    f = next((tmp_path / "x").glob("*.npz"))
+    for broken in (f.read_bytes()[:20], b""):
+        f.write_bytes(broken)
+        np.testing.assert_array_equal(cache.cached("x", {"p": 1}, compute, root=tmp_path)["a"], np.arange(3))
+        assert str(f) in capsys.readouterr().err
+    assert len(calls) == 3
+    cache.cached("x", {"p": 1}, compute, root=tmp_path)
+    assert len(calls) == 3  # a good entry is reused
+
+
+def test_code_fingerprint_follows_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f(): return 1\n")
+    (pkg / "c.py").write_text("x = 1\n")
+    (pkg / "sub" / "d.py").write_text("from ..c import x\n")
+    monkeypatch.setattr(cache, "PACKAGE", pkg)
+    cache._imports.cache_clear()
+    a0, d0 = cache.code_fingerprint("a"), cache.code_fingerprint("sub.d")
+    (pkg / "b.py").write_text("def f(): return 2\n")
+    cache._imports.cache_clear()
+    assert cache.code_fingerprint("a") != a0 and cache.code_fingerprint("sub.d") == d0
+    (pkg / "c.py").write_text("x = 2\n")
+    assert cache.code_fingerprint("sub.d") != d0
+    cache._imports.cache_clear()
