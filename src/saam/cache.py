@@ -161,7 +161,7 @@ def dumps(value) -> bytes:
     arrays: list = []
     tree = _encode(value, arrays)
     buf = io.BytesIO()
-    np.savez(buf, **{f"a{i}": a for i, a in enumerate(arrays)},
+    np.savez_compressed(buf, **{f"a{i}": a for i, a in enumerate(arrays)},
              tree=np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8))
     return buf.getvalue()
 

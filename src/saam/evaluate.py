@@ -108,14 +108,13 @@ def record_iou(rec: WordRecord, idx, weights=None, tau: float = DAAM_TAU) -> flo
 
 # ---------------------------------------------------------------------------- protocols
 
-def _records_for(hm, scene, image_idx: int, heads: list[HeadId], gt_of) -> list[WordRecord]:
+def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_objects: int) -> list[WordRecord]:
+    """WordRecords of one traced image; ``words``: (word, occurrence, kind, obj, truth, bound) tuples."""
     out = []
-    for w in scene.words:
-        pos = hm.token_positions(w.word, w.occurrence)
+    for word, occurrence, kind, obj, gt, bound in words:
+        pos = hm.token_positions(word, occurrence)
         maps = per_head_maps(hm, pos, heads).numpy().astype(np.float16)
-        gt, bound = gt_of(w)
-        out.append(WordRecord(image_idx, scene.caption, w.word, w.occurrence, w.kind, w.obj, gt,
-                              maps, len(scene.objects), bound))
+        out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound))
     return out
 
 
@@ -140,39 +139,54 @@ def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidan
             det = analyze(img)
             i = b + j
 
-            def gt_of(w, scene=scene, det=det):
-                attr = getattr(scene.objects[w.obj], w.kind)
-                hits = [d.mask for d in det if getattr(d, w.kind) == attr]
+            words = []
+            for w in scene.words:
                 o = scene.objects[w.obj]
+                hits = [d.mask for d in det if getattr(d, w.kind) == getattr(o, w.kind)]
                 bound = any(d.color == o.color and d.shape == o.shape for d in det)
-                return (np.any(hits, axis=0) if hits else None), bound
-
-            records += _records_for(hm, scene, i, heads, gt_of)
+                words.append((w.word, w.occurrence, w.kind, w.obj, np.any(hits, axis=0) if hits else None, bound))
+            records += _records_for(hm, scene.caption, words, i, heads, len(scene.objects))
             images.append(img)
     return records, np.stack(images)
 
 
-def real_image_protocol(pipe, scenes, heads: list[HeadId], *, strength: float, steps: int,
+def img2img(pipe):
+    """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, ShapesWorld)."""
+    from diffusers import AutoPipelineForImage2Image
+    from .models import quiet
+    with quiet():
+        i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
+
+
+def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, steps: int,
                         guidance: float, seed: int, batch_size: int = 16, progress: bool = True):
-    """Noise rendered scenes to ``strength`` and denoise them with their captions while tracing."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    """Noise each item's image to ``strength`` of the schedule and denoise it with its caption
+    while tracing (DAAM's and the paper's real-image setting); score every word against its mask.
+
+    Args:
+        items: ``saam.datasets.Item`` s: ShapesWorld renders (``shapesworld_items``) or a COCO-format
+            dataset (``read_coco``), at the model's native resolution.
+    Returns:
+        (records, images): word records and the (N, H, W, 3) uint8 input images.
+    """
     from PIL import Image
     from .progress import bar
-    from .shapes.world import render
-    i2i = StableDiffusionImg2ImgPipeline(**pipe.components)
-    i2i.set_progress_bar_config(disable=True)
-    records = []
+    i2i = img2img(pipe)
+    records, images = [], []
     gen = torch.Generator("cpu").manual_seed(seed)
-    for b in bar(range(0, len(scenes), batch_size), desc=f"img2img@{strength}", disable=not progress):
-        batch = scenes[b:b + batch_size]
-        rendered = [render(s) for s in batch]
+    for b in bar(range(0, len(items), batch_size), desc=f"img2img@{strength}", disable=not progress):
+        batch = items[b:b + batch_size]
         with trace(i2i) as tc:
-            i2i([s.caption for s in batch], image=[Image.fromarray(r[0]) for r in rendered],
+            i2i([it.caption for it in batch], image=[Image.fromarray(it.image) for it in batch],
                 strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                 generator=gen, output_type="latent")
-        for j, (scene, hm, (_, masks)) in enumerate(zip(batch, tc, rendered)):
-            records += _records_for(hm, scene, b + j, heads, lambda w, m=masks: (m[w.obj], None))
-    return records
+        for j, (it, hm) in enumerate(zip(batch, tc)):
+            words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]
+            records += _records_for(hm, it.caption, words, b + j, heads, it.n_objects)
+            images.append(it.image)
+    return records, np.stack(images)
 
 
 def binding_score(color_map: torch.Tensor, own_shape: torch.Tensor, other_shapes: list[torch.Tensor]) -> float:

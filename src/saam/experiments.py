@@ -115,9 +115,36 @@ def eval_scenes(params: dict, split: str = "test", n: int | None = None, n_objec
 
 
 def relevance_prompts(params: dict) -> list[str]:
-    # prompts for voting come from a seed stream disjoint from the evaluation scenes
+    """Prompts the relevance pass generates: ShapesWorld captions from a seed stream disjoint
+    from the evaluation scenes, or, for a real model with evaluation data, the dataset's captions
+    after the ones evaluated (HRV used unrelated prompts; the dataset's are at hand offline)."""
     from .shapes.world import sample_scene
-    return [sample_scene(10_000_000 + i, split="test").caption for i in range(params["n_relevance_prompts"])]
+    n = params.get("n_relevance_prompts") or 64
+    folder = data_dir(params) if params["model"] != "shapesworld" else None
+    if folder is not None:
+        from .datasets import read_captions
+        caps = read_captions(folder)
+        start = params.get("n_eval", 0) if len(caps) > params.get("n_eval", 0) + n else 0
+        return caps[start:start + n]
+    return [sample_scene(10_000_000 + i, split="test").caption for i in range(n)]
+
+
+def protocol_runs(params: dict) -> list[tuple[str, str, float | None]]:
+    """(table name, protocol, strength) of every protocol the profile can run: generation and
+    ShapesWorld renders on ShapesWorld, the dataset protocol wherever evaluation data is given."""
+    runs = []
+    if params["model"] == "shapesworld":
+        runs += [("generation", "generation", None)] + [(f"real (strength {s})", "real", s) for s in params["strengths"]]
+    if data_dir(params) is not None:
+        runs += [(f"dataset (strength {s})", "dataset", s) for s in params["strengths"]]
+    return runs
+
+
+def primary_run(params: dict) -> tuple[str, str, float | None] | None:
+    """The run Table 1's headline and the k sweep use: generation on ShapesWorld (truth from the
+    analyzer), the dataset protocol on real models (truth from the data's masks); None if none."""
+    runs = protocol_runs(params)
+    return runs[0] if runs else None
 
 
 # ------------------------------------------------------------------------------ steps
@@ -144,16 +171,27 @@ def analyzer_check(params: dict) -> dict:
 
 
 def relevance(pipe, params: dict, concepts: str | None = None):
-    """The relevance pass (cached). ``concepts`` (default: the profile's): ``"hrv"`` for HRV's 34
-    concepts, as HRV measured SD; ``"ours"`` for the 6 of ``data/concepts.yaml``."""
-    from .relevance import load_concepts, relevance_pass
+    """Head relevance for the profile's model.
+
+    Profiles that name HRV's published vectors (``hrv_vectors``, ``hrv_head_index``: sd14, sdxl)
+    get them, placed on this UNet's heads, exactly as the paper selected heads. Otherwise the
+    HRV pass runs (cached) with ``concepts`` (default: the profile's; ``"hrv"`` for HRV's 34,
+    ``"ours"`` for ``data/concepts.yaml``) over :func:`relevance_prompts`.
+    """
+    from .capture import cross_attention_layers
+    from .relevance import load_concepts, load_hrv, relevance_pass
+    if params.get("hrv_vectors") and params.get("hrv_head_index") and concepts in (None, "hrv"):
+        lh = {l: m.heads for l, m in cross_attention_layers(pipe.unet).items()}
+        root = lambda f: Path(f) if Path(f).is_absolute() else paths.ROOT / f  # noqa: E731
+        return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
     concepts = concepts or params.get("concepts", "hrv")
     words = load_concepts("hrv" if concepts == "hrv" else None)
+    prompts = relevance_prompts(params)
     key = dict(_key(params, "seed", "steps", "guidance", "n_relevance_prompts", code=("relevance", "shapes.world")),
-               concepts=words, start_token=True)
+               concepts=words, start_token=True, prompts=prompts)
     return cached("relevance", key, lambda: relevance_pass(
-        pipe, words, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
-        seed=params["seed"], batch_size=16))
+        pipe, words, prompts, steps=params["steps"], guidance=params["guidance"], seed=params["seed"],
+        batch_size=params.get("batch_size", 16)))
 
 
 def sink_budget(pipe, params: dict, n: int | None = None):
@@ -187,17 +225,61 @@ def sink_budget(pipe, params: dict, n: int | None = None):
     return per_head, budget_summary(per_head)
 
 
+def data_dir(params: dict) -> Path | None:
+    """The profile's evaluation dataset (``data_dir``, or $SAAM_DATA), if any."""
+    import os
+    d = os.environ.get("SAAM_DATA") or params.get("data_dir")
+    if not d:
+        return None
+    d = Path(d) if Path(d).is_absolute() else paths.ROOT / d
+    if not d.is_dir():
+        raise FileNotFoundError(f"evaluation data folder {d} does not exist (profile key data_dir or $SAAM_DATA)")
+    return d
+
+
+def native_size(pipe, params: dict) -> tuple[int, int]:
+    """The image size evaluation runs at: the profile's ``resolution``, else the pipeline's own."""
+    r = params.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return (r, r)
+
+
+def _dataset_fingerprint(folder: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
+            if f.suffix in (".json", ".yaml"):
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def records(pipe, params: dict, protocol: str, heads, strength: float | None = None):
+    """Word records of a protocol (cached): ``generation`` (ShapesWorld, analyzer truth), ``real``
+    (ShapesWorld renders, exact truth) or ``dataset`` (the profile's COCO-format data); the last
+    two go through the same real-image protocol and scoring."""
+    from .datasets import read_coco, shapesworld_items
     from .evaluate import generation_protocol, real_image_protocol
-    scenes = eval_scenes(params)
-    key = dict(_key(params, "seed", "steps", "guidance", "n_eval", code=("evaluate", "shapes.world", "shapes.analyzer")),
+    key = dict(_key(params, "seed", "steps", "guidance", "n_eval", "resolution",
+                    code=("evaluate", "datasets", "shapes.world", "shapes.analyzer")),
                protocol=protocol, strength=strength)
+    run = dict(steps=params["steps"], guidance=params["guidance"], seed=params["seed"],
+               batch_size=params.get("batch_size", 16))
     if protocol == "generation":
-        return cached("records-gen", key, lambda: generation_protocol(
-            pipe, scenes, heads, steps=params["steps"], guidance=params["guidance"], seed=params["seed"]))
-    return cached("records-real", key, lambda: real_image_protocol(
-        pipe, scenes, heads, strength=strength, steps=params["steps"], guidance=params["guidance"],
-        seed=params["seed"]))
+        scenes = eval_scenes(params)
+        return cached("records-gen", key, lambda: generation_protocol(pipe, scenes, heads, **run))
+    if protocol == "real":
+        return cached("records-real", key, lambda: real_image_protocol(
+            pipe, shapesworld_items(eval_scenes(params)), heads, strength=strength, **run))
+    if protocol == "dataset":
+        folder = data_dir(params)
+        if folder is None:
+            raise FileNotFoundError("the dataset protocol needs evaluation data: set data_dir in the profile or "
+                                    "$SAAM_DATA to a COCO-format folder (see saam.datasets)")
+        key.update(data=_dataset_fingerprint(folder))
+        return cached("records-data", key, lambda: real_image_protocol(
+            pipe, read_coco(folder, native_size(pipe, params), params["n_eval"]), heads, strength=strength, **run))
+    raise ValueError(f"unknown protocol {protocol!r}; use generation, real or dataset")
 
 
 # ------------------------------------------------------------------------------ tables
@@ -288,7 +370,7 @@ def relevance_vs_localisation(recs, rel, params: dict):
     from .evaluate import record_iou
     from .select import eligible, top_k
     mask = eligible(rel.heads, params["include_mid"])
-    head_iou = {c: per_head_iou(recs, c, params["tau"]) for c in KINDS}
+    head_iou = {c: per_head_iou(recs, c, params["tau"]) for c in kinds_of(recs)}
     rows = []
     for c, v in head_iou.items():
         if not len(v):
@@ -302,14 +384,25 @@ def relevance_vs_localisation(recs, rel, params: dict):
     return pd.DataFrame(rows), head_iou
 
 
+def kinds_of(recs, top: int = 3) -> list[str]:
+    """The word kinds (concepts) of records with truth: ShapesWorld's colour, shape, size in that
+    order, else the ``top`` most frequent."""
+    import collections
+    n = collections.Counter(r.kind for r in recs if r.gt is not None)
+    if set(n) <= set(KINDS):
+        return [k for k in KINDS if k in n]
+    return [k for k, _ in n.most_common(top)]
+
+
 def example_rows(recs, rel, images, params: dict, methods: list[str], n: int) -> list[dict]:
-    """One word per image, alternating colour and shape words: the image, its truth and each
-    method's normalised map, for ``plots.examples``."""
+    """One word per image, alternating the two main word kinds (colour and shape on ShapesWorld):
+    the image, its truth and each method's normalised map, for ``plots.examples``."""
     from .aggregate import normalize
     from .evaluate import combine
+    kinds = kinds_of(recs)[:2]
     seen, ex = set(), []
     for r in recs:
-        if r.gt is not None and r.image not in seen and r.kind == ("color", "shape")[len(ex) % 2]:
+        if r.gt is not None and r.image not in seen and r.kind == kinds[len(ex) % len(kinds)]:
             seen.add(r.image)
             ex.append(r)
     rows = []

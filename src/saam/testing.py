@@ -86,7 +86,9 @@ def _vae(seed: int = 0):
 
 def tiny_pipeline(kind: str = "sd1", seed: int = 0):
     """A tiny random-weight pipeline: ``sd1`` (SD 1.x), ``sd2`` (v-prediction, linear projections,
-    per-block head counts) or ``sdxl`` (two text encoders, text-time conditioning)."""
+    per-block head counts) or ``sdxl`` (two text encoders, text-time conditioning); ``sd14-layout``
+    and ``sdxl-layout`` have SD v1.4's and SDXL's exact cross-attention layout (16 layers x 8
+    heads = 128; 70 layers, 1,300 heads) at toy width, so HRV's published vectors load on them."""
     from diffusers import (DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     tok = clip_tokenizer()
@@ -117,4 +119,46 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
         return StableDiffusionXLPipeline(vae=_vae(seed), text_encoder=_clip_text(32, seed=seed),
                                          text_encoder_2=_clip_text(32, projection=True, seed=seed + 1),
                                          tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched)
-    raise ValueError(f"unknown tiny pipeline {kind!r}; use 'sd1', 'sd2' or 'sdxl'")
+    if kind == "sd14-layout":
+        # SD v1.4's UNet: 4 blocks (3 with cross-attention, 2 layers down / 3 up), 8 heads everywhere
+        unet = UNet2DConditionModel(
+            block_out_channels=(16, 16, 32, 32), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8,
+            cross_attention_dim=32, norm_num_groups=8).eval()
+        return StableDiffusionPipeline(vae=_vae(seed), text_encoder=_clip_text(32, seed=seed), tokenizer=tok,
+                                       unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    if kind == "sdxl-layout":
+        # SDXL base: transformer depths (0, 2, 10), heads (5, 10, 20), three up layers per block
+        unet = UNet2DConditionModel(
+            block_out_channels=(20, 40, 80), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64, norm_num_groups=5).eval()
+        return StableDiffusionXLPipeline(vae=_vae(seed), text_encoder=_clip_text(32, seed=seed),
+                                         text_encoder_2=_clip_text(32, projection=True, seed=seed + 1),
+                                         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched)
+    raise ValueError(f"unknown tiny pipeline {kind!r}; use sd1, sd2, sdxl, sd14-layout or sdxl-layout")
+
+
+def save_tiny(kind: str, folder) -> Path:
+    """Save a tiny pipeline as a diffusers folder (``from_pretrained`` loads it offline)."""
+    pipe = tiny_pipeline(kind)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="Save a tiny random-weight pipeline as a diffusers folder")
+    ap.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout"])
+    ap.add_argument("folder")
+    a = ap.parse_args(argv)
+    print(save_tiny(a.kind, a.folder))
+
+
+if __name__ == "__main__":
+    main()

@@ -219,34 +219,37 @@ def padding_mask(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 class _PaddingMask:
     """Hooks that hand the UNet an ``encoder_attention_mask`` hiding the prompt's padding.
 
-    ``StableDiffusionPipeline`` passes no mask, so: a hook on the text encoder keeps the padding
-    mask of its latest calls; at each UNet call the masks are laid out as the pipeline lays out
-    the embeddings: under classifier-free guidance [negative prompts; prompts] (the two latest
-    encoder calls, prompts first), each prompt repeated once per image.
+    ``StableDiffusionPipeline`` (and its img2img sibling) passes no mask, so a hook on the text
+    encoder keeps each call's padding mask and output, and at each UNet call the layout of the
+    text batch is read off the embeddings themselves: [negative prompts; prompts] under
+    classifier-free guidance, prompts alone without, each repeated once per image.
     """
 
     def __init__(self, pipe):
-        self.pipe, self.pad = pipe, pipe.tokenizer.pad_token_id
-        self.calls: list[torch.Tensor] = []
-        pipe.text_encoder.register_forward_pre_hook(self.on_text, with_kwargs=True)
+        self.pad = pipe.tokenizer.pad_token_id
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mask, embeddings) of the latest calls
+        pipe.text_encoder.register_forward_hook(self.on_text, with_kwargs=True)
         pipe.unet.register_forward_pre_hook(self.on_unet, with_kwargs=True)
 
-    def on_text(self, module, args, kwargs):
+    def on_text(self, module, args, kwargs, output):
         ids = args[0] if args else kwargs["input_ids"]
-        self.calls = self.calls[-1:] + [padding_mask(ids, self.pad)]
+        self.calls = self.calls[-1:] + [(padding_mask(ids, self.pad), output[0].detach())]
 
     def on_unet(self, module, args, kwargs):
         ctx = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if ctx is None or kwargs.get("encoder_attention_mask") is not None:
             return None
-        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-        parts = self.calls[-2:][::-1] if cfg else self.calls[-1:]
-        n = sum(len(c) for c in parts)
-        if len(parts) != 1 + cfg or ctx.shape[0] % n or parts[0].shape[1] != ctx.shape[1]:
-            raise RuntimeError(f"cannot lay out the padding masks of {[len(c) for c in parts]} prompts "
-                               f"over a UNet batch of {ctx.shape[0]} (guidance: {cfg})")
-        mask = torch.cat([c.repeat_interleave(ctx.shape[0] // n, 0) for c in parts])
-        return args, dict(kwargs, encoder_attention_mask=mask.to(ctx.device))
+        for parts in (self.calls[-2:][::-1], self.calls[-1:]):  # with guidance, then without
+            n = sum(len(m) for m, _ in parts)
+            if not parts or ctx.shape[0] % n:
+                continue
+            reps = ctx.shape[0] // n
+            emb = torch.cat([e.repeat_interleave(reps, 0) for _, e in parts]).to(ctx)
+            if emb.shape == ctx.shape and torch.allclose(emb, ctx, atol=1e-3):
+                mask = torch.cat([m.repeat_interleave(reps, 0) for m, _ in parts])
+                return args, dict(kwargs, encoder_attention_mask=mask.to(ctx.device))
+        raise RuntimeError("cannot match the UNet's text batch to the text encoder's latest calls; "
+                           "a padding-masked model must be called with prompts, not precomputed embeddings")
 
 
 def mask_padding(pipe):
