@@ -34,8 +34,11 @@ def main() -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
-    from saam.profiles import load
-    load(a.profile, a.set)  # a bad profile or override stops here, before any kernel starts
+    from saam.experiments import load_params
+    try:  # a bad profile or override, or missing weights, stop here, before any kernel starts
+        load_params(a.profile, a.set)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile, overrides=a.set),
                         kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
                         report_mode=False)

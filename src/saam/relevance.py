@@ -277,6 +277,18 @@ def published(model: str = "sd14") -> tuple[list[str], np.ndarray]:
     return list(read_hrv_concepts(paths.HRV_CONCEPTS)), np.load(paths.HRV / files[model]).astype(np.float32)
 
 
+def load_published(model: str, layer_heads: dict[str, int]) -> Relevance:
+    """HRV's shipped vectors for ``model`` ("sd14" or "sdxl") placed on a UNet's heads
+    (``HeadMaps.layer_heads``), with HRV's 34 concept names."""
+    from . import paths
+    files = {"sd14": ("category_vectors_sd_v1_4.npy", "head_index_sd_v1_4.npy"),
+             "sdxl": ("category_vectors_sd_xl_base_1_0.npy", "head_index_sd_xl_base_1_0.npy")}
+    if model not in files:
+        raise KeyError(f"HRV published vectors for {sorted(files)} only, not {model!r}; run relevance_pass instead")
+    v, i = files[model]
+    return load_hrv(paths.HRV / v, paths.HRV / i, layer_heads, paths.HRV_CONCEPTS)
+
+
 def load_hrv(vectors: Path, head_index: Path, layer_heads: dict[str, int],
              concepts: list[str] | Path | None = None) -> Relevance:
     """HRV's published relevance (``category_vectors_*.npy``, ``head_index_*.npy``) on our head ids.

@@ -1,0 +1,108 @@
+"""The real-SD path, offline: tiny pipelines with SD v1.4's and SDXL's exact cross-attention layout,
+a ShapesWorld scene set exported as a COCO-format dataset, every chapter on the sd14 and sdxl
+profiles, the README's snippet as printed, and one scoring path for two dataset readers."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from saam import paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("coco")
+    subprocess.run([sys.executable, "-m", "saam.shapes.world", "--export-coco", str(d), "--n", "12"], check=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_sd14(tmp_path_factory):
+    from saam.testing import save_tiny
+    return save_tiny("sd14-layout", tmp_path_factory.mktemp("sd14") / "pipe")
+
+
+def test_export_and_native_protocol_give_the_same_table1(export, tmp_path, monkeypatch):
+    """ShapesWorld renders read natively and read back from the COCO export: same records, same Table 1."""
+    from saam import experiments as E
+    from saam.capture import cross_attention_layers
+    from saam.heads import head_ids
+    from saam.relevance import Relevance
+    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    p = E.load_params("smoke", "n_eval=12 steps=3")
+    pipe = E.load_model(p)
+    heads = head_ids({l: m.heads for l, m in cross_attention_layers(pipe.unet).items()})
+    rel = Relevance(["color", "shape", "size"], heads, np.random.default_rng(0).random((3, len(heads))).astype(np.float32))
+    native = E.records(pipe, p, "real", heads, 0.5)[0]
+    data = E.records(pipe, dict(p, data_dir=str(export)), "dataset", heads, 0.5)[0]
+    assert [(r.image, r.word, r.occurrence, r.kind) for r in native] == [(r.image, r.word, r.occurrence, r.kind) for r in data]
+    assert all(np.array_equal(a.gt, b.gt) and np.array_equal(a.maps, b.maps) for a, b in zip(native, data))
+    tables = [E.miou_table(E.score(r, rel, p["k"], p["tau"], p["include_mid"]), by_kind=False) for r in (native, data)]
+    assert tables[0].equals(tables[1]) and tables[0].n_words.iloc[0] > 20
+
+
+def test_dataset_reader_maps_synonyms_and_reports_unmapped(tmp_path):
+    """A hand-made COCO file: plural and synonym words score against their category's masks."""
+    import json
+    from PIL import Image
+    from saam.datasets import read_coco
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img" / "a.jpg")
+    poly = [[0, 0, 10, 0, 10, 10, 0, 10]]
+    inst = dict(images=[dict(id=1, file_name="a.jpg", height=20, width=30)],
+                categories=[dict(id=1, name="dog"), dict(id=2, name="cat"), dict(id=3, name="tie")],
+                annotations=[dict(id=1, image_id=1, category_id=1, segmentation=poly, area=100, bbox=[0, 0, 10, 10], iscrowd=0),
+                             dict(id=2, image_id=1, category_id=1, segmentation=[[20, 10, 29, 10, 29, 19, 20, 19]], area=81,
+                                  bbox=[20, 10, 9, 9], iscrowd=0)])
+    (tmp_path / "instances_x.json").write_text(json.dumps(inst))
+    (tmp_path / "captions_x.json").write_text(json.dumps(dict(annotations=[dict(id=1, image_id=1, caption="Two puppies, a cat and a tie")])))
+    (tmp_path / "word_categories.yaml").write_text("dog: {concept: Animals, words: [dog, puppies]}\n"
+                                                    "cat: {concept: Animals, words: [cat]}\ntie: {concept: null, words: [tie]}\n")
+    (item,) = read_coco(tmp_path, size=(40, 60))
+    words = {w.word: w for w in item.words}
+    assert set(words) == {"puppies", "cat"} and item.unmapped == ["tie"]
+    assert words["puppies"].kind == "Animals" and words["puppies"].mask.shape == (40, 60)
+    assert words["puppies"].mask[:20, :20].all() and words["puppies"].mask[25:, 45:].any()  # both dogs
+    assert words["cat"].mask is None  # no cat in the image: scored apart as missing
+
+
+@pytest.mark.slow
+def test_readme_snippet_runs_as_printed(tiny_sd14):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Using it on your own model\n.*?```python\n(.*?)```", text, re.S).group(1)
+    env = dict(os.environ, SAAM_MODEL_PATH=str(tiny_sd14))
+    out = subprocess.run([sys.executable, "-c", block + "\nprint(tuple(selective.shape), len(heads))"], env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(16, 16) 30" in out.stdout  # tiny SD v1.4 layout: 16x16 latents; 25 % of its 120 down/up heads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout")])
+def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_path):
+    from saam.testing import save_tiny
+    model = save_tiny(kind, tmp_path / "pipe")
+    env = {k: v for k, v in os.environ.items() if k not in ("SAAM_FIGURES", "PROFILE")}
+    env.update(SAAM_MODEL_PATH=str(model), SAAM_DATA=str(export), SAAM_CACHE=str(tmp_path / "cache"))
+    out = paths.BUILD / profile
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    subprocess.run(["make", "all", f"PROFILE={profile}",
+                    "SET=steps=2 n_eval=6 n_sinks=2 k_sweep=[0.25,1.0] tau_sweep=[0.4] n_examples=2"],
+                   check=True, env=env, cwd=ROOT)
+    assert len(list(out.glob("[0-9][0-9]-*.ipynb"))) == len(list((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")))
+    import pandas as pd
+    t1 = pd.read_csv(out / "figures" / "tab1-miou.csv")
+    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 5 and (t1.n_words > 0).all()
+
+
+def test_real_profile_without_weights_stops_at_once():
+    env = {k: v for k, v in os.environ.items() if k != "SAAM_MODEL_PATH"}
+    out = subprocess.run(["make", "all", "PROFILE=sd14"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "needs the weights of CompVis/stable-diffusion-v1-4" in out.stdout + out.stderr
