@@ -8,6 +8,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIG = ROOT / "figures"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+MAP_START, MAP_END = "<!-- map:start -->", "<!-- map:end -->"
+
+
+def artefact_map() -> str:
+    """The README's map from every artefact to its chapter, from ``saam.artefacts``."""
+    import sys
+    sys.path.insert(0, str(ROOT / "src"))
+    from saam.artefacts import CHAPTERS, files
+    rows = ["| artefact (in `figures/` for `paper`, `build/<profile>/figures/` otherwise) | chapter | models |", "|---|---|---|"]
+    for c in CHAPTERS:
+        names = ", ".join(f"`{n}`" + ("" if "." in n else f" ({'/'.join(f.split('.')[-1] for f in files(n))})") for n in c.produces)
+        rows.append(f"| {names} | `notebooks/{c.notebook}.ipynb` | {'ShapesWorld' if c.shapesworld_only else 'all'} |")
+    rows.append("| `bench-capture.json`, `bench-relevance.json` | `scripts/bench.py` (`make bench`) | ShapesWorld |")
+    return "\n".join(rows)
+
+
+def replace(text: str, start: str, end: str, body: str) -> str:
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + "\n" + body + "\n" + text[b:]
 
 
 def block() -> str:
@@ -19,9 +38,22 @@ def block() -> str:
         f"Model fidelity (`figures/fidelity.json`, {fid['n_single']} prompts per group, analyzer-scored): "
         f"single-object colour {fid['single_color_accuracy']:.2f} (target 0.90), shape "
         f"{fid['single_shape_accuracy']:.2f} (0.80), two-object binding {fid['two_object_binding']:.2f} (0.50); "
-        f"unseen colour-shape combos: colour {fid['unseen_color_accuracy']:.2f}, shape {fid['unseen_shape_accuracy']:.2f}.",
+        f"unseen colour-shape combos: colour {fid['unseen_color_accuracy']:.2f}, shape {fid['unseen_shape_accuracy']:.2f}. "
         f"Analyzer on degraded renders (`figures/analyzer.json`): attribute accuracy "
         f"{ana['attribute_accuracy']:.3f}, mean mask IoU {ana['mean_mask_iou']:.3f}.",
+    ]
+    conc, ci = res.get("concentration_top25_hrv34"), res.get("concentration_top25_hrv34_ci", {})
+    if conc:
+        ref = {"Color": 0.77, "Shape": 0.89, "Size": 0.88}
+        lines += ["", "Head specialisation (`figures/tab2-concentration.md`; share of relevance held by the top 25 % "
+                  "of heads, HRV's 34 concepts, 95 % CI over prompts; SD v1.4 from HRV's published vectors): " + ", ".join(
+                      f"{c} {conc[c]:.2f} [{ci[c][0]:.2f}, {ci[c][1]:.2f}] (SD v1.4 {ref[c]:.2f})" for c in ref if c in conc) + "."]
+    sinks = res.get("attention_sinks", {})
+    if "background" in sinks:
+        b = sinks["background"]
+        lines += ["", f"Attention budget on background pixels (`figures/tab2-attention-sinks.md`): start token "
+                  f"{b['start']:.2f}, words {b['words']:.2f}, end token {b['end']:.2f}, padding {b['padding']:.2f}."]
+    lines += [
         "",
         f"**Table 1** (`figures/tab1-miou.md`; k = {t1['k']:.0%} of the eligible heads ({t1['n_heads']} in all), "
         f"tau = {t1['tau']}, mid block {'in' if t1['include_mid'] else 'out'}; {t1['n_words']} words, "
@@ -29,22 +61,25 @@ def block() -> str:
         "",
         (FIG / "tab1-miou.md").read_text().strip(),
         "",
-        f"Generation protocol: DAAM mIoU **{t1['miou_daam']:.3f}** "
+        f"{t1['protocol'].capitalize()} protocol: DAAM mIoU **{t1['miou_daam']:.3f}** "
         f"[{t1['miou_daam_ci'][0]:.3f}, {t1['miou_daam_ci'][1]:.3f}] vs selective (top-k) "
         f"**{t1['miou_selective']:.3f}** [{t1['miou_selective_ci'][0]:.3f}, {t1['miou_selective_ci'][1]:.3f}], "
         f"bottom-k {t1['miou_bottom']:.3f}, random-k {t1['miou_random']:.3f}.",
     ]
+    if "relevance_vs_localisation" in res:
+        lines += ["", "Relevance vs single-head localisation (`figures/tab2-relevance-vs-localisation.md`), Spearman rho: "
+                  + ", ".join(f"{k} {v['spearman_rho']:+.2f}" for k, v in res["relevance_vs_localisation"].items()) + "."]
     if "binding_auroc" in res:
         lines += ["", "Binding diagnosis AUROC (`figures/tab3-binding-auroc.md`): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in res["binding_auroc"].items())]
-    if "concentration_top25" in res:
-        lines += ["", "Share of relevance in the top 25 % of heads (`figures/tab2-concentration.md`): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in res["concentration_top25"].items())]
+            f"{k} {v:.3f}" for k, v in res["binding_auroc"].items()) + "."]
+    if (FIG / "tab4-organisms.md").exists():
+        lines += ["", "**Organisms** (`figures/tab4-organisms.md`, chapter 06; the same measurements at smaller sizes on "
+                  "each variant):", "", (FIG / "tab4-organisms.md").read_text().strip()]
     bc, br = FIG / "bench-capture.json", FIG / "bench-relevance.json"
     if bc.exists() and br.exists():  # written by `make bench`, not by `make all`
         c, r = json.loads(bc.read_text()), json.loads(br.read_text())
         lines += ["", f"Cost (`make bench`, CPU, {c['images']} images x {c['steps']} steps, median of {c['repeats']} "
-                  f"paired repeats): capture {c['overhead_ratio']:.3f}x plain generation (target 1.10); trace "
+                  f"paired repeats): capture {c['overhead_ratio']:.3f}x plain generation (target {c['target_ratio']}); trace "
                   f"memory {c['trace_stored_mb_by_steps']['10']:.1f} MB at 10 steps and "
                   f"{c['trace_stored_mb_by_steps']['40']:.1f} MB at 40 (flat in steps); relevance pass "
                   f"{r['overhead_ratio']:.3f}x the same generations (target 1.5)."]
@@ -52,11 +87,13 @@ def block() -> str:
 
 
 def main() -> None:
+    import sys
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    a, b = text.index(START) + len(START), text.index(END)
-    readme.write_text(text[:a] + "\n" + block() + "\n" + text[b:])
-    print("README results block updated")
+    text = replace(readme.read_text(), MAP_START, MAP_END, artefact_map())
+    if "--map-only" not in sys.argv:
+        text = replace(text, START, END, block())
+    readme.write_text(text)
+    print("README results block and artefact map updated")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,15 @@ def clean(nb):
     return nb
 
 
+def contents(nb, stems: list[str]) -> str:
+    """Markdown for the top of a chapter page: links to the report's pages and the chapter's sections."""
+    nav = "[report](index.html) · " + " · ".join(f"[{s[:2]}]({s}.html)" for s in stems)
+    heads = [line[3:].strip() for c in nb.cells if c.cell_type == "markdown"
+             for line in c.source.splitlines() if line.startswith("## ")]
+    toc = "".join(f"\n- [{h}](#{h.replace(' ', '-')})" for h in heads)
+    return nav + ("\n\n**Contents**" + toc if toc else "")
+
+
 def chapter_pages(src: Path, out: Path) -> list[tuple[str, str]]:
     import nbformat
     from nbconvert import HTMLExporter
@@ -52,8 +61,10 @@ def chapter_pages(src: Path, out: Path) -> list[tuple[str, str]]:
     exp.exclude_input_prompt = exp.exclude_output_prompt = True
     pages = []
     nbs = [n for n in sorted(src.glob("[0-9][0-9]-*.ipynb")) if not n.stem.endswith(".partial")]
+    stems = [f.stem for f in nbs]
     for f in nbs:
         nb = clean(nbformat.read(f, as_version=4))
+        nb.cells.insert(1, nbformat.v4.new_markdown_cell(contents(nb, stems)))
         title = nb.cells[0].source.splitlines()[0].lstrip("# ").strip()
         body, _ = exp.from_notebook_node(nb, resources=dict(metadata=dict(name=title)))
         (out / f"{f.stem}.html").write_text(body)

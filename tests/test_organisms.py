@@ -135,3 +135,19 @@ def test_variant_folders_share_weights_and_declare_themselves():
         if v != "A":
             te = folder / "text_encoder" / "model.safetensors"
             assert te.is_symlink() and te.resolve() == (variant_folder("A") / "text_encoder" / "model.safetensors").resolve()
+
+
+def test_bad_selection_inputs_say_what_is_wrong():
+    from saam.heads import HeadId
+    from saam.select import head_set, resolve_k
+    with pytest.raises(TypeError, match="head count .* or a fraction .* got '0.25'"):
+        resolve_k("0.25", 10)
+    heads = [HeadId("down_blocks.0.a", i) for i in range(4)]
+    with pytest.raises(ValueError, match="relevance row of 3 values for 4 heads"):
+        head_set("top", heads, [1.0, 2.0, 3.0], k=2)
+
+
+def test_make_names_the_known_profiles():
+    import subprocess
+    out = subprocess.run(["make", "all", "PROFILE=nope"], capture_output=True, text=True)
+    assert out.returncode != 0 and "known profiles:" in out.stderr and "smoke" in out.stderr

@@ -188,7 +188,7 @@ class Tracker:
 class MapRecorder(Observer):
     """Sums each layer's attention probabilities per (image, head, token, pixel): :class:`HeadMaps`."""
 
-    def __init__(self, pipe, per_step: bool = False, store_device="cpu"):
+    def __init__(self, pipe, per_step: bool = False, store_device=None):
         self.pipe, self.per_step, self.store_device = pipe, per_step, store_device
         self.results: list[HeadMaps] = []
         self._gen: dict | None = None
@@ -210,7 +210,7 @@ class MapRecorder(Observer):
         in ``finish``, instead of at every step.
         """
         g = self._gen
-        p = p.to(self.store_device, torch.float32)
+        p = p.to(self.store_device or p.device, torch.float32)
         if layer in g["sums"]:
             g["sums"][layer] += p
         else:
@@ -391,7 +391,7 @@ def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
 
 @contextmanager
 def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool = False,
-          layers: list[str] | None = None, store_device: str | torch.device = "cpu") -> Iterator[Trace]:
+          layers: list[str] | None = None, store_device: str | torch.device | None = None) -> Iterator[Trace]:
     """Record per-head cross-attention maps of every image the pipeline generates inside.
 
     Args:
@@ -402,7 +402,8 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
             ``do_classifier_free_guidance`` at each step (right for diffusers' SD pipelines).
         per_step: also keep every step's maps (memory grows with steps).
         layers: layer names to record (default: every cross-attention layer).
-        store_device: where the running sums live.
+        store_device: where the running sums live (default: the UNet's device; results are
+            moved to the CPU when each pipeline call ends).
     Raises:
         TypeError: not a UNet pipeline. ValueError: no cross-attention, unknown layer or branch.
         CaptureError: a trace is already active on this pipeline.

@@ -24,8 +24,9 @@ def eligible(heads: Sequence[HeadId], include_mid: bool = True) -> np.ndarray:
 
 def resolve_k(k: int | float, n: int) -> int:
     """A head count from ``k``: an int is a count, a float a fraction of ``n`` (rounded, >= 1)."""
-    if isinstance(k, (bool, np.bool_)):
-        raise TypeError("k must be a count or a fraction, not a bool")
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, float, np.integer, np.floating)):
+        raise TypeError(f"k must be a head count (int) or a fraction of heads (float in (0, 1]), got {k!r} "
+                        f"({type(k).__name__})")
     if isinstance(k, (float, np.floating)):
         if not 0 < k <= 1:
             raise ValueError(f"a fractional k must be in (0, 1], got {k}")
@@ -77,6 +78,9 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
     """(heads, weights) for an aggregation method: 'all' (DAAM), 'top', 'bottom', 'random', 'soft'."""
     mask = eligible(heads, include_mid)
     heads = list(heads)
+    if relevance is not None and len(relevance) != len(heads):
+        raise ValueError(f"a relevance row of {len(relevance)} values for {len(heads)} heads: the row must come "
+                         "from a Relevance over the same heads (Relevance.row on this UNet's heads)")
     if method == "all":
         return [h for h, m in zip(heads, mask) if m], None
     if method == "random":
