@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -67,6 +68,9 @@ def chapter_pages(src: Path, out: Path) -> list[tuple[str, str]]:
         nb.cells.insert(1, nbformat.v4.new_markdown_cell(contents(nb, stems)))
         title = nb.cells[0].source.splitlines()[0].lstrip("# ").strip()
         body, _ = exp.from_notebook_node(nb, resources=dict(metadata=dict(name=title)))
+        # self-contained and offline: drop the template's CDN scripts (require.js for widgets, MathJax
+        # for LaTeX); the chapters use neither, and a report opened from disk must not reach out
+        body = re.sub(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', "", body)
         (out / f"{f.stem}.html").write_text(body)
         pages.append((f.stem, title))
     return pages
