@@ -152,9 +152,9 @@ def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidan
 
 def img2img(pipe):
     """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, ShapesWorld)."""
-    from diffusers import AutoPipelineForImage2Image
     from .models import quiet
-    with quiet():
+    with quiet():  # importing the auto pipelines also imports every pipeline's image processors
+        from diffusers import AutoPipelineForImage2Image
         i2i = AutoPipelineForImage2Image.from_pipe(pipe)
     i2i.set_progress_bar_config(disable=True)
     return i2i
