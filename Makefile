@@ -22,7 +22,10 @@ OUTDIR := build/$(PROFILE)
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
 
-.PHONY: help env all test test-unit model fidelity bench report lab clean distclean
+.PHONY: help env all check test test-unit model fidelity bench report lab clean distclean
+
+check: $(STAMP)  # the profile, overrides and (real models) weights, checked before any chapter runs
+	@$(BIN)/python scripts/run_notebook.py --check --profile $(PROFILE) --set "$(SET)"
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -40,7 +43,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -c "import torch, diffusers, transformers; print('env ok: torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-all: $(STAMP) $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."], writing its figures and tables
+all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."], writing its figures and tables
 	@if [ "$(PROFILE)" = paper ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 

@@ -11,6 +11,15 @@ import time
 from pathlib import Path
 
 
+def check(profile: str, overrides: str) -> None:
+    """A bad profile or override, or missing weights, stop here, before any kernel starts."""
+    from saam.experiments import load_params
+    try:
+        load_params(profile, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src", nargs="?")
@@ -18,7 +27,11 @@ def main() -> None:
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--set", default="", help='one-run profile overrides, e.g. "steps=4 n_eval=6"')
     ap.add_argument("--timings")
+    ap.add_argument("--check", action="store_true", help="only validate the profile (and a real model's weights)")
     a = ap.parse_args()
+    if a.check:
+        check(a.profile, a.set)
+        return
     if a.timings:
         f = Path(a.timings) / "timings.json"
         t = json.loads(f.read_text()) if f.exists() else {}
@@ -34,11 +47,7 @@ def main() -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
-    from saam.experiments import load_params
-    try:  # a bad profile or override, or missing weights, stop here, before any kernel starts
-        load_params(a.profile, a.set)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    check(a.profile, a.set)
     pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile, overrides=a.set),
                         kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
                         report_mode=False)
