@@ -24,7 +24,7 @@ def load_params(profile: str | None = None, overrides: str | dict | None = None)
     from .profiles import load
     p = load(profile, overrides)
     if p["model"] != "shapesworld":
-        _require_weights(p)  # stop before any notebook writes anything
+        model_dir(p)  # real models: stop before any notebook writes anything if the weights are absent
     return p
 
 
@@ -82,11 +82,6 @@ def published_concentration(top: float = 0.25) -> pd.DataFrame:
     return out
 
 
-def _require_weights(params: dict) -> Path:
-    from .models import model_path
-    return model_path(params)
-
-
 def load_model(params: dict):
     """The pipeline a profile names (``saam.models.load_model``)."""
     from .models import load_model
@@ -94,8 +89,7 @@ def load_model(params: dict):
 
 
 def model_fingerprint(params: dict) -> str:
-    from .models import model_path
-    return fingerprint(model_path(params))
+    return fingerprint(model_dir(params))
 
 
 def _key(params: dict, *names: str, code: tuple[str, ...]) -> dict:

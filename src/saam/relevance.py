@@ -267,25 +267,30 @@ def read_hrv_concepts(csv_path: Path) -> dict[str, list[str]]:
     return out
 
 
+# HRV's shipped files per model (data/hrv): relevance vectors, head index
+PUBLISHED = {"sd14": ("category_vectors_sd_v1_4.npy", "head_index_sd_v1_4.npy"),
+             "sdxl": ("category_vectors_sd_xl_base_1_0.npy", "head_index_sd_xl_base_1_0.npy")}
+
+
+def _published_files(model: str) -> tuple[str, str]:
+    if model not in PUBLISHED:
+        raise KeyError(f"HRV published vectors for {sorted(PUBLISHED)} only, not {model!r}; run relevance_pass instead")
+    return PUBLISHED[model]
+
+
 def published(model: str = "sd14") -> tuple[list[str], np.ndarray]:
     """HRV's published relevance as shipped in ``data/hrv``: (34 concept names, [34, heads] matrix),
     in HRV's own head order (use :func:`load_hrv` to place the heads on a UNet)."""
     from . import paths
-    files = {"sd14": "category_vectors_sd_v1_4.npy", "sdxl": "category_vectors_sd_xl_base_1_0.npy"}
-    if model not in files:
-        raise KeyError(f"HRV published vectors for {sorted(files)} only, not {model!r}")
-    return list(read_hrv_concepts(paths.HRV_CONCEPTS)), np.load(paths.HRV / files[model]).astype(np.float32)
+    vectors, _ = _published_files(model)
+    return list(read_hrv_concepts(paths.HRV_CONCEPTS)), np.load(paths.HRV / vectors).astype(np.float32)
 
 
 def load_published(model: str, layer_heads: dict[str, int]) -> Relevance:
     """HRV's shipped vectors for ``model`` ("sd14" or "sdxl") placed on a UNet's heads
     (``HeadMaps.layer_heads``), with HRV's 34 concept names."""
     from . import paths
-    files = {"sd14": ("category_vectors_sd_v1_4.npy", "head_index_sd_v1_4.npy"),
-             "sdxl": ("category_vectors_sd_xl_base_1_0.npy", "head_index_sd_xl_base_1_0.npy")}
-    if model not in files:
-        raise KeyError(f"HRV published vectors for {sorted(files)} only, not {model!r}; run relevance_pass instead")
-    v, i = files[model]
+    v, i = _published_files(model)
     return load_hrv(paths.HRV / v, paths.HRV / i, layer_heads, paths.HRV_CONCEPTS)
 
 
