@@ -6,6 +6,7 @@ interleaved repeats; peak RSS overhead at two step counts, to show memory is fla
 figures/bench-relevance.json (relevance pass / plain generation of the same prompts).
 """
 import json
+from pathlib import Path
 import os
 import statistics
 import subprocess
@@ -104,12 +105,11 @@ def main() -> None:
     print(f"capture:   traced/plain = {cap['overhead_ratio']:.3f} (target <= 1.05); "
           f"peak RSS overhead {cap['peak_rss_overhead_mb_by_steps']} MB by steps")
     print(f"relevance: pass/generation = {rel['overhead_ratio']:.3f} (target <= 1.5)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run_notebook import timings_report
     for profile in ("paper", "smoke"):
-        f = paths.BUILD / profile / "timings.json"
-        if f.exists():
-            t = json.loads(f.read_text())
-            print(f"last make all PROFILE={profile}: " + ", ".join(f"{k[:2]} {v:.0f} s" for k, v in sorted(t.items()))
-                  + f"; total {sum(t.values()):.0f} s")
+        if (paths.BUILD / profile / "timings.json").exists():
+            print("last make all, " + timings_report(paths.BUILD / profile))
 
 
 if __name__ == "__main__":

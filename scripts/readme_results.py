@@ -44,7 +44,9 @@ def block() -> str:
     ]
     conc, ci = res.get("concentration_top25_hrv34"), res.get("concentration_top25_hrv34_ci", {})
     if conc:
-        ref = {"Color": 0.77, "Shape": 0.89, "Size": 0.88}
+        from saam.experiments import published_concentration  # HRV's SD v1.4 vectors, as chapter 02 reads them
+        pub = published_concentration().set_index("concept")["sd14_published"]
+        ref = {c: float(pub[c]) for c in ("Color", "Shape", "Size")}
         lines += ["", "Head specialisation (`figures/tab2-concentration.md`; share of relevance held by the top 25 % "
                   "of heads, HRV's 34 concepts, 95 % CI over prompts; SD v1.4 from HRV's published vectors): " + ", ".join(
                       f"{c} {conc[c]:.2f} [{ci[c][0]:.2f}, {ci[c][1]:.2f}] (SD v1.4 {ref[c]:.2f})" for c in ref if c in conc) + "."]
@@ -55,7 +57,7 @@ def block() -> str:
                   f"{b['start']:.2f}, words {b['words']:.2f}, end token {b['end']:.2f}, padding {b['padding']:.2f}."]
     lines += [
         "",
-        f"**Table 1** (`figures/tab1-miou.md`; k = {t1['k']:.0%} of the eligible heads ({t1['n_heads']} in all), "
+        f"**Table 1** (`figures/tab1-miou.md`; k = {t1['k']:.0%} of the {t1['n_eligible']} eligible heads ({t1['n_heads']} in all), "
         f"tau = {t1['tau']}, mid block {'in' if t1['include_mid'] else 'out'}; {t1['n_words']} words, "
         f"{t1['n_missing']} with their object missing, counted apart):",
         "",

@@ -20,6 +20,29 @@ def check(profile: str, overrides: str) -> None:
         raise SystemExit(f"error: {e}")
 
 
+def record(f: Path, name: str, start: float, end: float) -> None:
+    """Add a chapter's start and end (epoch seconds) to timings.json (under a lock: two runs may
+    share a build folder)."""
+    import fcntl
+    with open(f.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        t = json.loads(f.read_text()) if f.exists() else {}
+        t[name] = dict(start=start, end=end, seconds=end - start)
+        f.write_text(json.dumps(t, indent=1))
+
+
+def timings_report(folder: Path) -> str:
+    """Each chapter's time and the wall time from the first start to the last end."""
+    f = folder / "timings.json"
+    t = {k: v for k, v in (json.loads(f.read_text()) if f.exists() else {}).items() if isinstance(v, dict)}
+    lines = [f"notebook times ({folder}):"] + [f"  {k:32s} {t[k]['seconds']:7.1f} s" for k in sorted(t)]
+    if t:
+        wall = max(v["end"] for v in t.values()) - min(v["start"] for v in t.values())
+        lines += [f"  {'sum':32s} {sum(v['seconds'] for v in t.values()):7.1f} s",
+                  f"  {'wall (first start to last end)':32s} {wall:7.1f} s"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src", nargs="?")
@@ -33,30 +56,20 @@ def main() -> None:
         check(a.profile, a.set)
         return
     if a.timings:
-        f = Path(a.timings) / "timings.json"
-        t = json.loads(f.read_text()) if f.exists() else {}
-        total = 0.0
-        print(f"notebook times ({a.timings}):")
-        for k in sorted(t):
-            print(f"  {k:32s} {t[k]:7.1f} s")
-            total += t[k]
-        print(f"  {'total':32s} {total:7.1f} s")
+        print(timings_report(Path(a.timings)))
         return
-    import papermill as pm
     dst = Path(a.dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
+    import papermill as pm
     check(a.profile, a.set)
     pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile, overrides=a.set),
                         kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
                         report_mode=False)
     os.replace(tmp, dst)  # only a finished notebook counts as built
-    f = dst.parent / "timings.json"
-    t = json.loads(f.read_text()) if f.exists() else {}
-    t[dst.stem] = time.time() - t0
-    f.write_text(json.dumps(t, indent=1))
-    print(f"{dst}: {t[dst.stem]:.1f} s", file=sys.stderr)
+    record(dst.parent / "timings.json", dst.stem, t0, time.time())
+    print(f"{dst}: {time.time() - t0:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

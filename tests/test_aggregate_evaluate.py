@@ -3,9 +3,9 @@ import pytest
 import torch
 from conftest import run
 
-from saam.aggregate import aggregate, daam_heads, normalize, per_head_maps, threshold, word_mask
+from saam.aggregate import aggregate, daam_heads, mean_map, normalize, per_head_maps, threshold, to_mask, word_mask
 from saam.capture import trace
-from saam.evaluate import auroc, bootstrap_ci, combine, iou
+from saam.evaluate import auroc, bootstrap_ci, iou
 
 
 @pytest.fixture(scope="module")
@@ -15,18 +15,35 @@ def hm(sd1):
     return tc[0]
 
 
-def test_daam_preset_excludes_mid_and_means_all_heads(hm):
-    heads = daam_heads(hm.layer_heads)
-    assert not any(h.layer.startswith("mid") for h in heads)
-    assert len(daam_heads(hm.layer_heads, include_mid=True)) == len(heads) + hm.layer_heads[
+def test_daam_preset_means_all_heads_of_daams_layers(hm):
+    heads = daam_heads(hm)
+    # this tiny UNet has two blocks: its mid block is at 1/2 of the latent resolution, so DAAM keeps it
+    assert heads == hm.heads()
+    assert len(daam_heads(hm, include_mid=False)) == len(heads) - hm.layer_heads[
         next(l for l in hm.maps if l.startswith("mid"))]
     pos = hm.token_positions("cat")
     per = per_head_maps(hm, pos, heads)
     torch.testing.assert_close(hm.word_map("cat"), per.mean(0))
     w = torch.rand(len(heads))
     torch.testing.assert_close(aggregate(hm, pos, heads, w), (per * w.view(-1, 1, 1)).sum(0) / w.sum())
-    torch.testing.assert_close(combine(per.numpy(), np.arange(len(heads)), w.numpy()),
-                               (per * w.view(-1, 1, 1)).sum(0) / w.sum())
+    torch.testing.assert_close(mean_map(per.numpy(), w.numpy()), (per * w.view(-1, 1, 1)).sum(0) / w.sum())
+
+
+@pytest.mark.parametrize("kind", ["sd14-layout", "sdxl-layout"])
+def test_daams_layer_rule_from_the_unets_config(kind):
+    """The layer factors read from the config are the ones the trace measures; DAAM's preset drops
+    exactly the layers at 1/8 of the latent resolution: SD v1.4's mid block, none of SDXL's."""
+    from saam.heads import layer_factors
+    from saam.testing import tiny_pipeline
+    pipe = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    with trace(pipe) as tc:
+        run(pipe, "a red cat", steps=1, guidance_scale=5.0)
+    hm = tc[0]
+    assert layer_factors(pipe.unet.config, hm.maps) == hm.layer_factors
+    dropped = {h.layer for h in set(hm.heads()) - set(daam_heads(hm))}
+    assert dropped == ({l for l in hm.maps if l.startswith("mid")} if kind == "sd14-layout" else set())
+    assert max(hm.layer_factors.values()) == (8 if kind == "sd14-layout" else 4)
 
 
 def test_selected_heads_change_the_map(hm):
@@ -57,3 +74,106 @@ def test_metrics():
     assert auroc([0.5, 0.5], [1, 0]) == 0.5
     m, lo, hi = bootstrap_ci(np.arange(100) / 100)
     assert lo < m < hi and m == pytest.approx(0.495)
+
+
+# ------------------------------------------------------------------ Table 1 and Table 3 on hand-made records
+
+def _blob(i: int, j: int) -> np.ndarray:
+    """A 4 x 4 latent map that is 1 on the 2 x 2 quadrant (i, j) and 0 elsewhere."""
+    m = np.zeros((4, 4), np.float16)
+    m[2 * i:2 * i + 2, 2 * j:2 * j + 2] = 1
+    return m
+
+
+def _quadrant(i: int, j: int) -> np.ndarray:
+    g = np.zeros((8, 8), bool)
+    g[4 * i:4 * i + 4, 4 * j:4 * j + 4] = True
+    return g
+
+
+def _records():
+    """Head 0 looks at the top-left quadrant, head 1 at top-right, heads 2 and 3 at the bottom."""
+    from saam.evaluate import WordRecord
+    maps = np.stack([_blob(0, 0), _blob(0, 1), _blob(1, 0), _blob(1, 1)])
+    return [WordRecord(0, "a red circle", "red", 0, "color", 0, _quadrant(0, 0), maps),
+            WordRecord(1, "a blue square", "blue", 0, "color", 0, _quadrant(0, 1), maps),
+            WordRecord(2, "a green circle", "green", 0, "color", 0, None, maps)]  # object missing
+
+
+def _relevance(row):
+    from saam.heads import HeadId
+    from saam.relevance import Relevance
+    heads = [HeadId("down_blocks.0.attentions.0.transformer_blocks.0.attn2", h) for h in range(4)]
+    return Relevance(["Color"], heads, np.array([row], float))
+
+
+def test_mask_ious_batched_equal_one_at_a_time():
+    from saam.evaluate import mask_ious
+    rng = np.random.default_rng(0)
+    maps, gt = rng.random((5, 4, 4)).astype(np.float32), _quadrant(0, 0)
+    got = mask_ious(maps, gt, [0.3, 0.4, 0.6])
+    want = [[iou(to_mask(torch.as_tensor(m), gt.shape, t).numpy(), gt) for t in (0.3, 0.4, 0.6)] for m in maps]
+    np.testing.assert_array_equal(got, want)
+    # a head on the object's quadrant localises it; one on the opposite quadrant does not overlap at all
+    single = mask_ious(np.stack([_blob(0, 0), _blob(1, 1)]), gt)[:, 0]
+    assert single[0] > 0.5 and single[1] == 0
+
+
+def test_scoring_and_miou_table_on_hand_made_records():
+    from saam.evaluate import miou_table, mask_ious, per_head_iou, score_records
+    from saam.select import METHODS
+    recs, rel = _records(), _relevance([1.0, 1.0, 0.0, 0.0])  # the top heads are relevant to colour
+    df = score_records(recs, rel, np.ones(4, bool), ks=[2], taus=[0.4])
+    assert len(df) == 3 * len(METHODS) and df.missing.sum() == len(METHODS)
+    assert df[df.missing].iou.isna().all() and df[~df.missing].iou.notna().all()
+    iou_of = df.set_index(["image", "method"]).iou
+    # top-2 (heads 0 and 1) covers the top half: the same IoU as the hand-computed mask
+    want = mask_ious(recs[0].maps[[0, 1]].astype(np.float32).mean(0)[None], recs[0].gt)[0, 0]
+    assert iou_of[0, METHODS["top"]] == want > iou_of[0, METHODS["bottom"]] == 0
+    tab = miou_table(df, by_kind=False).set_index("method")
+    assert (tab.n_words == 2).all() and (tab.n_missing == 1).all()
+    assert tab.loc[METHODS["top"], "mIoU"] == pytest.approx(df[(df.method == METHODS["top"]) & ~df.missing].iou.mean())
+    assert tab.loc[METHODS["top"], "ci_low"] <= tab.loc[METHODS["top"], "mIoU"] <= tab.loc[METHODS["top"], "ci_high"]
+    # a k sweep is one call: one row per (record, method, k); DAAM and soft repeat at every k
+    sweep = miou_table(score_records(recs, rel, np.ones(4, bool), ks=[1, 2, 4], taus=[0.4]), by_kind=False)
+    assert len(sweep) == 3 * len(METHODS)
+    assert sweep[sweep.method == METHODS["daam"]].mIoU.nunique() == 1
+    # single heads: head 0 localises the red circle, head 1 the blue square, heads 2 and 3 nothing
+    per = per_head_iou(recs, "color", 0.4)
+    assert per[2] == per[3] == 0 and per[0] == per[1] > 0
+
+
+def test_binding_score_says_which_object_a_colour_sits_on():
+    from saam.evaluate import binding_score
+    left, right = torch.as_tensor(_blob(0, 0), dtype=torch.float32), torch.as_tensor(_blob(0, 1), dtype=torch.float32)
+    assert binding_score(left, left, [right]) == pytest.approx(1.0)
+    assert binding_score(left, right, [left]) == pytest.approx(-1.0)
+
+
+def test_auroc_and_its_ci():
+    from saam.evaluate import auroc_ci
+    a, lo, hi = auroc_ci([0.9, 0.8, 0.7, 0.1, 0.2], [1, 1, 1, 0, 0])
+    assert a == lo == hi == 1.0
+    rng = np.random.default_rng(0)
+    a, lo, hi = auroc_ci(rng.random(200), rng.random(200) < 0.3)
+    assert lo < 0.5 < hi and lo < a < hi
+    assert all(np.isnan(auroc_ci([0.1, 0.2], [1, 1])))
+
+
+def test_binding_items_carry_the_bound_flag():
+    """Table 3's items: colour words of multi-object captions only, with the analyzer's bound flag."""
+    from saam import experiments as E
+    from saam.evaluate import WordRecord
+    maps = np.stack([_blob(0, 0), _blob(0, 1), _blob(1, 0), _blob(1, 1)])
+    recs = [WordRecord(0, "a red circle and a blue square", "red", 0, "color", 0, _quadrant(0, 0), maps, 2, True),
+            WordRecord(0, "a red circle and a blue square", "circle", 0, "shape", 0, _quadrant(0, 0), maps, 2, True),
+            WordRecord(0, "a red circle and a blue square", "blue", 0, "color", 1, _quadrant(0, 1), maps, 2, False),
+            WordRecord(0, "a red circle and a blue square", "square", 0, "shape", 1, _quadrant(0, 1), maps, 2, False),
+            WordRecord(1, "a green circle", "green", 0, "color", 0, _quadrant(0, 0), maps, 1, True)]
+    from saam.heads import HeadId
+    from saam.relevance import Relevance
+    heads = [HeadId("down_blocks.0.attentions.0.transformer_blocks.0.attn2", h) for h in range(4)]
+    rel = Relevance(["Color", "Shape"], heads, np.array([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
+    params = dict(k=2, seed=0, include_mid=True, model="shapesworld", model_path=str(E.model_dir(E.load_params("smoke"))))
+    items = E.binding_items(recs, rel, params, ["daam", "top"])
+    assert list(items.word) == ["red", "blue"] and list(items.bound) == [True, False]

@@ -64,3 +64,26 @@ def test_code_fingerprint_follows_imports(tmp_path, monkeypatch):
     (pkg / "c.py").write_text("x = 2\n")
     assert cache.code_fingerprint("sub.d") != d0
     cache._imports.cache_clear()
+
+
+def test_the_package_has_no_import_circle():
+    """No module imports one that imports it back, at any depth, lazy imports included
+    (``if TYPE_CHECKING:`` annotations aside): the graph the cache's code fingerprints follow."""
+    mods = [".".join(p.relative_to(cache.PACKAGE).with_suffix("").parts) for p in cache.PACKAGE.rglob("*.py")
+            if p.name != "__init__.py"]
+    graph = {m: cache._imports(m) for m in mods}
+    assert graph["capture"] and "aggregate" in graph["capture"]  # the walker does see lazy imports
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for n in graph.get(m, ()):
+            visit(n)
+        path.pop()
+        done.add(m)
+    for m in mods:
+        visit(m)

@@ -116,7 +116,7 @@ def test_tables_identical_when_recomputed_from_scratch(tmp_path):
     """Determinism without the cache: two fresh computations of a small grid agree."""
     code = ("from saam import experiments as E; p=E.load_params('smoke', 'n_eval=4 n_relevance_prompts=4 steps=4');"
             "pipe=E.load_model(p); rel=E.relevance(pipe,p); r=E.records(pipe,p,'generation',rel.heads)[0];"
-            "print(E.miou_table(E.score(r,rel,p['k'],p['tau'],False),by_kind=False).to_csv())")
+            "print(E.miou_table(E.score(r,rel,p),by_kind=False).to_csv())")
     outs = []
     for i in range(2):
         env = dict(os.environ, SAAM_CACHE=str(tmp_path / f"c{i}"), SAAM_FIGURES=str(tmp_path / "f"))

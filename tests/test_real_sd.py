@@ -43,7 +43,7 @@ def test_export_and_native_protocol_give_the_same_table1(export, tmp_path, monke
     data = E.records(pipe, dict(p, data_dir=str(export)), "dataset", heads, 0.5)[0]
     assert [(r.image, r.word, r.occurrence, r.kind) for r in native] == [(r.image, r.word, r.occurrence, r.kind) for r in data]
     assert all(np.array_equal(a.gt, b.gt) and np.array_equal(a.maps, b.maps) for a, b in zip(native, data))
-    tables = [E.miou_table(E.score(r, rel, p["k"], p["tau"], p["include_mid"]), by_kind=False) for r in (native, data)]
+    tables = [E.miou_table(E.score(r, rel, p), by_kind=False) for r in (native, data)]
     assert tables[0].equals(tables[1]) and tables[0].n_words.iloc[0] > 20
 
 

@@ -43,9 +43,21 @@ def test_selection_functions():
     with pytest.raises(ValueError):
         resolve_k(1.5, 6)
     heads = head_ids(LH)
-    mid = eligible(heads, include_mid=False)
-    assert mid.sum() == 6 and len(head_set("all", heads)[0]) == 6
-    assert len(head_set("all", heads, include_mid=True)[0]) == 8
+    no_mid = eligible(heads, include_mid=False)
+    assert no_mid.sum() == 6 and len(head_set("daam", heads, mask=no_mid).heads) == 6
+    assert len(head_set("daam", heads).heads) == 8
+    # DAAM's layer rule drops layers at 1/8 of the latent resolution, whichever block they are in
+    factors = {l: 8 if l.startswith("down_blocks.10") else 4 for l in LH}
+    assert [h.layer for h, ok in zip(heads, eligible(heads, factors=factors)) if not ok] == [
+        "down_blocks.10.attentions.0.transformer_blocks.0.attn2"] * 2
+    s = head_set("soft", heads, r[[0, 1, 2, 3, 4, 5, 0, 0]], mask=no_mid)
+    assert np.isclose(s.weights.sum(), 1) and all(heads[i] == h for i, h in zip(s.index, s.heads))
+    with pytest.raises(ValueError, match="unknown method 'all'; use one of daam, top"):
+        head_set("all", heads)
+    with pytest.raises(ValueError, match="needs a relevance row"):
+        head_set("top", heads)
+    with pytest.raises(ValueError, match="mask rules out every head"):
+        head_set("daam", heads, mask=np.zeros(8, bool))
 
 
 def test_normalize_votes_like_hrv():

@@ -1,48 +1,49 @@
-"""One aggregation for every method: a weighted mean of per-head word maps.
+"""One aggregation for every method: a weighted mean of per-head word maps, then one mask.
 
-DAAM is ``aggregate`` over all down- and up-block heads with equal weights; selective
-aggregation is the same call over the heads most relevant to the word's concept. Keeping them
-one function is what makes the comparison fair.
+The path from captured attention to a word's mask has three steps, each defined once here:
+
+1. :func:`per_head_maps`: each head's map of the word (mean over its tokens and the steps),
+   upsampled bicubically to the latent size and clamped at 0 (:func:`upsample`): ``[heads, h, w]``;
+2. :func:`mean_map`: a weighted mean over the first axis (DAAM: every eligible head, equal
+   weights; selective: the heads ``select.head_set`` picks);
+3. :func:`to_mask`: upsampled to image size, min-max normalised, thresholded at tau (DAAM: 0.4).
+
+The paper's tables run the same three steps on cached ``[heads, h, w]`` stacks
+(``evaluate.WordRecord.maps``), so a README snippet and a table cell cannot disagree.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .capture import HeadMaps, upsample
-from .heads import HeadId, block_of, head_ids
+from .heads import HeadId
+
+if TYPE_CHECKING:  # for annotations only: capture imports this module, not the other way round
+    from .capture import HeadMaps
 
 DAAM_TAU = 0.4
 
 
-def daam_heads(layer_heads: dict[str, int], include_mid: bool = False) -> list[HeadId]:
-    """DAAM's head set: every head of the down and up blocks (mid block only if asked)."""
-    return [h for h in head_ids(layer_heads) if include_mid or block_of(h.layer) != "mid"]
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling of [..., h, w] maps to ``size``, clamped at 0 (DAAM's convention)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x.clamp_min(0)
+    lead = x.shape[:-2]
+    y = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]).float(), size=size, mode="bicubic",
+                      align_corners=False)
+    return y.reshape(*lead, *size).clamp_min(0)
 
 
-def aggregate(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
-              weights: Sequence[float] | torch.Tensor | None = None,
-              size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Weighted mean over ``heads`` of each head's map for the given token positions.
-
-    Each head's map is the mean over ``tokens`` (sub-words of one word), upsampled bicubically
-    to ``size`` (default: the latent size) and clamped at 0, then averaged with ``weights``
-    (default: equal).
-
-    Returns:
-        [h, w] float32 map (not normalised).
-    """
-    if len(heads) == 0:
-        raise ValueError("empty head set")
-    w = torch.ones(len(heads)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    if w.shape != (len(heads),):
-        raise ValueError(f"{len(heads)} heads but weights of shape {tuple(w.shape)}")
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum")
-    maps = per_head_maps(hm, tokens, heads, size)
-    return (maps * w.view(-1, 1, 1)).sum(0) / w.sum()
+def daam_heads(hm: HeadMaps, include_mid: bool = True) -> list[HeadId]:
+    """DAAM's head set for a trace: every head but those of layers at 1/8 of the latent resolution
+    (DAAM's rule: the mid block on SD 1.x, nothing on SDXL or ShapesWorld); ``include_mid=False``
+    also drops the mid block."""
+    from .select import eligible, head_set
+    heads = hm.heads()
+    return head_set("daam", heads, mask=eligible(heads, include_mid, hm.layer_factors)).heads
 
 
 def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
@@ -50,7 +51,7 @@ def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
     """Each head's map of the given tokens: mean over tokens and steps, upsampled, clamped.
 
     Returns:
-        [len(heads), h, w]; a weighted mean over its first axis is :func:`aggregate`.
+        [len(heads), h, w] at ``size`` (default: the latent size).
     """
     size = tuple(size or hm.latent_size)
     tok = torch.as_tensor(list(tokens), dtype=torch.long)
@@ -66,12 +67,43 @@ def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
     return out
 
 
+def mean_map(maps: torch.Tensor | np.ndarray, weights: Sequence[float] | np.ndarray | torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """The weighted mean over the first axis of ``[heads, h, w]`` maps (default: equal weights).
+
+    Returns:
+        [h, w] float32 (not normalised).
+    """
+    m = torch.as_tensor(np.asarray(maps, dtype=np.float32) if isinstance(maps, np.ndarray) else maps).float()
+    if m.ndim != 3 or len(m) == 0:
+        raise ValueError("empty head set" if m.ndim == 3 else f"maps must be [heads, h, w], got {tuple(m.shape)}")
+    w = torch.ones(len(m)) if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    if w.shape != (len(m),):
+        raise ValueError(f"{len(m)} heads but weights of shape {tuple(w.shape)}")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    return (m * w.view(-1, 1, 1)).sum(0) / w.sum()
+
+
+def aggregate(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
+              weights: Sequence[float] | torch.Tensor | None = None,
+              size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``mean_map(per_head_maps(hm, tokens, heads, size), weights)``: the [h, w] aggregate."""
+    if len(heads) == 0:
+        raise ValueError("empty head set")
+    return mean_map(per_head_maps(hm, tokens, heads, size), weights)
+
+
 def normalize(m: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Upsample (bicubic) to ``size`` and min-max normalise to [0, 1]."""
+    """Upsample [..., h, w] maps bicubically to ``size`` and min-max normalise each to [0, 1]
+    (a constant map becomes 0)."""
+    m = torch.as_tensor(m).float()
     if size is not None and tuple(m.shape[-2:]) != tuple(size):
-        m = F.interpolate(m[None, None].float(), size=size, mode="bicubic", align_corners=False)[0, 0]
-    lo, hi = m.min(), m.max()
-    return (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+        lead = m.shape[:-2]
+        m = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), size=tuple(size), mode="bicubic",
+                          align_corners=False).reshape(*lead, *size)
+    lo, hi = m.amin((-2, -1), keepdim=True), m.amax((-2, -1), keepdim=True)
+    return torch.where(hi > lo, (m - lo) / torch.where(hi > lo, hi - lo, 1.0), torch.zeros_like(m))
 
 
 def threshold(m: torch.Tensor, tau: float = DAAM_TAU) -> torch.Tensor:
@@ -79,8 +111,12 @@ def threshold(m: torch.Tensor, tau: float = DAAM_TAU) -> torch.Tensor:
     return m >= tau
 
 
+def to_mask(m: torch.Tensor, size: tuple[int, int], tau: float = DAAM_TAU) -> torch.Tensor:
+    """The one map-to-mask step: upsample to ``size``, normalise, threshold ([..., h, w] maps)."""
+    return threshold(normalize(m, size), tau)
+
+
 def word_mask(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, weights=None,
-              tau: float = DAAM_TAU, occurrence: int = 0, include_mid: bool = False) -> torch.Tensor:
-    """The word's mask at image size: aggregate, upsample, normalise, threshold."""
-    m = hm.word_map(word, heads=heads, weights=weights, occurrence=occurrence, include_mid=include_mid)
-    return threshold(normalize(m, hm.image_size), tau)
+              tau: float = DAAM_TAU, occurrence: int | str = 0) -> torch.Tensor:
+    """The word's mask at image size (DAAM's heads when ``heads`` is None)."""
+    return to_mask(hm.word_map(word, heads=heads, weights=weights, occurrence=occurrence), hm.image_size, tau)

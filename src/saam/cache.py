@@ -44,6 +44,18 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _walk(tree):
+    """Every node of ``tree`` but the bodies of ``if TYPE_CHECKING:`` (imports that never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING":
+            todo += node.orelse
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
 @lru_cache(maxsize=None)
 def _imports(module: str) -> frozenset[str]:
     """Package modules that ``module`` (dotted, relative to the package) imports, anywhere in it."""
@@ -52,7 +64,7 @@ def _imports(module: str) -> frozenset[str]:
         f = PACKAGE.joinpath(*module.split("."), "__init__.py")
     base = module.split(".")[:-1]
     out = set()
-    for node in ast.walk(ast.parse(f.read_text())):
+    for node in _walk(ast.parse(f.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             parent = base[: len(base) - node.level + 1]
             mod = ".".join(parent + (node.module.split(".") if node.module else []))
@@ -164,6 +176,18 @@ def dumps(value) -> bytes:
     np.savez_compressed(buf, **{f"a{i}": a for i, a in enumerate(arrays)},
              tree=np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8))
     return buf.getvalue()
+
+
+def digest(value) -> str:
+    """A content hash of a value ``dumps`` can store (arrays by dtype, shape and bytes)."""
+    arrays: list = []
+    tree = _encode(value, arrays)
+    h = hashlib.sha256(json.dumps(tree, sort_keys=True).encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def loads(data: bytes):

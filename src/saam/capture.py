@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .heads import HeadId, head_ids
 
@@ -86,13 +85,23 @@ class HeadMaps:
         pads = {t for t in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id) if t is not None}
         return len(ids) >= getattr(tok, "model_max_length", len(ids) + 1) and ids[-2] not in pads
 
-    def word_map(self, word: str, heads=None, weights=None, occurrence: int | str = 0,
-                 include_mid: bool = False) -> torch.Tensor:
-        """The word's aggregated map at latent size [h, w] (DAAM preset when ``heads`` is None)."""
+    @property
+    def layer_factors(self) -> dict[str, int]:
+        """Layer -> how far its maps are downsampled from the latent (1, 2, 4, ...)."""
+        out = {}
+        for l, m in self.maps.items():
+            h, w = m.shape[-2:]
+            out[l] = next((d for d in (1, 2, 4, 8, 16, 32, 64) if -(-self.latent_size[0] // d) == h
+                           and -(-self.latent_size[1] // d) == w), self.latent_size[0] // h)
+        return out
+
+    def word_map(self, word: str, heads=None, weights=None, occurrence: int | str = 0) -> torch.Tensor:
+        """The word's aggregated map at latent size [h, w]: ``aggregate.aggregate`` over ``heads``
+        (default DAAM's, ``aggregate.daam_heads``) of the word's tokens. ``occurrence``: which
+        occurrence of a repeated word (default the first), or ``"all"`` to merge them as DAAM does."""
         from .aggregate import aggregate, daam_heads
-        if heads is None:
-            heads = daam_heads(self.layer_heads, include_mid=include_mid)
-        return aggregate(self, self.token_positions(word, occurrence), heads, weights)
+        return aggregate(self, self.token_positions(word, occurrence), daam_heads(self) if heads is None else heads,
+                         weights)
 
 
 class Observer:
@@ -368,7 +377,8 @@ class Trace:
         return iter(self.results)
 
 
-def _check_pipeline(pipe):
+def check_pipeline(pipe):
+    """The pipeline's UNet, or a clear error when ``pipe`` has none with cross-attention to trace."""
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "forward"):
         raise TypeError(f"trace() needs a UNet-based diffusers pipeline (with .unet), got {type(pipe).__name__}")
@@ -378,7 +388,7 @@ def _check_pipeline(pipe):
 
 
 def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
-    cross = cross_attention_layers(_check_pipeline(pipe))
+    cross = cross_attention_layers(check_pipeline(pipe))
     if not cross:
         raise ValueError(f"{type(pipe.unet).__name__} has no cross-attention layers to trace")
     if layers is not None:
@@ -424,7 +434,7 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
     """
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
-    unet = _check_pipeline(pipe)
+    unet = check_pipeline(pipe)
     cross = _select_layers(pipe, layers)
     if getattr(unet, _ACTIVE, False):
         raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
@@ -452,13 +462,3 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
         unet.set_attn_processor(original)
         setattr(unet, _ACTIVE, False)
         tracker.proj.clear()
-
-
-def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic upsampling of [..., h, w] maps to ``size``, clamped at 0 (DAAM's convention)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x.clamp_min(0)
-    lead = x.shape[:-2]
-    y = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]).float(), size=size, mode="bicubic",
-                      align_corners=False)
-    return y.reshape(*lead, *size).clamp_min(0)

@@ -23,7 +23,6 @@ import yaml
 
 from .words import split_words
 
-WORD_FILE = "word_categories.yaml"
 
 
 @dataclass
@@ -59,7 +58,7 @@ def read_word_map(path: Path) -> dict[str, dict]:
 
 def word_map_for(folder: Path) -> Path:
     from . import paths
-    own = Path(folder) / WORD_FILE
+    own = Path(folder) / paths.COCO_WORD_FILE
     return own if own.exists() else paths.DATA / "coco-words.yaml"
 
 

@@ -21,9 +21,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .aggregate import DAAM_TAU, normalize, per_head_maps
+from .aggregate import DAAM_TAU, mean_map, normalize, per_head_maps, threshold
 from .capture import trace
 from .heads import HeadId
+from .select import METHODS, head_set
 
 
 @dataclass
@@ -94,16 +95,78 @@ def roc(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return fpr, tpr
 
 
-def combine(maps: np.ndarray, idx: Sequence[int], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Weighted mean of per-head maps over a head subset: the aggregate of that head set."""
-    m = torch.as_tensor(np.asarray(maps[np.asarray(idx)], dtype=np.float32))
-    w = torch.ones(len(idx)) if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
-    return (m * w.view(-1, 1, 1)).sum(0) / w.sum()
+def mask_ious(maps: torch.Tensor | np.ndarray, gt: np.ndarray, taus: Sequence[float] = (DAAM_TAU,)) -> np.ndarray:
+    """IoU against ``gt`` of each map's mask (``aggregate.to_mask`` at the truth's size) at each
+    threshold, for a stack of [n, h, w] maps at once: [n, len(taus)] float64."""
+    m = normalize(torch.as_tensor(np.asarray(maps, dtype=np.float32) if isinstance(maps, np.ndarray) else maps),
+                  gt.shape)
+    g = torch.as_tensor(np.asarray(gt, bool))
+    out = np.empty((len(m), len(taus)))
+    for j, tau in enumerate(taus):
+        pred = threshold(m, tau)
+        inter = (pred & g).sum((-2, -1)).numpy()
+        union = (pred | g).sum((-2, -1)).numpy()
+        out[:, j] = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return out
 
 
-def record_iou(rec: WordRecord, idx, weights=None, tau: float = DAAM_TAU) -> float:
-    m = normalize(combine(rec.maps, idx, weights), rec.gt.shape)
-    return iou((m >= tau).numpy(), rec.gt)
+def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequence[float], taus: Sequence[float],
+                  seed: int = 0, methods: Sequence[str] = tuple(METHODS)):
+    """One row per (word record, method, k, tau) with the IoU of the method's mask.
+
+    Every method's map is ``aggregate.mean_map`` of the record's per-head maps over its
+    ``select.head_set`` (relevance row of the record's word kind; random-k seeded with
+    ``seed + image``), masked by ``aggregate.to_mask``. Words whose object is missing are kept
+    with NaN IoU. ``method`` holds the method's label (``select.METHODS``).
+    """
+    import pandas as pd
+    rows = []
+    for r in recs:
+        row = rel.row(r.kind) if any(m in ("top", "bottom", "soft") for m in methods) else None
+        sets, maps = [], {}
+        for k in ks:
+            for m in methods:
+                key = (m, None if m in ("daam", "soft") else k)  # DAAM and soft do not depend on k
+                if key not in maps:
+                    s = head_set(m, rel.heads, row, k, mask=mask, seed=seed + r.image)
+                    maps[key] = mean_map(r.maps[s.index], s.weights)
+                sets.append((m, k, key))
+        keys = list(maps)
+        scores = (np.full((len(keys), len(taus)), np.nan) if r.gt is None
+                  else mask_ious(torch.stack([maps[k] for k in keys]), r.gt, taus))
+        at = {key: i for i, key in enumerate(keys)}
+        for j, tau in enumerate(taus):  # tau, then k, then method: the order tables list them in
+            for m, k, key in sets:
+                rows.append(dict(image=r.image, word=r.word, kind=r.kind, method=METHODS[m], k=k, tau=tau,
+                                 missing=r.gt is None, iou=scores[at[key], j]))
+    return pd.DataFrame(rows, columns=["image", "word", "kind", "method", "k", "tau", "missing", "iou"])
+
+
+def per_head_iou(recs: Sequence[WordRecord], kind: str, tau: float) -> np.ndarray:
+    """Mean IoU of each single head's map over the words of one kind: which heads localise.
+
+    A diagnostic, not a method: it looks at the ground truth, so it is an upper reference for
+    what any truth-free head ranking (such as HRV relevance) could pick.
+    """
+    rs = [r for r in recs if r.kind == kind and r.gt is not None]
+    if not rs:
+        return np.full(0, np.nan)
+    per = np.stack([mask_ious(r.maps, r.gt, [tau])[:, 0] for r in rs])  # [words, heads]
+    return np.ascontiguousarray(per.T).mean(1)
+
+
+def miou_table(df, by_kind: bool = True, seed: int = 0):
+    """mIoU with bootstrap 95 % CI per method, k and tau (and per word kind) of
+    :func:`score_records` rows; words with their object missing counted apart."""
+    import pandas as pd
+    out = []
+    groups = ["method", "kind", "k", "tau"] if by_kind else ["method", "k", "tau"]
+    for key, g in df.groupby(groups, sort=False):
+        v = g.loc[~g.missing, "iou"].to_numpy()
+        m, lo, hi = bootstrap_ci(v, seed=seed)
+        out.append(dict(zip(groups, key), mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v),
+                        n_missing=int(g.missing.sum())))
+    return pd.DataFrame(out, columns=[*groups, "mIoU", "ci_low", "ci_high", "n_words", "n_missing"])
 
 
 # ---------------------------------------------------------------------------- protocols
@@ -119,40 +182,41 @@ def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n
 
 
 def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidance: float, seed: int,
-                        batch_size: int = 16, progress: bool = True):
+                        batch_size: int = 16, progress: bool = True, cache: tuple[str, dict] | None = None):
     """Generate each scene's caption, trace it, and score words against the analyzer's masks.
+
+    Batches run through ``runs.run_batches`` (``cache``: cache each batch under that name and key).
 
     Returns:
         (records, images): word records and the (N, H, W, 3) uint8 images.
     """
-    from .progress import bar
+    from .runs import run_batches
     from .shapes.analyzer import analyze
-    records, images = [], []
-    gen = torch.Generator("cpu").manual_seed(seed)
-    for b in bar(range(0, len(scenes), batch_size), desc="generate+trace", disable=not progress):
-        batch = scenes[b:b + batch_size]
+
+    def batch(scenes, gen, start):
+        records, images = [], []
         with trace(pipe) as tc:
-            out = pipe([s.caption for s in batch], num_inference_steps=steps, guidance_scale=guidance,
+            out = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance,
                        generator=gen, output_type="np").images
-        for j, (scene, hm, img) in enumerate(zip(batch, tc, out)):
+        for j, (scene, hm, img) in enumerate(zip(scenes, tc, out)):
             img = (img * 255).round().astype(np.uint8)
             det = analyze(img)
-            i = b + j
-
             words = []
             for w in scene.words:
                 o = scene.objects[w.obj]
                 hits = [d.mask for d in det if getattr(d, w.kind) == getattr(o, w.kind)]
                 bound = any(d.color == o.color and d.shape == o.shape for d in det)
                 words.append((w.word, w.occurrence, w.kind, w.obj, np.any(hits, axis=0) if hits else None, bound))
-            records += _records_for(hm, scene.caption, words, i, heads, len(scene.objects))
+            records += _records_for(hm, scene.caption, words, start + j, heads, len(scene.objects))
             images.append(img)
-    return records, np.stack(images)
+        return records, np.stack(images)
+    parts = run_batches(scenes, batch_size, seed, batch, cache=cache, desc="generate+trace" if progress else None)
+    return [r for recs, _ in parts for r in recs], np.concatenate([im for _, im in parts])
 
 
 def img2img(pipe):
     """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, ShapesWorld)."""
-    from .models import quiet
+    from .progress import quiet
     with quiet():  # importing the auto pipelines also imports every pipeline's image processors
         from diffusers import AutoPipelineForImage2Image
         i2i = AutoPipelineForImage2Image.from_pipe(pipe)
@@ -161,32 +225,34 @@ def img2img(pipe):
 
 
 def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, steps: int,
-                        guidance: float, seed: int, batch_size: int = 16, progress: bool = True):
+                        guidance: float, seed: int, batch_size: int = 16, progress: bool = True,
+                        cache: tuple[str, dict] | None = None):
     """Noise each item's image to ``strength`` of the schedule and denoise it with its caption
     while tracing (DAAM's and the paper's real-image setting); score every word against its mask.
 
     Args:
         items: ``saam.datasets.Item`` s: ShapesWorld renders (``shapesworld_items``) or a COCO-format
             dataset (``read_coco``), at the model's native resolution.
+        cache: cache each batch under this (name, key) (``runs.run_batches``).
     Returns:
         (records, images): word records and the (N, H, W, 3) uint8 input images.
     """
     from PIL import Image
-    from .progress import bar
+    from .runs import run_batches
     i2i = img2img(pipe)
-    records, images = [], []
-    gen = torch.Generator("cpu").manual_seed(seed)
-    for b in bar(range(0, len(items), batch_size), desc=f"img2img@{strength}", disable=not progress):
-        batch = items[b:b + batch_size]
+
+    def batch(items, gen, start):
+        records = []
         with trace(i2i) as tc:
-            i2i([it.caption for it in batch], image=[Image.fromarray(it.image) for it in batch],
+            i2i([it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
                 strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                 generator=gen, output_type="latent")
-        for j, (it, hm) in enumerate(zip(batch, tc)):
+        for j, (it, hm) in enumerate(zip(items, tc)):
             words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]
-            records += _records_for(hm, it.caption, words, b + j, heads, it.n_objects)
-            images.append(it.image)
-    return records, np.stack(images)
+            records += _records_for(hm, it.caption, words, start + j, heads, it.n_objects)
+        return records
+    parts = run_batches(items, batch_size, seed, batch, cache=cache, desc=f"img2img@{strength}" if progress else None)
+    return [r for recs in parts for r in recs], np.stack([it.image for it in items])
 
 
 def binding_score(color_map: torch.Tensor, own_shape: torch.Tensor, other_shapes: list[torch.Tensor]) -> float:

@@ -1,8 +1,11 @@
 """The paper's experiments as cached steps; the notebooks call these and plot.
 
-Every expensive step (fidelity generations, relevance votes, traced word maps) is cached under
-``data/cache`` keyed by its parameters, the model's weight fingerprint and the package version,
-so re-running a notebook (or restyling a figure) never recomputes what has not changed.
+Every expensive step (fidelity generations, relevance votes, traced word maps, attention budgets)
+generates in batches through ``runs.run_batches``: each batch is cached under ``data/cache``,
+keyed by the step's parameters, the model's weight fingerprint, the code it runs, its items and
+the random state it starts from. Re-running a notebook (or restyling a figure) recomputes nothing
+that has not changed; a smaller grid on the same model (chapter 06's organism D) reuses the
+batches of a larger one; an interrupted chapter resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, paths
-from .cache import atomic_write, cached, code_fingerprint, fingerprint
+from .cache import atomic_write, cached, code_fingerprint, digest, fingerprint
 
 KINDS = ("color", "shape", "size")  # word kinds of ShapesWorld captions = the concepts they score against
 
@@ -143,14 +146,17 @@ def primary_run(params: dict) -> tuple[str, str, float | None] | None:
 
 # ------------------------------------------------------------------------------ steps
 
-def fidelity(pipe, params: dict, write: bool = True) -> dict:
-    """Analyzer-scored fidelity on held-out prompts (``shapes.analyzer.fidelity``); cached, and
-    written to <figures>/fidelity.json."""
+def fidelity(pipe, params: dict, write: bool = True, groups=("single", "two", "unseen")) -> dict:
+    """Analyzer-scored fidelity on held-out prompts (``shapes.analyzer.fidelity``): one-object
+    captions (``single``), two-object captions (``two``: binding) and one-object captions of
+    held-out (colour, shape) combinations (``unseen``). Cached per batch; written to
+    <figures>/fidelity.json when ``write``."""
     from .shapes.analyzer import fidelity as score
     groups = {name: eval_scenes(params, split, params["n_fidelity"], n_obj, seed_offset=5_000_000)
-              for name, n_obj, split in (("single", 1, "test"), ("two", 2, "test"), ("unseen", 1, "unseen"))}
-    key = _key(params, "seed", "steps", "guidance", "n_fidelity", code=("shapes.analyzer", "shapes.world"))
-    res = cached("fidelity", key, lambda: score(pipe, groups, params["steps"], params["guidance"], params["seed"]))
+              for name, n_obj, split in (("single", 1, "test"), ("two", 2, "test"), ("unseen", 1, "unseen"))
+              if name in groups}
+    key = _key(params, "seed", "steps", "guidance", code=("shapes.analyzer", "shapes.world"))
+    res = score(pipe, groups, params["steps"], params["guidance"], params["seed"], cache=("fidelity", key))
     if write:
         write_json(paths.FIGURES / "fidelity.json", res)
     return res
@@ -180,42 +186,38 @@ def relevance(pipe, params: dict, concepts: str | None = None):
         return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
     concepts = concepts or params.get("concepts", "hrv")
     words = load_concepts("hrv" if concepts == "hrv" else None)
-    prompts = relevance_prompts(params)
-    key = dict(_key(params, "seed", "steps", "guidance", "n_relevance_prompts", code=("relevance", "shapes.world")),
-               concepts=words, start_token=True, prompts=prompts)
-    return cached("relevance", key, lambda: relevance_pass(
-        pipe, words, prompts, steps=params["steps"], guidance=params["guidance"], seed=params["seed"],
-        batch_size=params.get("batch_size", 16)))
+    key = dict(_key(params, "seed", "steps", "guidance", code=("relevance", "shapes.world")),
+               concepts=words, start_token=True)
+    return relevance_pass(pipe, words, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
+                          seed=params["seed"], batch_size=params.get("batch_size", 16), cache=("relevance", key))
 
 
 def sink_budget(pipe, params: dict, n: int | None = None):
     """Attention budget (``saam.sinks``) of every head over ``n`` traced held-out generations;
     on ShapesWorld object pixels are the analyzer's objects, elsewhere all pixels form one region.
-    Cached. Returns (per-head table, summary)."""
+    Cached per batch (``runs.run_batches``). Returns (per-head table, summary)."""
+    from .capture import trace
+    from .runs import run_batches
+    from .shapes.analyzer import analyze
     from .sinks import attention_budget, budget_summary
 
-    def compute():
-        import torch
-        from .capture import trace
-        from .shapes.analyzer import analyze
-        scenes = eval_scenes(params, "test", n or params.get("n_sinks", 32), seed_offset=3_000_000)
-        gen = torch.Generator("cpu").manual_seed(params["seed"])
+    def batch(scenes, gen, start):
+        with trace(pipe) as tc:
+            imgs = pipe([s.caption for s in scenes], num_inference_steps=params["steps"],
+                        guidance_scale=params["guidance"], generator=gen, output_type="np").images
         parts = []
-        for b in range(0, len(scenes), 16):
-            batch = scenes[b:b + 16]
-            with trace(pipe) as tc:
-                imgs = pipe([s.caption for s in batch], num_inference_steps=params["steps"],
-                            guidance_scale=params["guidance"], generator=gen, output_type="np").images
-            for hm, img in zip(tc, imgs):
-                mask = None
-                if params["model"] == "shapesworld":
-                    det = analyze((img * 255).round().astype(np.uint8))
-                    mask = np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)
-                parts.append(attention_budget(hm, mask))
-        return pd.concat(parts).groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
-    key = dict(_key(params, "seed", "steps", "guidance", code=("sinks", "capture", "shapes.analyzer", "shapes.world")),
-               n=n or params.get("n_sinks", 32))
-    per_head = cached("sinks", key, compute)
+        for hm, img in zip(tc, imgs):
+            mask = None
+            if params["model"] == "shapesworld":
+                det = analyze((img * 255).round().astype(np.uint8))
+                mask = np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)
+            parts.append(attention_budget(hm, mask))
+        return parts
+    scenes = eval_scenes(params, "test", n or params.get("n_sinks", 32), seed_offset=3_000_000)
+    key = _key(params, "seed", "steps", "guidance", code=("sinks", "capture", "shapes.analyzer", "shapes.world"))
+    parts = [df for b in run_batches(scenes, 16, params["seed"], batch, cache=("sinks", key), desc="attention budget")
+             for df in b]
+    per_head = pd.concat(parts).groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
     return per_head, budget_summary(per_head)
 
 
@@ -237,84 +239,61 @@ def native_size(pipe, params: dict) -> tuple[int, int]:
     return (r, r)
 
 
-def _dataset_fingerprint(folder: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file():
-            h.update(f"{f.relative_to(folder)}:{f.stat().st_size}".encode())
-            if f.suffix in (".json", ".yaml"):
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def records(pipe, params: dict, protocol: str, heads, strength: float | None = None):
     """Word records of a protocol (cached): ``generation`` (ShapesWorld, analyzer truth), ``real``
     (ShapesWorld renders, exact truth) or ``dataset`` (the profile's COCO-format data); the last
     two go through the same real-image protocol and scoring."""
     from .datasets import read_coco, shapesworld_items
     from .evaluate import generation_protocol, real_image_protocol
-    key = dict(_key(params, "seed", "steps", "guidance", "n_eval", "resolution",
+    key = dict(_key(params, "seed", "steps", "guidance", "resolution",
                     code=("evaluate", "datasets", "shapes.world", "shapes.analyzer")),
-               protocol=protocol, strength=strength)
+               protocol=protocol, strength=strength, heads=digest([str(h) for h in heads]))
     run = dict(steps=params["steps"], guidance=params["guidance"], seed=params["seed"],
                batch_size=params.get("batch_size", 16))
     if protocol == "generation":
-        scenes = eval_scenes(params)
-        return cached("records-gen", key, lambda: generation_protocol(pipe, scenes, heads, **run))
+        return generation_protocol(pipe, eval_scenes(params), heads, cache=("records-gen", key), **run)
     if protocol == "real":
-        return cached("records-real", key, lambda: real_image_protocol(
-            pipe, shapesworld_items(eval_scenes(params)), heads, strength=strength, **run))
+        return real_image_protocol(pipe, shapesworld_items(eval_scenes(params)), heads, strength=strength,
+                                   cache=("records-real", key), **run)
     if protocol == "dataset":
         folder = data_dir(params)
         if folder is None:
             raise FileNotFoundError("the dataset protocol needs evaluation data: set data_dir in the profile or "
                                     "$SAAM_DATA to a COCO-format folder (see saam.datasets)")
-        key.update(data=_dataset_fingerprint(folder))
-        return cached("records-data", key, lambda: real_image_protocol(
-            pipe, read_coco(folder, native_size(pipe, params), params["n_eval"]), heads, strength=strength, **run))
+        return real_image_protocol(pipe, read_coco(folder, native_size(pipe, params), params["n_eval"]), heads,
+                                   strength=strength, cache=("records-data", key), **run)
     raise ValueError(f"unknown protocol {protocol!r}; use generation, real or dataset")
 
 
 # ------------------------------------------------------------------------------ tables
 
-def method_sets(rel, kind: str, k, include_mid: bool, seed: int = 0) -> dict:
-    """{method label (``select.METHODS``): (head indices, weights)} for a word kind, on the
-    relevance's head list."""
-    from .select import METHODS, bottom_k, eligible, random_k, soft_weights, top_k
-    mask = eligible(rel.heads, include_mid)
-    row = rel.row(kind)
-    w = soft_weights(row, mask)
-    sets = dict(daam=(np.flatnonzero(mask), None), top=(top_k(row, k, mask), None),
-                bottom=(bottom_k(row, k, mask), None), random=(random_k(len(row), k, seed, mask), None),
-                soft=(np.flatnonzero(w > 0), w[w > 0]))
-    return {METHODS[m]: v for m, v in sets.items()}
+def eligible(params: dict, heads) -> np.ndarray:
+    """The heads a profile's methods may use: DAAM's layer rule on the profile's UNet (no layer at
+    1/8 of the latent resolution), and the mid block only if ``include_mid``."""
+    from .heads import layer_factors
+    from .select import eligible as rule
+    config = json.loads((model_dir(params) / "unet" / "config.json").read_text())
+    return rule(heads, params["include_mid"], layer_factors(config, {h.layer for h in heads}))
 
 
-def score(recs, rel, k, tau: float, include_mid: bool, seed: int = 0) -> pd.DataFrame:
-    """One row per (word record, method) with its IoU; missing objects kept with NaN IoU."""
-    from .evaluate import record_iou
-    rows = []
-    for r in recs:
-        sets = method_sets(rel, r.kind, k, include_mid, seed + r.image)
-        for m, (idx, w) in sets.items():
-            rows.append(dict(image=r.image, word=r.word, kind=r.kind, method=m, missing=r.gt is None,
-                             iou=np.nan if r.gt is None else record_iou(r, idx, w, tau)))
-    return pd.DataFrame(rows)
+def head_sets(rel, kind: str, params: dict, methods, seed: int = 0) -> dict:
+    """{method key: ``select.HeadSet``} for one word kind, with the profile's k and eligible heads."""
+    from .select import head_set
+    mask = eligible(params, rel.heads)
+    return {m: head_set(m, rel.heads, rel.row(kind), params["k"], mask=mask, seed=seed) for m in methods}
+
+
+def score(recs, rel, params: dict, ks=None, taus=None) -> pd.DataFrame:
+    """``evaluate.score_records`` with the profile's eligible heads, k (or ``ks``) and tau (or ``taus``)."""
+    from .evaluate import score_records
+    return score_records(recs, rel, eligible(params, rel.heads), ks or [params["k"]], taus or [params["tau"]],
+                         params["seed"])
 
 
 def miou_table(df: pd.DataFrame, by_kind: bool = True, seed: int = 0) -> pd.DataFrame:
-    """mIoU with bootstrap 95 % CI per method (and per word kind), missing words counted apart."""
-    from .evaluate import bootstrap_ci
-    out = []
-    groups = ["method", "kind"] if by_kind else ["method"]
-    for key, g in df.groupby(groups, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        v = g.loc[~g.missing, "iou"].to_numpy()
-        m, lo, hi = bootstrap_ci(v, seed=seed)
-        out.append(dict(zip(groups, key), mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v),
-                        n_missing=int(g.missing.sum())))
-    return pd.DataFrame(out)
+    """``evaluate.miou_table``: mIoU with bootstrap CI per method, k, tau (and word kind)."""
+    from .evaluate import miou_table
+    return miou_table(df, by_kind, seed)
 
 
 def write_table(df: pd.DataFrame, name: str, floatfmt: str = ".3f") -> None:
@@ -329,51 +308,42 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def update_results(**entries) -> dict:
-    """Merge headline numbers into figures/results.json."""
+    """Merge headline numbers into figures/results.json (under a lock: chapters may run at once)."""
+    import fcntl
     f = paths.FIGURES / "results.json"
-    cur = json.loads(f.read_text()) if f.exists() else {}
-    cur.update(entries)
-    write_json(f, cur)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with open(f.with_name(".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cur = json.loads(f.read_text()) if f.exists() else {}
+        cur.update(entries)
+        write_json(f, cur)
     return cur
-
-
-def per_head_iou(recs, kind: str, tau: float) -> np.ndarray:
-    """Mean IoU of each single head's map over the words of one kind: which heads localise.
-
-    A diagnostic, not a method: it looks at the ground truth, so it is an upper reference for
-    what any truth-free head ranking (such as HRV relevance) could pick.
-    """
-    from .evaluate import record_iou
-    rs = [r for r in recs if r.kind == kind and r.gt is not None]
-    if not rs:
-        return np.full(0, np.nan)
-    n = rs[0].maps.shape[0]
-    return np.array([np.mean([record_iou(r, [h], None, tau) for r in rs]) for h in range(n)])
 
 
 def relevance_vs_localisation(recs, rel, params: dict):
     """Does relevance rank heads by how well they localise? Per concept: Spearman rho between a
-    head's relevance and its own single-head mIoU (eligible heads: mid block as the profile says),
-    the best single head, and the oracle top-k (k heads with the best single-head IoU, chosen on
-    the same words: a ceiling, not a method).
+    head's relevance and its own single-head mIoU (``evaluate.per_head_iou``; eligible heads as the
+    profile says), the best single head, and the oracle top-k (k heads with the best single-head
+    IoU, chosen on the same words: a ceiling, not a method).
 
     Returns:
         (table, {concept: per-head mIoU}).
     """
     from scipy.stats import spearmanr
-    from .evaluate import record_iou
-    from .select import eligible, top_k
-    mask = eligible(rel.heads, params["include_mid"])
+    from .aggregate import mean_map
+    from .evaluate import mask_ious, per_head_iou
+    from .select import head_set
+    mask = eligible(params, rel.heads)
     head_iou = {c: per_head_iou(recs, c, params["tau"]) for c in kinds_of(recs)}
     rows = []
     for c, v in head_iou.items():
         if not len(v):
             continue
-        idx = top_k(v, params["k"], mask)
+        oracle = head_set("top", rel.heads, v, params["k"], mask=mask)
         words = [r for r in recs if r.kind == c and r.gt is not None]
+        ious = [mask_ious(mean_map(r.maps[oracle.index])[None], r.gt, [params["tau"]])[0, 0] for r in words]
         rows.append(dict(concept=c, spearman_rho=float(spearmanr(rel.row(c)[mask], v[mask]).statistic),
-                         best_single_head_miou=float(np.nanmax(v[mask])),
-                         oracle_top_k_miou=float(np.mean([record_iou(r, idx, None, params["tau"]) for r in words])),
+                         best_single_head_miou=float(np.nanmax(v[mask])), oracle_top_k_miou=float(np.mean(ious)),
                          n_heads=int(mask.sum())))
     return pd.DataFrame(rows), head_iou
 
@@ -388,32 +358,42 @@ def kinds_of(recs, top: int = 3) -> list[str]:
     return [k for k, _ in n.most_common(top)]
 
 
-def example_rows(recs, rel, images, params: dict, methods: list[str], n: int) -> list[dict]:
-    """One word per image, alternating the two main word kinds (colour and shape on ShapesWorld):
-    the image, its truth and each method's normalised map, for ``plots.examples``."""
-    from .aggregate import normalize
-    from .evaluate import combine
+def example_records(recs, n: int) -> list:
+    """One word per image, alternating the two main word kinds (colour and shape on ShapesWorld)."""
     kinds = kinds_of(recs)[:2]
     seen, ex = set(), []
     for r in recs:
         if r.gt is not None and r.image not in seen and r.kind == kinds[len(ex) % len(kinds)]:
             seen.add(r.image)
             ex.append(r)
+    return ex[:n]
+
+
+def map_rows(recs, rel, images, params: dict, methods: list[str], title=None) -> list[dict]:
+    """For each record: the image, its truth and each method's normalised map (keys of
+    ``select.METHODS``, rows keyed by label), for ``plots.examples``."""
+    from .aggregate import mean_map, normalize
+    from .select import METHODS
     rows = []
-    for r in ex[:n]:
-        sets = method_sets(rel, r.kind, params["k"], params["include_mid"], params["seed"] + r.image)
-        row = dict(image=images[r.image], gt=r.gt, title=f"{r.word} ({r.kind}) in: {r.caption}")
-        row.update({m: normalize(combine(r.maps, *sets[m]), r.gt.shape).numpy() for m in methods})
+    for r in recs:
+        sets = head_sets(rel, r.kind, params, methods, params["seed"] + r.image)
+        size = images.shape[1:3]
+        row = dict(image=images[r.image], gt=r.gt if r.gt is not None else np.zeros(size, bool),
+                   title=title(r) if title else f"{r.word} ({r.kind}) in: {r.caption}")
+        row.update({METHODS[m]: normalize(mean_map(r.maps[s.index], s.weights), size).numpy() for m, s in sets.items()})
         rows.append(row)
     return rows
 
 
 def binding_items(recs, rel, params: dict, methods: list[str]) -> pd.DataFrame:
     """Every colour word of a multi-object caption with its binding score under each method
-    (colour maps from the colour heads, shape maps from the shape heads) and whether the model
-    drew the intended (colour, shape) object (``bound``, from the analyzer)."""
-    from .evaluate import binding_score, combine
-    sets = {kind: method_sets(rel, kind, params["k"], params["include_mid"], params["seed"]) for kind in ("color", "shape")}
+    (keys of ``select.METHODS``; colour maps from the colour heads, shape maps from the shape
+    heads) and whether the model drew the intended (colour, shape) object (``bound``, from the
+    analyzer)."""
+    from .aggregate import mean_map
+    from .evaluate import binding_score
+    sets = {kind: head_sets(rel, kind, params, methods, params["seed"]) for kind in ("color", "shape")}
+    agg = lambda r, s: mean_map(r.maps[s.index], s.weights)  # noqa: E731
     by_img: dict[int, list] = {}
     for r in recs:
         by_img.setdefault(r.image, []).append(r)
@@ -428,8 +408,7 @@ def binding_items(recs, rel, params: dict, methods: list[str]) -> pd.DataFrame:
             item = dict(image=i, word=c.word, occurrence=c.occurrence, caption=c.caption, bound=bool(c.bound))
             for m in methods:
                 cs, ss = sets["color"][m], sets["shape"][m]
-                item[m] = binding_score(combine(c.maps, *cs), combine(own[0].maps, *ss),
-                                        [combine(o.maps, *ss) for o in others])
+                item[m] = binding_score(agg(c, cs), agg(own[0], ss), [agg(o, ss) for o in others])
             items.append(item)
     return pd.DataFrame(items, columns=["image", "word", "occurrence", "caption", "bound", *methods])
 
@@ -458,12 +437,12 @@ def organism_properties(params: dict, model_path: Path) -> dict:
     rel = relevance(pipe, p, "hrv")
     for r in concentration_table(rel, list(KINDS), seed=p["seed"]).itertuples():
         out[f"conc_{r.concept.lower()}"], out[f"conc_{r.concept.lower()}_ci"] = r.top_share, [r.ci_low, r.ci_high]
-    fid = fidelity(pipe, p, write=False)
+    fid = fidelity(pipe, p, write=False, groups=("single", "two"))
     out.update({k: fid[k] for k in ("single_color_accuracy", "single_shape_accuracy", "two_object_binding")})
     recs = records(pipe, p, "generation", rel.heads)[0]
     diag, _ = relevance_vs_localisation(recs, rel, p)
     out.update({f"rho_{r.concept}": r.spearman_rho for r in diag.itertuples()})
-    tab = miou_table(score(recs, rel, p["k"], p["tau"], p["include_mid"], p["seed"]), by_kind=False, seed=p["seed"])
+    tab = miou_table(score(recs, rel, p), by_kind=False, seed=p["seed"])
     for key, m in (("daam", "daam"), ("topk", "top"), ("bottomk", "bottom")):
         r = tab[tab.method == METHODS[m]].iloc[0]
         out[f"miou_{key}"], out[f"miou_{key}_ci"] = r.mIoU, [r.ci_low, r.ci_high]

@@ -28,6 +28,25 @@ def block_of(layer: str) -> str:
     raise ValueError(f"{layer!r} is not in a UNet down/mid/up block")
 
 
+def layer_factors(unet_config, layers: Iterable[str]) -> dict[str, int]:
+    """How far each layer's maps are downsampled from the latent (1, 2, 4, ...), from the UNet's
+    config alone (``unet.config`` or its ``config.json`` as a dict).
+
+    A diffusers ``UNet2DConditionModel`` halves the resolution after every down block but the last
+    and doubles it after every up block but the last, so ``down_blocks.i`` runs at ``2**i``, the mid
+    block at ``2**(n-1)`` and ``up_blocks.j`` at ``2**(n-1-j)`` for ``n`` blocks. DAAM's layer
+    rule (``saam.select.eligible``) reads this.
+    """
+    n = len(unet_config["down_block_types"])
+    if len(unet_config["up_block_types"]) != n:
+        raise ValueError("a UNet with different numbers of down and up blocks is not a diffusers UNet2DConditionModel")
+    out = {}
+    for layer in layers:
+        b, i = block_of(layer), _numbers(layer)
+        out[layer] = 2 ** (i[0] if b == "down" else n - 1 if b == "mid" else n - 1 - i[0])
+    return out
+
+
 def _numbers(layer: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", layer))
 

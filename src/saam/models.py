@@ -8,32 +8,15 @@ fp16 where present, else the CPU in fp32. Loading messages that say nothing to a
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from . import paths
+from .progress import quiet
 
 REAL_MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                "sd21": "stabilityai/stable-diffusion-2-1", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
-
-
-@contextmanager
-def quiet():
-    """Silence diffusers' and transformers' loading chatter (progress bars, info and warnings
-    such as "CLIPImageProcessor requires torchvision", which concerns a safety checker we never
-    load); errors still surface."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-    levels = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error(); tlog.set_verbosity_error()
-    dlog.disable_progress_bar(); tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(levels[0]); tlog.set_verbosity(levels[1])
-        dlog.enable_progress_bar(); tlog.enable_progress_bar()
 
 
 def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:

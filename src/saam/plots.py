@@ -138,22 +138,12 @@ def relevance_heatmaps(rel, concepts: Sequence[str] | None = None):
     return fig
 
 
-def timestep_stability(rel, concepts: Sequence[str], k: float = 0.25, windows: int = 5):
-    """Overlap (Jaccard) of each timestep window's top-k heads with the overall top-k."""
-    per = rel.per_timestep()  # [T, C, H]
-    T, _, H = per.shape
-    kk = max(1, int(round(k * H)))
-    edges = np.linspace(0, T, windows + 1).astype(int)
+def timestep_stability(table: pd.DataFrame):
+    """``relevance.timestep_stability``'s table: one line per concept over the denoising windows."""
     fig, ax = plt.subplots(figsize=(5, 3))
-    for c in concepts:
-        ci = rel.index(c)
-        overall = set(np.argsort(-rel.matrix[ci])[:kk])
-        ys = []
-        for a, b in zip(edges[:-1], edges[1:]):
-            win = set(np.argsort(-per[a:b, ci].mean(0))[:kk])
-            ys.append(len(win & overall) / len(win | overall))
-        ax.plot(np.arange(windows) + 1, ys, marker="o", label=c)
-    ax.set(xlabel="denoising window (early -> late)", ylabel=f"Jaccard of top-{kk} heads with overall",
+    for c, g in table.groupby("concept", sort=False):
+        ax.plot(g.window, g.jaccard, marker="o", label=c)
+    ax.set(xlabel="denoising window (early -> late)", ylabel=f"Jaccard of top-{table.k_heads.iloc[0]} heads with overall",
            ylim=(0, 1.05))
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
-from .capture import Observer, _check_pipeline, cross_attention_layers, install, keys, probs
+from .capture import Observer, check_pipeline, cross_attention_layers, install, keys, probs
 from .heads import HeadId, forward_order, from_hrv_names, head_ids
 from .words import token_positions
 
@@ -94,6 +95,28 @@ class Relevance:
         pv = z["prompt_votes"] if "prompt_votes" in z and z["prompt_votes"].size else None
         return cls(meta["concepts"], [HeadId(l, int(h)) for l, h in meta["heads"]], z["matrix"],
                    votes, [int(t) for t in z["timesteps"]], meta["params"], pv)
+
+
+def timestep_stability(rel: Relevance, concepts: Sequence[str], k: float = 0.25, windows: int = 5):
+    """How stable each concept's top-k heads are over the denoising: the Jaccard overlap of each
+    timestep window's top-k (from that window's votes alone) with the overall top-k.
+
+    Returns:
+        a table with columns concept, window (1 = earliest), jaccard, k_heads.
+    """
+    import pandas as pd
+    per = rel.per_timestep()  # [T, C, H]
+    T, _, H = per.shape
+    kk = max(1, int(round(k * H)))
+    edges = np.linspace(0, T, windows + 1).astype(int)
+    rows = []
+    for c in concepts:
+        ci = rel.index(c)
+        overall = set(np.argsort(-rel.matrix[ci])[:kk])
+        for w, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+            win = set(np.argsort(-per[a:b, ci].mean(0))[:kk])
+            rows.append(dict(concept=c, window=w + 1, jaccard=len(win & overall) / len(win | overall), k_heads=kk))
+    return pd.DataFrame(rows)
 
 
 def normalize_votes(votes: np.ndarray) -> np.ndarray:
@@ -176,8 +199,10 @@ class VoteRecorder(Observer):
     """At every cross-attention call, each head votes for the concept it attends to most in a
     fresh pseudo-context (see the module doc)."""
 
-    def __init__(self, words: list[list[tuple[torch.Tensor, torch.Tensor]]], layers: dict[str, object],
+    def __init__(self, words: list[list[tuple[torch.Tensor, torch.Tensor]]] | None, layers: dict[str, object],
                  seed: int, start_token: bool):
+        """``words``: per concept, each word's (start, tokens) states (``encode_words``); may be set
+        later, before the first generation."""
         self.words, self.start_token = words, start_token
         self.rng = random.Random(seed)
         lh = {l: m.heads for l, m in layers.items()}
@@ -218,34 +243,38 @@ class VoteRecorder(Observer):
 
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
                    guidance: float = 5.0, seed: int = 0, batch_size: int = 8, height: int | None = None,
-                   width: int | None = None, start_token: bool = True, progress: bool = True) -> Relevance:
+                   width: int | None = None, start_token: bool = True, progress: bool = True,
+                   cache: tuple[str, dict] | None = None) -> Relevance:
     """Count HRV votes over the generation of ``prompts`` and normalise them (see module doc).
 
     Args:
         concepts: concept -> words (``load_concepts()``, or ``load_concepts("hrv")`` for HRV's 34).
         prompts: generation prompts, unrelated to the concepts (HRV: ImageNet classes, PromptHero).
         start_token: keep the first word's start token in the pseudo-context, as HRV's code does.
+        cache: cache each batch's votes under this (name, key) (``saam.runs.run_batches``).
     """
-    from .progress import bar
-    _check_pipeline(pipe)
+    from .runs import run_batches
+    check_pipeline(pipe)
     layers = cross_attention_layers(pipe.unet)
-    words = [encode_words(pipe, ws) for ws in concepts.values()]
-    rec = VoteRecorder(words, layers, seed, start_token)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    per_prompt = []
+    rec = VoteRecorder(None, layers, seed, start_token)
+
+    def batch(prompts, gen, start):
+        if rec.words is None:  # encoded once, and only when some batch is not cached
+            rec.words = [encode_words(pipe, ws) for ws in concepts.values()]
+        rec.votes, rec.timesteps = {}, {}
+        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+             height=height, width=width, output_type="latent")
+        order = sorted(rec.votes)
+        return dict(votes=torch.stack([rec.votes[s] for s in order]).numpy(),
+                    timesteps=[rec.timesteps[s] for s in order], prompt_votes=rec.batch_votes.numpy())
     with install(pipe, rec):
-        for b in bar(batches, desc="relevance", disable=not progress):
-            pipe(b, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
-                 height=height, width=width, output_type="latent")
-            per_prompt.append(rec.batch_votes.numpy())
-            rec.batch_votes = None
-    order = sorted(rec.votes)
-    votes = torch.stack([rec.votes[s] for s in order]).numpy()
+        parts = run_batches(prompts, batch_size, seed, batch, cache=cache, states=[rec.rng],
+                            desc="relevance" if progress else None)
+    votes = np.sum([p["votes"] for p in parts], axis=0)
     params = dict(concepts=concepts, n_prompts=len(prompts), steps=steps, guidance=guidance, seed=seed,
                   start_token=start_token)
-    return Relevance(list(concepts), rec.heads, normalize_votes(votes), votes,
-                     [rec.timesteps[s] for s in order], params, np.concatenate(per_prompt))
+    return Relevance(list(concepts), rec.heads, normalize_votes(votes), votes, parts[0]["timesteps"], params,
+                     np.concatenate([p["prompt_votes"] for p in parts]))
 
 
 # ------------------------------------------------------------------ HRV's published files

@@ -1,12 +1,13 @@
-"""Head sets for aggregation: top-k, bottom-k, random-k and relevance-weighted ("soft").
+"""Head sets for aggregation: DAAM's, top-k, bottom-k, random-k and relevance-weighted ("soft").
 
-Pure functions over a relevance row (one value per head); no model needed. ``k`` is a count
-(int) or a fraction of the eligible heads (float in (0, 1]). Ties are broken by head order, so
-results are deterministic.
+One function, :func:`head_set`, makes every method's set; the paper's tables, the examples and
+the README's snippet all go through it. Pure functions over a relevance row (one value per head);
+no model needed. ``k`` is a count (int) or a fraction of the eligible heads (float in (0, 1]).
+Ties are broken by head order, so results are deterministic.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -15,11 +16,30 @@ from .heads import HeadId, block_of
 # every aggregation method: key (used in code) -> label (used in tables and figures), defined once
 METHODS = {"daam": "DAAM (all heads)", "top": "top-k (selective)", "bottom": "bottom-k",
            "random": "random-k", "soft": "soft (relevance-weighted)"}
+DAAM_SKIPS_FACTOR = 8  # DAAM drops every layer whose maps are at 1/8 of the latent resolution
 
 
-def eligible(heads: Sequence[HeadId], include_mid: bool = True) -> np.ndarray:
-    """Boolean mask of heads allowed in a set (mid-block heads optional, as DAAM drops them)."""
-    return np.array([include_mid or block_of(h.layer) != "mid" for h in heads], dtype=bool)
+class HeadSet(NamedTuple):
+    """A method's heads: ``index`` into the head list it was chosen from, the ``heads`` themselves,
+    and ``weights`` (None: equal weights). ``aggregate.mean_map(maps[s.index], s.weights)`` and
+    ``hm.word_map(word, heads=s.heads, weights=s.weights)`` are its map."""
+    index: np.ndarray
+    heads: list[HeadId]
+    weights: np.ndarray | None
+
+
+def eligible(heads: Sequence[HeadId], include_mid: bool = True,
+             factors: dict[str, int] | None = None) -> np.ndarray:
+    """Boolean mask of the heads a set may use.
+
+    ``factors`` (layer -> downsampling from the latent: ``heads.layer_factors`` or
+    ``HeadMaps.layer_factors``) applies DAAM's layer rule: layers at 1/8 of the latent resolution
+    are dropped (on SD 1.x exactly the mid block; SDXL's and ShapesWorld's UNets have none).
+    ``include_mid=False`` also drops the mid block, whatever its resolution.
+    """
+    factors = factors or {}
+    return np.array([(include_mid or block_of(h.layer) != "mid") and factors.get(h.layer) != DAAM_SKIPS_FACTOR
+                     for h in heads], dtype=bool)
 
 
 def resolve_k(k: int | float, n: int) -> int:
@@ -74,25 +94,41 @@ def soft_weights(relevance: Sequence[float], mask: np.ndarray | None = None,
 
 
 def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | None = None,
-             k: int | float = 0.25, include_mid: bool = False, seed: int = 0):
-    """(heads, weights) for an aggregation method: 'all' (DAAM), 'top', 'bottom', 'random', 'soft'."""
-    mask = eligible(heads, include_mid)
+             k: int | float = 0.25, *, mask: np.ndarray | None = None, seed: int = 0) -> HeadSet:
+    """The heads (and weights) a method aggregates.
+
+    Args:
+        method: a key of :data:`METHODS`: ``daam`` (every eligible head), ``top``, ``bottom``,
+            ``random`` (k eligible heads) or ``soft`` (every eligible head, weighted by relevance).
+        heads: the head list ``relevance`` is a row over (``Relevance.heads``).
+        relevance: one value per head (``Relevance.row(concept)``); not needed for daam and random.
+        mask: eligible heads (:func:`eligible`; default all).
+        seed: random-k's draw.
+    """
     heads = list(heads)
+    mask = np.ones(len(heads), bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != (len(heads),):
+        raise ValueError(f"an eligibility mask of {mask.shape} for {len(heads)} heads")
     if relevance is not None and len(relevance) != len(heads):
         raise ValueError(f"a relevance row of {len(relevance)} values for {len(heads)} heads: the row must come "
                          "from a Relevance over the same heads (Relevance.row on this UNet's heads)")
-    if method == "all":
-        return [h for h, m in zip(heads, mask) if m], None
-    if method == "random":
-        return [heads[i] for i in random_k(len(heads), k, seed, mask)], None
-    if relevance is None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    weights = None
+    if method == "daam":
+        idx = np.flatnonzero(mask)
+    elif method == "random":
+        idx = random_k(len(heads), k, seed, mask)
+    elif relevance is None:
         raise ValueError(f"method {method!r} needs a relevance row")
-    if method == "top":
-        return [heads[i] for i in top_k(relevance, k, mask)], None
-    if method == "bottom":
-        return [heads[i] for i in bottom_k(relevance, k, mask)], None
-    if method == "soft":
+    elif method == "top":
+        idx = top_k(relevance, k, mask)
+    elif method == "bottom":
+        idx = bottom_k(relevance, k, mask)
+    else:
         w = soft_weights(relevance, mask)
-        keep = np.flatnonzero(w > 0)
-        return [heads[i] for i in keep], w[keep]
-    raise ValueError(f"unknown method {method!r}; use all, top, bottom, random or soft")
+        idx = np.flatnonzero(w > 0)
+        weights = w[idx]
+    if len(idx) == 0:
+        raise ValueError("no eligible head: the mask rules out every head")
+    return HeadSet(idx, [heads[i] for i in idx], weights)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, SIZES, _inside
+from .world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, SIZES, inside
 
 _PALETTE = np.array([BACKGROUND] + list(COLORS.values()), dtype=np.float32)
 _NAMES = ["background"] + list(COLORS)
@@ -44,7 +44,7 @@ def _template_stats() -> dict[str, tuple[float, float, float]]:
     yy, xx = torch.meshgrid(c, c, indexing="ij")
     out = {}
     for i, s in enumerate(SHAPES):
-        m = _inside(torch.full_like(xx, i, dtype=torch.long), xx, yy).float()
+        m = inside(torch.full_like(xx, i, dtype=torch.long), xx, yy).float()
         area = m.sum() / 200.0 ** 2
         out[s] = (float(area), float((m * xx).sum() / m.sum()), float((m * yy).sum() / m.sum()))
     return out
@@ -55,7 +55,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: tuple[int, int
     xs = torch.arange(size[1], dtype=torch.float32) + 0.5
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     idx = torch.full_like(xx, SHAPES.index(shape), dtype=torch.long)
-    return _inside(idx, (xx - cx) / r, (yy - cy) / r).numpy()
+    return inside(idx, (xx - cx) / r, (yy - cy) / r).numpy()
 
 
 def classify_pixels(img: np.ndarray, max_dist: float = 90.0) -> np.ndarray:
@@ -151,41 +151,41 @@ def analyzer_accuracy(n: int = 400, seed: int = 0) -> dict:
     return out
 
 
-def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int) -> dict:
+def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int,
+             cache: tuple[str, dict] | None = None) -> dict:
     """Score a model's images of scene captions with the analyzer.
 
     Args:
         groups: name -> scenes; one-object groups score colour and shape accuracy, multi-object
-            groups score binding (every object drawn with its colour *and* shape).
+            groups score binding (every object drawn with its colour *and* shape). Each group
+            is generated in batches of 32 from a generator seeded with ``seed``.
+        cache: cache each batch's outcomes under this (name, key) (``saam.runs.run_batches``).
     Returns:
         ``<name>_color_accuracy``, ``<name>_shape_accuracy`` or ``two_object_binding`` (for a
         group named "two"; ``<name>_binding`` otherwise), ``<name>_count_accuracy``, ``n_<name>``.
     """
-    from ..progress import bar
+    from ..runs import run_batches
+
+    def batch(scenes, gen, start):
+        imgs = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance,
+                    generator=gen, output_type="np").images
+        rows = []
+        for s, im in zip(scenes, imgs):
+            det = analyze((im * 255).round().astype(np.uint8))
+            d = det[0] if det else None
+            rows.append([len(det) == len(s.objects), bool(d and d.color == s.objects[0].color),
+                         bool(d and d.shape == s.objects[0].shape),
+                         all(any(d.color == o.color and d.shape == o.shape for d in det) for o in s.objects)])
+        return np.array(rows, bool)  # per scene: count, colour, shape, binding right
     out = {}
     for name, scenes in groups.items():
-        gen = torch.Generator("cpu").manual_seed(seed)
-        ok_c = ok_s = ok_b = ok_n = 0
-        multi = max(len(s.objects) for s in scenes) > 1
-        for b in bar(range(0, len(scenes), 32), desc=f"fidelity {name}"):
-            batch = scenes[b:b + 32]
-            imgs = pipe([s.caption for s in batch], num_inference_steps=steps, guidance_scale=guidance,
-                        generator=gen, output_type="np").images
-            for s, im in zip(batch, imgs):
-                det = analyze((im * 255).round().astype(np.uint8))
-                ok_n += len(det) == len(s.objects)
-                if not multi:
-                    d = det[0] if det else None
-                    ok_c += bool(d and d.color == s.objects[0].color)
-                    ok_s += bool(d and d.shape == s.objects[0].shape)
-                else:
-                    ok_b += all(any(d.color == o.color and d.shape == o.shape for d in det) for o in s.objects)
+        ok = np.concatenate(run_batches(scenes, 32, seed, batch, cache=cache, desc=f"fidelity {name}"))
         n = len(scenes)
-        if not multi:
-            out[f"{name}_color_accuracy"], out[f"{name}_shape_accuracy"] = ok_c / n, ok_s / n
+        if max(len(s.objects) for s in scenes) == 1:
+            out[f"{name}_color_accuracy"], out[f"{name}_shape_accuracy"] = ok[:, 1].sum() / n, ok[:, 2].sum() / n
         else:
-            out["two_object_binding" if name == "two" else f"{name}_binding"] = ok_b / n
-        out[f"{name}_count_accuracy"], out[f"n_{name}"] = ok_n / n, n
+            out["two_object_binding" if name == "two" else f"{name}_binding"] = ok[:, 3].sum() / n
+        out[f"{name}_count_accuracy"], out[f"n_{name}"] = ok[:, 0].sum() / n, n
     out.update(steps=steps, guidance=guidance,
                targets=dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50))
-    return out
+    return {k: float(v) if isinstance(v, np.floating) else v for k, v in out.items()}

@@ -193,7 +193,7 @@ def _link_identical(folder: Path, other: Path, final: Path) -> None:
 def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=torch.float32):
     """Load the committed ShapesWorld pipeline offline, and check that it really loaded."""
     from .. import paths
-    from ..models import quiet
+    from ..progress import quiet
     path = Path(path) if path is not None else paths.MODEL_DIR
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no ShapesWorld pipeline at {path}; run 'make model' to train one")

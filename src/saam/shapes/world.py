@@ -166,7 +166,7 @@ def sample_scene(seed: int, n_objects: int | None = None, *, split: str = "train
 
 # ---------------------------------------------------------------- rendering (vectorised)
 
-def _inside(shape_idx: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def inside(shape_idx: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Point-in-shape test in shape-normalised coordinates (radius 1)."""
     au, av = u.abs(), v.abs()
     tests = torch.stack([
@@ -220,7 +220,7 @@ def render_from_params(shape: torch.Tensor, color: torch.Tensor, geom: torch.Ten
     cx, cy, r = (geom[..., i, None, None] for i in range(3))
     u = (xx - cx) / r
     v = (yy - cy) / r
-    masks = _inside(shape[..., None, None].expand_as(u), u, v) & valid[..., None, None]
+    masks = inside(shape[..., None, None].expand_as(u), u, v) & valid[..., None, None]
     bg = torch.tensor(BACKGROUND, device=device, dtype=torch.float32) / 255
     img = bg.view(1, 3, 1, 1).expand(shape.shape[0], 3, image_size, image_size)
     m = masks.float()
@@ -255,7 +255,7 @@ def export_coco(folder, n: int, seed: int = 0, split: str = "test") -> None:
     from pathlib import Path
     from PIL import Image
     from pycocotools import mask as mask_utils
-    from ..datasets import WORD_FILE
+    from .. import paths
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     cats = [*COLOR_NAMES, *SHAPES, *SIZE_NAMES]
@@ -281,7 +281,7 @@ def export_coco(folder, n: int, seed: int = 0, split: str = "test") -> None:
     lines = ["# ShapesWorld categories: the word kind each scores as (its concept) and the words naming it"]
     for kind, names in (("color", COLOR_NAMES), ("shape", SHAPES), ("size", SIZE_NAMES)):
         lines += [f"{c}: {{concept: {kind}, words: [{c}]}}" for c in names]
-    (folder / WORD_FILE).write_text("\n".join(lines) + "\n")
+    (folder / paths.COCO_WORD_FILE).write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
