@@ -77,10 +77,10 @@ def test_readme_snippet_runs_as_printed(tiny_sd14):
     text = (ROOT / "README.md").read_text()
     block = re.search(r"## Using it on your own model\n.*?```python\n(.*?)```", text, re.S).group(1)
     env = dict(os.environ, SAAM_MODEL_PATH=str(tiny_sd14))
-    out = subprocess.run([sys.executable, "-c", block + "\nprint(tuple(selective.shape), len(heads))"], env=env,
+    out = subprocess.run([sys.executable, "-c", block + "\nprint(tuple(selective.shape), len(top.heads))"], env=env,
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "(16, 16) 30" in out.stdout  # tiny SD v1.4 layout: 16x16 latents; 25 % of its 120 down/up heads
+    assert "(16, 16) 30" in out.stdout  # tiny SD v1.4 layout: 16x16 latents; 25 % of the 120 heads outside its 1/8-resolution mid block
 
 
 @pytest.mark.slow
