@@ -21,14 +21,10 @@ def check(profile: str, overrides: str) -> None:
 
 
 def record(f: Path, name: str, start: float, end: float) -> None:
-    """Add a chapter's start and end (epoch seconds) to timings.json (under a lock: two runs may
-    share a build folder)."""
-    import fcntl
-    with open(f.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        t = json.loads(f.read_text()) if f.exists() else {}
-        t[name] = dict(start=start, end=end, seconds=end - start)
-        f.write_text(json.dumps(t, indent=1))
+    """Add a chapter's start and end (epoch seconds) to timings.json."""
+    t = json.loads(f.read_text()) if f.exists() else {}
+    t[name] = dict(start=start, end=end, seconds=end - start)
+    f.write_text(json.dumps(t, indent=1))
 
 
 def timings_report(folder: Path) -> str:

@@ -89,9 +89,7 @@ def aggregate(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
               weights: Sequence[float] | torch.Tensor | None = None,
               size: tuple[int, int] | None = None) -> torch.Tensor:
     """``mean_map(per_head_maps(hm, tokens, heads, size), weights)``: the [h, w] aggregate."""
-    if len(heads) == 0:
-        raise ValueError("empty head set")
-    return mean_map(per_head_maps(hm, tokens, heads, size), weights)
+    return mean_map(per_head_maps(hm, tokens, heads, size), weights)  # raises on an empty head set
 
 
 def normalize(m: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -308,15 +308,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def update_results(**entries) -> dict:
-    """Merge headline numbers into figures/results.json (under a lock: chapters may run at once)."""
-    import fcntl
+    """Merge headline numbers into figures/results.json."""
     f = paths.FIGURES / "results.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    with open(f.with_name(".results.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cur = json.loads(f.read_text()) if f.exists() else {}
-        cur.update(entries)
-        write_json(f, cur)
+    cur = json.loads(f.read_text()) if f.exists() else {}
+    cur.update(entries)
+    write_json(f, cur)
     return cur
 
 

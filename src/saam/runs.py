@@ -12,7 +12,6 @@ from, and it stores the state it ends in. Hence:
 """
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .cache import cached, digest
+
 
 def _get(states) -> list:
     out = []
@@ -66,9 +66,8 @@ def run_batches(items: Sequence, batch_size: int, seed: int, fn: Callable, *, ca
             res = fn(batch, gen, start)
             return dict(result=res, end=_get(sources))
         name, key = cache
-        state = hashlib.sha256(digest(_get(sources)).encode()).hexdigest()[:16]
-        entry = cached(name, dict(key, batch_size=batch_size, start=start, items=digest(list(batch)), state=state),
-                       compute)
+        entry = cached(name, dict(key, batch_size=batch_size, start=start, items=digest(list(batch)),
+                                  state=digest(_get(sources))), compute)
         _set(sources, entry["end"])
         out.append(entry["result"])
     return out
