@@ -58,3 +58,65 @@ def test_a_traced_prompt_cut_by_the_window_says_so(sd1):
     with trace(sd1) as tc:
         run(sd1, "a dog", steps=1)
     assert not tc[0].truncated
+
+
+def _own_tokens(tok, text):
+    return tok(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("which", ["clip", "bert"])
+def test_every_hrv_word_aligns_with_the_tokenizer(which, bert):
+    """HRV's 340 concept words (McDonald's, T-shirt, Yo-yo, Rio de Janeiro ...), alone as the relevance
+    pass encodes them and inside a caption with a possessive, a contraction and repeated punctuation."""
+    from saam.relevance import load_concepts
+    tok = clip_tokenizer() if which == "clip" else bert
+    words = [w for ws in load_concepts("hrv").values() for w in ws]
+    assert len(words) == 340
+    for w in words:
+        own = _own_tokens(tok, w)
+        assert token_positions(w, w, tok) == list(range(1, 1 + len(own))), w
+        prompt = f"the kid's photo of {w}, isn't it great!!!"
+        ids = tok(prompt).input_ids
+        assert [ids[i] for i in token_positions(prompt, w, tok)] == own, (w, prompt)
+
+
+def test_clip_possessives_contractions_and_punctuation():
+    """CLIP makes 's, 't and !!! one token each; the word before keeps only its own tokens, and the
+    whole word ("McDonald's", "don't") gets both."""
+    tok = clip_tokenizer()
+    prompt = "a McDonald's sign that doesn't glow!!! next to the man's dog"
+    ids = tok(prompt).input_ids
+    name = lambda pos: tok.convert_ids_to_tokens([ids[i] for i in pos])  # noqa: E731
+    assert name(token_positions(prompt, "McDonald's", tok)) == ["mcdonald</w>", "'s</w>"]
+    assert name(token_positions(prompt, "McDonald", tok)) == ["mcdonald</w>"]
+    assert name(token_positions(prompt, "doesn't", tok)) == ["doesn</w>", "'t</w>"]
+    assert name(token_positions(prompt, "glow", tok)) == ["glow</w>"]
+    assert name(token_positions(prompt, "dog", tok)) == ["dog</w>"]
+    assert name(token_positions(prompt, "man", tok)) == ["man</w>"]
+
+
+COCO_STYLE = [
+    "A man's bicycle leaning against a store's window.",
+    "Two dogs that don't seem to like each other's toys!!!",
+    "The cat isn't on the couch; it's under the table...",
+    "A woman holding a McDonald's cup and a hot-dog (with mustard).",
+    "Kids' toys scattered on the floor -- what a mess?!",
+    "A 1950's style diner with red booths & chrome stools",
+]
+
+
+@pytest.mark.parametrize("which", ["clip", "bert"])
+def test_every_word_of_coco_style_captions_has_its_tokens(which, bert):
+    """Every word of captions with possessives, contractions and repeated punctuation finds tokens, and
+    together the words cover every token of the caption (nothing is left unaccounted for)."""
+    from saam.words import split_words, word_spans
+    tok = clip_tokenizer() if which == "clip" else bert
+    for caption in COCO_STYLE:
+        spans = word_spans(caption, tok)
+        assert [w for w, _ in spans] == split_words(caption)
+        assert all(pos for _, pos in spans), caption
+        n = len(tok(caption).input_ids)
+        assert sorted({p for _, pos in spans for p in pos}) == list(range(1, n - 1)), caption
+        for w in split_words(caption):
+            if w.isalpha():
+                token_positions(caption, w, tok, occurrence="all")

@@ -1,10 +1,13 @@
 """Which token positions of a prompt belong to a word, for any Hugging Face tokenizer.
 
-The prompt is split into words and punctuation (``\\w+`` or one non-space symbol), each piece is
-tokenized alone, and the pieces' tokens are laid end to end after the tokenizer's start token(s).
-That alignment is checked against the tokenization of the whole prompt, so a tokenizer for
-which it does not hold fails loudly instead of pointing at the wrong tokens. CLIP's BPE
-(SD 1.x/2.x/XL) and BERT's WordPiece (the ShapesWorld model) both satisfy it.
+A prompt's words are ``\\w+`` runs and single non-space symbols ("McDonald's" is "McDonald",
+"'", "s"). A word's tokens are the tokens whose characters overlap the word's characters in the
+tokenizer's own tokenization of the whole prompt (its offset mapping), so the alignment agrees
+with the pipeline's tokenizer however it cuts: CLIP's BPE makes ``'s``, ``'t`` and ``!!!`` one
+token each, BERT's WordPiece splits "hexagon" into sub-words; a token shared by two words
+(CLIP's ``'s``) belongs to both. Tokenizers without offsets (slow Python tokenizers) fall back to
+tokenizing each word alone, checked against the whole prompt's tokens, and fail loudly where that
+does not hold instead of pointing at the wrong tokens.
 """
 from __future__ import annotations
 
@@ -23,7 +26,23 @@ class WordNotFound(KeyError):
 
 
 def word_spans(prompt: str, tokenizer) -> list[tuple[str, list[int]]]:
-    """Each word of the prompt with its token positions in the padded text-encoder input."""
+    """Each word of the prompt with its token positions in the text-encoder input (start token
+    included, untruncated: positions past the encoder's window are checked by ``token_positions``)."""
+    if getattr(tokenizer, "is_fast", False):
+        return _spans_by_offsets(prompt, tokenizer)
+    return _spans_by_pieces(prompt, tokenizer)
+
+
+def _spans_by_offsets(prompt: str, tokenizer) -> list[tuple[str, list[int]]]:
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    special = set(tokenizer.all_special_ids)
+    tokens = [(i, a, b) for i, (t, (a, b)) in enumerate(zip(enc.input_ids, enc["offset_mapping"]))
+              if b > a and t not in special]
+    return [(m.group(), [i for i, a, b in tokens if a < m.end() and b > m.start()])
+            for m in _SPLIT.finditer(prompt)]
+
+
+def _spans_by_pieces(prompt: str, tokenizer) -> list[tuple[str, list[int]]]:
     words = split_words(prompt)
     pieces = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     full = tokenizer(prompt, add_special_tokens=True).input_ids
@@ -33,7 +52,9 @@ def word_spans(prompt: str, tokenizer) -> list[tuple[str, list[int]]]:
             break
     else:
         raise ValueError(f"cannot align the words of {prompt!r} with {type(tokenizer).__name__}'s "
-                         "tokens; word maps need a tokenizer that tokenizes words independently")
+                         "tokens: it has no offset mapping (use its fast version, e.g. "
+                         "AutoTokenizer.from_pretrained(..., use_fast=True)) and does not tokenize "
+                         "words independently")
     out, pos = [], start
     for w, p in zip(words, pieces):
         out.append((w, list(range(pos, pos + len(p)))))
@@ -71,6 +92,10 @@ def token_positions(prompt: str, word: str, tokenizer, occurrence: int | str = 0
     else:
         i = hits[occurrence]
         pos = [p for _, ps in spans[i:i + len(query)] for p in ps]
+    pos = list(dict.fromkeys(pos))  # a token shared by two words (CLIP's 's) counts once
+    if not pos:
+        raise WordNotFound(f"{word!r} has no tokens of its own in {prompt!r} "
+                           f"({type(tokenizer).__name__} drops it)")
     limit = max_length or getattr(tokenizer, "model_max_length", None)
     if limit and limit < 10_000 and max(pos) >= limit - 1:
         raise WordNotFound(f"{word!r} lies beyond the text encoder's {limit}-token window "
