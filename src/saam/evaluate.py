@@ -193,11 +193,11 @@ def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidan
     from .runs import run_batches
     from .shapes.analyzer import analyze
 
-    def batch(scenes, gen, start):
+    def batch(scenes, gens, start):
         records, images = [], []
         with trace(pipe) as tc:
             out = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gen, output_type="np").images
+                       generator=gens, output_type="np").images
         for j, (scene, hm, img) in enumerate(zip(scenes, tc, out)):
             img = (img * 255).round().astype(np.uint8)
             det = analyze(img)
@@ -241,12 +241,12 @@ def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, st
     from .runs import run_batches
     i2i = img2img(pipe)
 
-    def batch(items, gen, start):
+    def batch(items, gens, start):
         records = []
         with trace(i2i) as tc:
             i2i([it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
                 strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                generator=gen, output_type="latent")
+                generator=gens, output_type="latent")
         for j, (it, hm) in enumerate(zip(items, tc)):
             words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]
             records += _records_for(hm, it.caption, words, start + j, heads, it.n_objects)

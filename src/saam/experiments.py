@@ -60,17 +60,18 @@ def model_dir(params: dict) -> Path:
     return model_path(params)
 
 
-def generator(params: dict):
-    """A CPU generator seeded from the profile: the same images on any device."""
-    import torch
-    return torch.Generator("cpu").manual_seed(params["seed"])
+def generators(params: dict, n: int, start: int = 0):
+    """One CPU generator per image, seeded from the profile (``runs.generators``): the same images on
+    any device and at any batch size."""
+    from .runs import generators
+    return generators(params["seed"], start, n)
 
 
 def samples(pipe, params: dict, n: int = 16):
     """``n`` held-out scenes and the model's images of their captions, uint8."""
     scenes = eval_scenes(params, "test", n, seed_offset=7_000_000)
     imgs = pipe([s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
-                generator=generator(params), output_type="np").images
+                generator=generators(params, n), output_type="np").images
     return scenes, [(i * 255).round().astype(np.uint8) for i in imgs]
 
 
@@ -201,10 +202,10 @@ def sink_budget(pipe, params: dict, n: int | None = None):
     from .shapes.analyzer import analyze
     from .sinks import attention_budget, budget_summary
 
-    def batch(scenes, gen, start):
+    def batch(scenes, gens, start):
         with trace(pipe) as tc:
             imgs = pipe([s.caption for s in scenes], num_inference_steps=params["steps"],
-                        guidance_scale=params["guidance"], generator=gen, output_type="np").images
+                        guidance_scale=params["guidance"], generator=gens, output_type="np").images
         parts = []
         for hm, img in zip(tc, imgs):
             mask = None

@@ -1,6 +1,8 @@
 """Head relevance to visual concepts, as HRV measures it, and HRV's published vectors.
 
-At every cross-attention call of an ordinary generation, one random word per concept is drawn;
+At every cross-attention call of an ordinary generation, one random word per concept is drawn
+for each image, from that image's own seeded stream (HRV generates one image at a time; here a
+batch of 16 draws what 16 batches of 1 draw, so the votes do not depend on the batch size);
 the words, each encoded alone with the pipeline's own text encoder (start/end tokens dropped),
 are concatenated into a pseudo-context and projected by *that layer's* key projection. As in
 HRV's code, the first word keeps its start token (``start_token=True``): it sits in every softmax
@@ -196,15 +198,16 @@ def encode_words(pipe, words: list[str]) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 class VoteRecorder(Observer):
-    """At every cross-attention call, each head votes for the concept it attends to most in a
-    fresh pseudo-context (see the module doc)."""
+    """At every cross-attention call, each head of each image votes for the concept it attends to
+    most in a fresh pseudo-context drawn for that image (see the module doc)."""
 
     def __init__(self, words: list[list[tuple[torch.Tensor, torch.Tensor]]] | None, layers: dict[str, object],
-                 seed: int, start_token: bool):
+                 start_token: bool):
         """``words``: per concept, each word's (start, tokens) states (``encode_words``); may be set
-        later, before the first generation."""
+        later, before the first generation. ``rngs``: one ``random.Random`` per image of the next
+        pipeline call (``runs.item_rngs``), set before it starts: image i draws its words from its own."""
         self.words, self.start_token = words, start_token
-        self.rng = random.Random(seed)
+        self.rngs: list[random.Random] = []
         lh = {l: m.heads for l, m in layers.items()}
         self.heads = head_ids(lh)
         offs, o = {}, 0
@@ -217,23 +220,39 @@ class VoteRecorder(Observer):
         self._step = 0
 
     def start(self, n, latent, token_ids):
+        if len(self.rngs) != n:
+            raise RuntimeError(f"the vote recorder has {len(self.rngs)} random streams for {n} images")
         self.batch_votes = torch.zeros(n, len(self.heads), len(self.words), dtype=torch.int32)
 
     def step(self, index, timestep):
         self._step = index
         self.timesteps[index] = timestep
 
+    def context(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One pseudo-context per image, drawn from its own stream: (states [n, L, dim] padded,
+        concept of each position [n, L] (-1: padding), additive mask [n, L], start-token count)."""
+        c = len(self.words)
+        rows, segs = [], []
+        for rng in self.rngs:
+            picks = [ws[rng.randrange(len(ws))] for ws in self.words]
+            start = [picks[0][0]] if self.start_token else []
+            rows.append(torch.cat(start + [t for _, t in picks]))
+            segs.append(torch.cat([torch.full((len(start),), c)] + [torch.full((len(t),), i) for i, (_, t) in enumerate(picks)]))
+        L = max(len(r) for r in rows)
+        ctx = torch.zeros(len(rows), L, rows[0].shape[-1], dtype=dtype, device=device)
+        seg = torch.full((len(rows), L), -1, dtype=torch.long)
+        for i, (r, g) in enumerate(zip(rows, segs)):
+            ctx[i, :len(r)], seg[i, :len(g)] = r.to(device, dtype), g
+        mask = torch.where(seg >= 0, 0.0, float("-inf"))
+        seg = torch.where(seg == c, -1, seg)  # the start token takes attention but is never scored
+        return ctx, seg.to(device), mask.to(device), c
+
     def observe(self, attn, layer, q, k, attention_mask) -> None:
-        picks = [ws[self.rng.randrange(len(ws))] for ws in self.words]
-        tokens = [t for _, t in picks]
-        start = [picks[0][0]] if self.start_token else []
-        ctx = torch.cat(start + tokens).unsqueeze(0).to(q.device, q.dtype)
-        kk = keys(attn, ctx).expand(q.shape[0], -1, -1)
-        pr = probs(attn, q, kk).mean(2)[..., len(start):]  # [n, heads, tokens]: mean over pixels
-        c = len(picks)
-        seg = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tokens)]).to(pr.device)
-        per = torch.zeros(*pr.shape[:2], c, device=pr.device).index_add_(2, seg, pr)
-        per = per / torch.bincount(seg, minlength=c).to(per)  # mean over each word's tokens
+        ctx, seg, mask, c = self.context(q.device, q.dtype)
+        pr = probs(attn, q, keys(attn, ctx), mask[:, None, :]).mean(2)  # [n, heads, L]: mean over pixels
+        keep = (seg >= 0).float()[:, None, :]
+        one = torch.nn.functional.one_hot(seg.clamp_min(0), c).float() * keep.transpose(1, 2)  # [n, L, c]
+        per = (pr @ one) / one.sum(1, keepdim=True).clamp_min(1)  # mean over each word's tokens
         won = torch.nn.functional.one_hot(per.argmax(-1), c).cpu()  # [n, heads, concepts]
         lo, hi = self.offset[layer], self.offset[layer] + won.shape[1]
         v = self.votes.setdefault(self._step, torch.zeros(len(self.heads), c, dtype=torch.long))
@@ -253,22 +272,22 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
         start_token: keep the first word's start token in the pseudo-context, as HRV's code does.
         cache: cache each batch's votes under this (name, key) (``saam.runs.run_batches``).
     """
-    from .runs import run_batches
+    from .runs import item_rngs, run_batches
     check_pipeline(pipe)
     layers = cross_attention_layers(pipe.unet)
-    rec = VoteRecorder(None, layers, seed, start_token)
+    rec = VoteRecorder(None, layers, start_token)
 
-    def batch(prompts, gen, start):
+    def batch(prompts, gens, start):
         if rec.words is None:  # encoded once, and only when some batch is not cached
             rec.words = [encode_words(pipe, ws) for ws in concepts.values()]
-        rec.votes, rec.timesteps = {}, {}
-        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+        rec.votes, rec.timesteps, rec.rngs = {}, {}, item_rngs(seed, start, len(prompts))
+        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
              height=height, width=width, output_type="latent")
         order = sorted(rec.votes)
         return dict(votes=torch.stack([rec.votes[s] for s in order]).numpy(),
                     timesteps=[rec.timesteps[s] for s in order], prompt_votes=rec.batch_votes.numpy())
     with install(pipe, rec):
-        parts = run_batches(prompts, batch_size, seed, batch, cache=cache, states=[rec.rng],
+        parts = run_batches(prompts, batch_size, seed, batch, cache=cache,
                             desc="relevance" if progress else None)
     votes = np.sum([p["votes"] for p in parts], axis=0)
     params = dict(concepts=concepts, n_prompts=len(prompts), steps=steps, guidance=guidance, seed=seed,

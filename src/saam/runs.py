@@ -1,73 +1,89 @@
-"""Batched pipeline runs: one seeded generator over consecutive batches, each batch cached.
+"""Batched pipeline runs: every item its own seeded random stream, each batch cached, batches
+shared between processes.
 
 Every experiment that generates (fidelity, relevance votes, traced records, attention budgets)
-runs its items through :func:`run_batches`. The CPU generator is seeded once and carried from
-batch to batch, so the results equal one long loop. With ``cache`` given, each batch is its own
-cache entry, keyed by the step's key, the batch's items and the random state the batch starts
-from, and it stores the state it ends in. Hence:
+runs its items through :func:`run_batches`. Item ``i`` of a run seeded with ``seed`` draws its
+initial noise from its own CPU generator seeded with ``item_seed(seed, i)`` (diffusers takes one
+generator per image), and whatever else it draws (HRV's word draws) from a ``random.Random`` seeded
+the same way. So an item's result does not depend on the batch it is in or on which process
+made it: a GPU user at batch 16 and a CPU user at batch 4 get the same images, up to the kernels'
+own floating-point differences between batch sizes. With ``cache`` given, each batch is its own
+cache entry, keyed by the step's key, the batch size, the batch's items, the seed and its start.
+Hence:
 
 - a run that asks for a prefix of an earlier run's items (the organism ablation's 64 captions of
   the paper's 160, with the same seed and batch size) reuses those batches instead of generating;
-- an interrupted run resumes at its first unfinished batch, losing nothing.
+- an interrupted run resumes at its first unfinished batch, losing nothing;
+- under ``accelerate launch`` (several GPUs or processes) process ``r`` of ``n`` makes the batches
+  ``r, r + n, ...``, writes each atomically, waits for the others and reads them all: every
+  process returns the same list as one process would.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from .cache import cached, digest
 
 
-def _get(states) -> list:
-    out = []
-    for s in states:
-        if isinstance(s, torch.Generator):
-            out.append(s.get_state().numpy().copy())
-        else:
-            version, words, gauss = s.getstate()
-            out.append(dict(version=version, words=np.array(words, np.int64), gauss=gauss))
-    return out
+def item_seed(seed: int, index: int) -> int:
+    """The seed of item ``index`` in a run seeded with ``seed`` (63 bits of a hash of both)."""
+    return int.from_bytes(hashlib.sha256(f"saam:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def _set(states, values) -> None:
-    for s, v in zip(states, values):
-        if isinstance(s, torch.Generator):
-            s.set_state(torch.from_numpy(np.asarray(v, np.uint8).copy()))
-        else:
-            s.setstate((v["version"], tuple(int(w) for w in v["words"]), v["gauss"]))
+def generators(seed: int, start: int, n: int) -> list[torch.Generator]:
+    """One seeded CPU generator per item ``start .. start + n - 1`` (the same images on any device)."""
+    return [torch.Generator("cpu").manual_seed(item_seed(seed, start + i)) for i in range(n)]
+
+
+def item_rngs(seed: int, start: int, n: int) -> list[random.Random]:
+    """One seeded ``random.Random`` per item, for draws other than the initial noise."""
+    return [random.Random(item_seed(seed, start + i)) for i in range(n)]
+
+
+def processes() -> tuple[int, int]:
+    """(this process's rank, number of processes) under ``accelerate launch`` / torchrun; (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+    PartialState().wait_for_everyone()
 
 
 def run_batches(items: Sequence, batch_size: int, seed: int, fn: Callable, *, cache: tuple[str, dict] | None = None,
-                states: Sequence[random.Random] = (), desc: str | None = None) -> list:
-    """``fn(batch, generator, start)`` for consecutive batches of ``items``; the list of its results.
+                desc: str | None = None) -> list:
+    """``fn(batch, generators, start)`` for consecutive batches of ``items``; the list of its results.
 
     Args:
-        seed: seeds the CPU ``torch.Generator`` handed to every batch.
-        cache: (name, key) to cache each batch under; None runs without a cache.
-        states: further random sources ``fn`` draws from (``random.Random``), carried across
-            batches and cached like the generator.
+        batch_size: items per pipeline call (a positive int).
+        seed: the run's seed; ``generators`` holds one CPU generator per item of the batch, seeded
+            with ``item_seed(seed, start + j)``; ``start`` is the batch's first item index.
+        cache: (name, key) to cache each batch under; None runs without a cache (and in one process).
         desc: a progress bar's label (None: no bar).
     """
     from .progress import bar
-    gen = torch.Generator("cpu").manual_seed(seed)
-    sources = [gen, *states]
-    out = []
-    starts = range(0, len(items), batch_size)
-    for start in bar(starts, desc=desc, disable=desc is None):
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    starts = list(range(0, len(items), batch_size))
+    rank, world = processes() if cache is not None else (0, 1)
+
+    def one(start):
         batch = items[start:start + batch_size]
         if cache is None:
-            out.append(fn(batch, gen, start))
-            continue
-
-        def compute():
-            res = fn(batch, gen, start)
-            return dict(result=res, end=_get(sources))
+            return fn(batch, generators(seed, start, len(batch)), start)
         name, key = cache
-        entry = cached(name, dict(key, batch_size=batch_size, start=start, items=digest(list(batch)),
-                                  state=digest(_get(sources))), compute)
-        _set(sources, entry["end"])
-        out.append(entry["result"])
-    return out
+        return cached(name, dict(key, batch_size=batch_size, start=start, items=digest(list(batch)), seed=seed),
+                      lambda: fn(batch, generators(seed, start, len(batch)), start))
+
+    mine = starts[rank::world]
+    out = {s: one(s) for s in bar(mine, desc=desc, disable=desc is None)}
+    if world > 1:
+        _barrier()  # the other processes' batches are in the cache now
+        out = {s: out[s] if s in out else one(s) for s in starts}
+    return [out[s] for s in starts]

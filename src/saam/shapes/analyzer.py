@@ -158,7 +158,7 @@ def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int,
     Args:
         groups: name -> scenes; one-object groups score colour and shape accuracy, multi-object
             groups score binding (every object drawn with its colour *and* shape). Each group
-            is generated in batches of 32 from a generator seeded with ``seed``.
+            is generated in batches of 32, image i from its own generator (``runs.item_seed(seed, i)``).
         cache: cache each batch's outcomes under this (name, key) (``saam.runs.run_batches``).
     Returns:
         ``<name>_color_accuracy``, ``<name>_shape_accuracy`` or ``two_object_binding`` (for a
@@ -166,9 +166,9 @@ def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int,
     """
     from ..runs import run_batches
 
-    def batch(scenes, gen, start):
+    def batch(scenes, gens, start):
         imgs = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance,
-                    generator=gen, output_type="np").images
+                    generator=gens, output_type="np").images
         rows = []
         for s, im in zip(scenes, imgs):
             det = analyze((im * 255).round().astype(np.uint8))
