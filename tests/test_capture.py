@@ -181,3 +181,42 @@ def test_bad_inputs_are_clear_errors(sd1):
     with pytest.raises(ValueError, match="branch"):
         with trace(sd1, branch="both"):
             pass
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_maps_equal_the_probabilities_diffusers_forms(kind):
+    """Per-head maps are the probabilities diffusers' own attention code forms for each module
+    (SD v2.1's upcast_attention and v-prediction included), conditional rows, summed over steps."""
+    from saam.testing import as_probs, diffusers_attention_probs, tiny_pipeline
+    pipe = tiny_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    if kind == "sd2":
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+        assert all(m.upcast_attention for m in cross_attention_layers(pipe.unet).values())
+    with diffusers_attention_probs(pipe) as ref, trace(pipe) as tc:
+        run(pipe, ["a red cat", "a dog"], steps=2, guidance_scale=5.0)
+    assert len(tc) == 2 and set(ref) == set(tc[0].maps)
+    for layer, r in ref.items():
+        for i in range(2):
+            torch.testing.assert_close(as_probs(tc[i].maps[layer]), r[2 + i], rtol=1e-5, atol=1e-6)
+
+
+def test_a_trace_of_some_words_in_half_precision(sd1):
+    """words= keeps only those words' tokens, dtype= stores maps in half precision: the word maps are
+    the full trace's up to fp16 rounding, memory falls with the tokens kept, the image is unchanged."""
+    plain = run(sd1, ["a red cat on a mat", "a dog and a red ball"], guidance_scale=5.0)
+    with trace(sd1) as full:
+        run(sd1, ["a red cat on a mat", "a dog and a red ball"], guidance_scale=5.0)
+    with trace(sd1, words=["red", "cat", "ball"], dtype=torch.float16) as few:
+        small = run(sd1, ["a red cat on a mat", "a dog and a red ball"], guidance_scale=5.0)
+    assert np.array_equal(plain, small)
+    assert few[0].tokens == [2, 3] and few[1].tokens == [5, 6]  # red, cat (prompt 0); red, ball (prompt 1)
+    assert next(iter(few[0].maps.values())).dtype == torch.float16
+    assert few[0].nbytes * 77 == full[0].nbytes * 2 // 2
+    for i, w in [(0, "red"), (0, "cat"), (1, "ball"), (1, "red")]:
+        torch.testing.assert_close(few[i].word_map(w), full[i].word_map(w), rtol=2e-3, atol=1e-4)
+    with pytest.raises(CaptureError, match="were not kept"):
+        few[1].word_map("dog")
+    with pytest.raises(ValueError, match="list of non-empty words"):
+        with trace(sd1, words="red"):
+            pass

@@ -54,7 +54,7 @@ def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
         [len(heads), h, w] at ``size`` (default: the latent size).
     """
     size = tuple(size or hm.latent_size)
-    tok = torch.as_tensor(list(tokens), dtype=torch.long)
+    tok = torch.as_tensor(hm.columns(tokens), dtype=torch.long)
     out = torch.zeros(len(heads), *size)
     by_layer: dict[str, list[int]] = {}
     for i, h in enumerate(heads):
@@ -62,7 +62,7 @@ def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
     for layer, idx in by_layer.items():
         if layer not in hm.maps:
             raise KeyError(f"layer {layer!r} was not recorded")
-        m = hm.maps[layer][[heads[i].head for i in idx]][:, tok].mean(1) / max(hm.steps, 1)
+        m = hm.maps[layer][[heads[i].head for i in idx]][:, tok].float().mean(1) / max(hm.steps, 1)
         out[idx] = upsample(m, size)
     return out
 

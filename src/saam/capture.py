@@ -45,6 +45,8 @@ class HeadMaps:
         prompt: the prompt, decoded from ``token_ids``.
         latent_size, image_size: (height, width).
         per_step: layer -> [steps, heads, tokens, h, w] when ``trace(per_step=True)``.
+        tokens: the prompt positions the maps' token axis holds, when ``trace(words=...)`` kept
+            only some (None: every position of the text-encoder input).
     """
     maps: dict[str, torch.Tensor]
     steps: int
@@ -55,6 +57,24 @@ class HeadMaps:
     image_size: tuple[int, int]
     tokenizer: object = field(repr=False, default=None)
     per_step: dict[str, torch.Tensor] | None = field(repr=False, default=None)
+    tokens: list[int] | None = None
+
+    def columns(self, positions) -> list[int]:
+        """Where prompt token ``positions`` lie on the maps' token axis (the same unless the trace
+        kept only some words' tokens)."""
+        positions = [int(p) for p in positions]
+        if self.tokens is None:
+            return positions
+        lost = [p for p in positions if p not in self.tokens]
+        if lost:
+            raise CaptureError(f"token positions {lost} were not kept: this trace kept the tokens of the words "
+                               f"asked for only (positions {self.tokens}); trace with words=None for all")
+        return [self.tokens.index(p) for p in positions]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the maps (and per-step maps) in bytes."""
+        return sum(m.numel() * m.element_size() for d in (self.maps, self.per_step or {}) for m in d.values())
 
     @property
     def layer_heads(self) -> dict[str, int]:
@@ -197,13 +217,36 @@ class Tracker:
 class MapRecorder(Observer):
     """Sums each layer's attention probabilities per (image, head, token, pixel): :class:`HeadMaps`."""
 
-    def __init__(self, pipe, per_step: bool = False, store_device=None):
+    def __init__(self, pipe, per_step: bool = False, store_device=None, words: list[str] | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.pipe, self.per_step, self.store_device = pipe, per_step, store_device
+        self.words, self.dtype = (None if words is None else list(words)), dtype
         self.results: list[HeadMaps] = []
         self._gen: dict | None = None
 
+    def kept_tokens(self, token_ids: list[list[int]] | None) -> tuple[list[int], list[list[int]]] | None:
+        """Which positions to keep: (those of ``words`` (every occurrence) in any of the call's
+        prompts, those in each prompt), or None to keep all."""
+        if self.words is None:
+            return None
+        from .words import WordNotFound, token_positions
+        tok = getattr(self.pipe, "tokenizer", None)
+        if not token_ids or tok is None:
+            raise CaptureError("trace(words=...) needs the prompts' text (not prompt embeddings) and a tokenizer")
+        own = []
+        for ids in token_ids:
+            prompt, mine = tok.decode(ids, skip_special_tokens=True), set()
+            for w in self.words:
+                try:
+                    mine.update(token_positions(prompt, w, tok, "all"))
+                except WordNotFound:
+                    pass
+            own.append(sorted(mine))
+        return sorted(set().union(*own)), own
+
     def start(self, n, latent, token_ids):
-        self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={}, ids=token_ids)
+        self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={}, ids=token_ids,
+                         keep=self.kept_tokens(token_ids))
 
     def step(self, index, timestep):
         self._gen["steps"] += 1
@@ -219,6 +262,8 @@ class MapRecorder(Observer):
         in ``finish``, instead of at every step.
         """
         g = self._gen
+        if g["keep"] is not None:
+            p = p[..., g["keep"][0]]
         p = p.to(self.store_device or p.device, torch.float32)
         if layer in g["sums"]:
             g["sums"][layer] += p
@@ -242,14 +287,19 @@ class MapRecorder(Observer):
             return t.transpose(-1, -2).reshape(*t.shape[:-2], t.shape[-1], h, w)
 
         for i in range(g["n"]):
-            pid = ids[i // max(1, g["n"] // n_prompts)] if ids else None
+            pi = i // max(1, g["n"] // n_prompts) if ids else None
+            pid = ids[pi] if ids else None
+            kept, cols = None, slice(None)
+            if g["keep"] is not None:  # this image's own words' tokens, of those the batch kept
+                kept = g["keep"][1][pi]
+                cols = [g["keep"][0].index(p) for p in kept]
             prompt = tok.decode(pid, skip_special_tokens=True) if (pid and tok is not None) else None
-            per = ({l: spatial(torch.stack([s[i] for s in v])) for l, v in g["per_step"].items()}
-                   if self.per_step else None)
+            per = ({l: spatial(torch.stack([s[i][..., cols] for s in v])).to(self.dtype)
+                    for l, v in g["per_step"].items()} if self.per_step else None)
             self.results.append(HeadMaps(
-                maps={l: spatial(s[i]).cpu() for l, s in g["sums"].items()}, steps=g["steps"],
-                timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
-                latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per))
+                maps={l: spatial(s[i][..., cols]).to("cpu", self.dtype) for l, s in g["sums"].items()},
+                steps=g["steps"], timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
+                latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per, tokens=kept))
 
 
 def _grid(n: int, latent: tuple[int, int]) -> tuple[int, int]:
@@ -401,7 +451,8 @@ def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
 
 @contextmanager
 def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool = False,
-          layers: list[str] | None = None, store_device: str | torch.device | None = None) -> Iterator[Trace]:
+          layers: list[str] | None = None, store_device: str | torch.device | None = None,
+          words: list[str] | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Trace]:
     """Record per-head cross-attention maps of every image the pipeline generates inside.
 
     Args:
@@ -414,11 +465,20 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
         layers: layer names to record (default: every cross-attention layer).
         store_device: where the running sums live (default: the UNet's device; results are
             moved to the CPU when each pipeline call ends).
+        words: keep only these words' tokens (every occurrence; each image those of its own
+            prompt), so a trace of ten words costs about a seventh of one of all 77 tokens;
+            ``word_map`` works for them.
+        dtype: the dtype results are stored in (``torch.float16`` halves the memory; the sums
+            over steps are formed in float32 either way).
     Raises:
         TypeError: not a UNet pipeline. ValueError: no cross-attention, unknown layer or branch.
         CaptureError: a trace is already active on this pipeline.
     """
-    rec = MapRecorder(pipe, per_step, store_device)
+    if words is not None and (isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words)):
+        raise ValueError(f"words must be a list of non-empty words, got {words!r}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    rec = MapRecorder(pipe, per_step, store_device, words, dtype)
     with install(pipe, rec, layers, branch=branch, cfg=cfg) as cross:
         yield Trace(rec, cross)
 

@@ -23,6 +23,8 @@ CLASSES = ("start", "words", "end", "padding")
 def token_classes(hm: HeadMaps) -> dict[str, list[int]]:
     """Token positions of the prompt by class: the start token, the prompt's words, the end token
     (CLIP's first end-of-text, BERT's [SEP]) and the padding after it."""
+    if hm.tokens is not None:
+        raise ValueError("the attention budget needs every token's map: trace without words=...")
     if hm.token_ids is None or hm.tokenizer is None:
         raise ValueError("token classes need the prompt's token ids (trace a pipeline call with a prompt)")
     ids = list(hm.token_ids)

