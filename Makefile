@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PROFILE ?= paper
 SET ?=
 VARIANT ?= C
+PROCESSES ?= 1
+ACCELERATE_ARGS ?=
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,6 +22,8 @@ endif
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 OUTDIR := build/$(PROFILE)
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
+# PROCESSES=n: every chapter under `accelerate launch` on n processes (GPUs), batches split between them
+RUN := $(if $(filter-out 1,$(PROCESSES)),$(BIN)/accelerate launch --multi_gpu --num_processes $(PROCESSES) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS),$(BIN)/python)
 SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
 
 .PHONY: help env all check test test-unit model fidelity bench report lab clean distclean
@@ -43,14 +47,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -c "import torch, diffusers, transformers; print('env ok: torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."], writing its figures and tables
+all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."] [PROCESSES=8], writing its figures and tables
 	@if [ "$(PROFILE)" = paper ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 
 # a notebook re-runs when it, its profile, the package or the model changed
 $(OUTDIR)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml $(SRC) | $(STAMP)
 	@mkdir -p $(OUTDIR)
-	$(BIN)/python scripts/run_notebook.py $< $@ --profile $(PROFILE) --set "$(SET)"
+	$(RUN) scripts/run_notebook.py $< $@ --profile $(PROFILE) --set "$(SET)"
 
 # in order, one at a time: each chapter reuses the batches earlier ones cached (06's organism D
 # those of 00-03); explicit targets, since a pattern rule without a recipe cancels the rule above

@@ -2,6 +2,11 @@
 
     python scripts/run_notebook.py notebooks/03-miou.ipynb build/paper/03-miou.ipynb --profile paper
     python scripts/run_notebook.py --timings build/paper        # print the recorded times
+    accelerate launch --num_processes 8 scripts/run_notebook.py SRC DST --profile sd14   # 8 GPUs
+
+Under ``accelerate launch`` every process executes the notebook; the generating steps split their
+batches between the processes through the shared cache (``saam.runs``); only rank 0 writes the
+executed notebook, figures and tables where they belong (the others under ``<dst folder>/rank<r>/``).
 """
 import argparse
 import json
@@ -55,6 +60,10 @@ def main() -> None:
         print(timings_report(Path(a.timings)))
         return
     dst = Path(a.dst)
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if rank:  # under `accelerate launch`: the other processes share the batches; only rank 0's outputs land
+        dst = dst.parent / f"rank{rank}" / dst.name
+        os.environ["SAAM_FIGURES"] = str(dst.parent / "figures")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
@@ -64,7 +73,8 @@ def main() -> None:
                         kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
                         report_mode=False)
     os.replace(tmp, dst)  # only a finished notebook counts as built
-    record(dst.parent / "timings.json", dst.stem, t0, time.time())
+    if not rank:
+        record(dst.parent / "timings.json", dst.stem, t0, time.time())
     print(f"{dst}: {time.time() - t0:.1f} s", file=sys.stderr)
 
 

@@ -106,3 +106,19 @@ def test_real_profile_without_weights_stops_at_once():
     out = subprocess.run(["make", "all", "PROFILE=sd14"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "needs the weights of CompVis/stable-diffusion-v1-4" in out.stdout + out.stderr
+
+
+def test_the_full_size_checks_run(tmp_path):
+    """scripts/fullsize.py (the full-size numerics and memory checks) on the tiny SD v2.1 pipeline: traced
+    equals untraced and the maps equal diffusers' own probabilities in every dtype it runs."""
+    import json
+    import subprocess
+    import sys
+    from saam import paths
+    out = tmp_path / "fs.json"
+    subprocess.run([sys.executable, str(paths.ROOT / "scripts" / "fullsize.py"), "--tiny", "--models", "sd21",
+                    "--steps", "1", "--out", str(out)], check=True, capture_output=True, text=True)
+    res = json.loads(out.read_text())["models"]["sd21"]
+    assert res["float32"]["identical"] and res["bfloat16"]["identical"]
+    assert res["float32"]["max_abs_diff"] < 1e-5 and res["float32"]["word_tokens"] == 10
+    assert res["float32"]["trace_mb_words_fp16"] * 77 == pytest.approx(res["float32"]["trace_mb_all_tokens_fp32"] * 10 / 2)

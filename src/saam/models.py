@@ -20,12 +20,15 @@ REAL_MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusio
 
 
 def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
-    """(device, dtype): ``auto`` is CUDA in fp16 where present, else CPU in fp32."""
+    """(device, dtype): ``auto`` is CUDA in fp16 where present, else CPU in fp32. Under ``accelerate
+    launch`` each process takes its own GPU (``cuda:$LOCAL_RANK``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
-    return device, (torch.float16 if device == "cuda" else torch.float32)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return device, (torch.float16 if device.startswith("cuda") else torch.float32)
 
 
 def model_path(params: dict) -> Path:

@@ -52,8 +52,8 @@ def processes() -> tuple[int, int]:
 
 
 def _barrier() -> None:
-    from accelerate import PartialState
-    PartialState().wait_for_everyone()
+    from accelerate import PartialState  # NCCL between GPUs, gloo between CPU processes
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 def run_batches(items: Sequence, batch_size: int, seed: int, fn: Callable, *, cache: tuple[str, dict] | None = None,
