@@ -4,6 +4,7 @@ PROFILE ?= paper
 SET ?=
 VARIANT ?= C
 PROCESSES ?= 1
+FULLSIZE ?= sd14 sd21 sdxl
 ACCELERATE_ARGS ?=
 PY ?= python3
 VENV := .venv
@@ -26,7 +27,7 @@ EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 RUN := $(if $(filter-out 1,$(PROCESSES)),$(BIN)/accelerate launch --multi_gpu --num_processes $(PROCESSES) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS),$(BIN)/python)
 SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
 
-.PHONY: help env all check test test-unit model fidelity bench report lab clean distclean
+.PHONY: help env all check test test-unit model fidelity bench gpu-bench report lab clean distclean
 
 check: $(STAMP)  # the profile, overrides and (real models) weights, checked before any chapter runs
 	@$(BIN)/python scripts/run_notebook.py --check --profile $(PROFILE) --set "$(SET)"
@@ -79,8 +80,12 @@ endif
 fidelity: $(STAMP)  ## score the committed model's generations -> figures/fidelity.json
 	$(BIN)/python -c "from saam import experiments as E; p=E.load_params('$(PROFILE)'); print(E.fidelity(E.load_model(p), p))"
 
-bench: $(STAMP)  ## capture and relevance overhead, side by side -> figures/bench-*.json
+bench: $(STAMP)  ## organism: capture and relevance overhead; full-size SD (FULLSIZE="sd14 sd21 sdxl"): numerics, trace memory, overhead -> figures/bench-*.json
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/fullsize.py --models $(FULLSIZE)
+
+gpu-bench: $(STAMP)  ## on a CUDA machine: fp16 SD v1.4 / SDXL traced/plain, images/s, peak memory, a 500-image Table 1 run -> figures/bench-gpu.json
+	$(BIN)/python scripts/gpu_bench.py
 
 report: $(STAMP)  ## HTML report from the executed notebooks -> build/<profile>/report/index.html
 	$(BIN)/python scripts/report.py --profile $(PROFILE)

@@ -84,8 +84,11 @@ def test_readme_snippet_runs_as_printed(tiny_sd14):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout")])
+@pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout"), ("sd15", "sd14-layout"),
+                                          ("sd21", "sd2")])
 def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_path):
+    """sd15 and sd21 run the HRV pass (HRV's 340 words, McDonald's included, through CLIP's real
+    vocabulary); sd21's tiny pipeline has SD v2.1's flags (v-prediction, upcast_attention)."""
     from saam.testing import save_tiny
     model = save_tiny(kind, tmp_path / "pipe")
     env = {k: v for k, v in os.environ.items() if k not in ("SAAM_FIGURES", "PROFILE")}
@@ -122,3 +125,15 @@ def test_the_full_size_checks_run(tmp_path):
     assert res["float32"]["identical"] and res["bfloat16"]["identical"]
     assert res["float32"]["max_abs_diff"] < 1e-5 and res["float32"]["word_tokens"] == 10
     assert res["float32"]["trace_mb_words_fp16"] * 77 == pytest.approx(res["float32"]["trace_mb_all_tokens_fp32"] * 10 / 2)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_script_runs_on_the_cpu(tmp_path):
+    """scripts/gpu_bench.py (make gpu-bench) on a tiny pipeline and the CPU: throughput and a Table 1 run."""
+    import json
+    out = tmp_path / "gb.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py"), "--tiny", "--device", "cpu", "--models",
+                    "sd14", "--table1", "4", "--steps", "1", "--repeats", "1", "--out", str(out)],
+                   check=True, capture_output=True, text=True)
+    res = json.loads(out.read_text())["models"]["sd14"]
+    assert res["images_per_s_plain"] > 0 and res["table1"]["images"] == 4 and res["table1"]["words"] > 0
