@@ -110,7 +110,7 @@ def train(minutes: float, steps: int, variants: list[str], out: Path) -> None:
         if not (run / "unet.pt").exists():
             continue
         import torch
-        st = torch.load(run / "unet.pt", map_location="cpu")
+        st = torch.load(run / "unet.pt", map_location="cpu", weights_only=True)
         blob_path = run / "unet-fp16.pt"
         torch.save(dict(model={k: t.half() for k, t in st["model"].items()}, step=st["step"]), blob_path)
         blob = blob_path.read_bytes()

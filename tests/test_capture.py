@@ -220,3 +220,44 @@ def test_a_trace_of_some_words_in_half_precision(sd1):
     with pytest.raises(ValueError, match="list of non-empty words"):
         with trace(sd1, words="red"):
             pass
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_uncond_branch_is_labelled_with_the_negative_prompt(kind, sd1, sdxl):
+    """branch='uncond' records the negative prompt's maps under the negative prompt's words; the
+    conditional branch keeps the prompt's. Without a negative prompt the uncond branch is "" (SD) or
+    zeros (SDXL: no text, so no words)."""
+    pipe = sd1 if kind == "sd1" else sdxl
+    with trace(pipe, branch="uncond") as neg:
+        run(pipe, "a red cat", guidance_scale=5.0, negative_prompt="a blue dog")
+    with trace(pipe) as pos:
+        run(pipe, "a red cat", guidance_scale=5.0, negative_prompt="a blue dog")
+    assert neg[0].prompt == "a blue dog" and pos[0].prompt == "a red cat"
+    assert neg[0].word_map("dog").shape == pos[0].word_map("cat").shape
+    with pytest.raises(WordNotFound):
+        neg[0].word_map("cat")
+    with trace(pipe, branch="uncond") as empty:
+        run(pipe, "a red cat", guidance_scale=5.0)
+    assert empty[0].prompt in ("", None)
+    with pytest.raises((WordNotFound, CaptureError)):
+        empty[0].word_map("cat")
+    assert "encode_prompt" not in vars(pipe)  # the wrapper is gone
+
+
+def test_an_exception_keeps_the_calls_that_finished(sd1):
+    """A body that raises after a finished call keeps its maps; a call interrupted mid-denoising is dropped."""
+    with pytest.raises(RuntimeError, match="after"):
+        with trace(sd1) as tc:
+            run(sd1, "a red cat")
+            raise RuntimeError("after the call")
+    assert len(tc) == 1 and tc[0].steps == 2
+
+    def stop(pipe, i, t, kw):
+        if i == 1:
+            raise RuntimeError("mid-call")
+        return kw
+    with pytest.raises(RuntimeError, match="mid-call"):
+        with trace(sd1) as tc:
+            run(sd1, "a red cat")
+            run(sd1, "a dog", steps=3, callback_on_step_end=stop)
+    assert len(tc) == 1 and tc[0].prompt == "a red cat"

@@ -138,3 +138,28 @@ def test_published_hrv_vectors_land_on_an_sd14_unet():
     published_top = [n.strip("'") for n in roles["Color"].strip("[]").replace("\n", " ").split("' '")][:5]
     ours = [hrv_name(rel.heads[i], lh) for i in np.argsort(-rel.row("Color"), kind="stable")[:5]]
     assert ours == [n.strip("'") for n in published_top]
+
+
+def test_hrv_files_are_never_unpickled(tmp_path):
+    """A pickled .npy (loading it could run code) and a text file given as HRV's .npy are clear errors."""
+    heads = head_ids(LH)
+    np.save(tmp_path / "v.npy", np.ones((2, len(heads)), np.float32))
+    np.save(tmp_path / "obj.npy", np.array([hrv_name(h, LH) for h in heads], dtype=object), allow_pickle=True)
+    (tmp_path / "text.npy").write_text("down, layer: 0, head: 0\n")
+    for bad in ("obj.npy", "text.npy"):
+        with pytest.raises(ValueError, match=f"{bad}: not a plain .npy file of head names.*refused"):
+            load_hrv(tmp_path / "v.npy", tmp_path / bad, LH)
+    np.save(tmp_path / "i.npy", np.array([hrv_name(h, LH) for h in heads]))
+    with pytest.raises(ValueError, match="must hold numbers"):
+        load_hrv(tmp_path / "i.npy", tmp_path / "i.npy", LH)
+
+
+def test_no_unsafe_load_anywhere():
+    """No allow_pickle=True and no torch.load without weights_only=True in the package or scripts."""
+    import re
+    from saam import paths
+    for f in [*(paths.ROOT / "src").rglob("*.py"), *(paths.ROOT / "scripts").glob("*.py")]:
+        text = f.read_text()
+        assert "allow_pickle=True" not in text, f
+        for call in re.findall(r"torch\.load\([^\n]*", text):
+            assert "weights_only=True" in call, (f, call)

@@ -152,14 +152,19 @@ class Observer:
     def finish(self) -> None:
         """The pipeline call is over (or the trace closes)."""
 
+    def abort(self) -> None:
+        """The pipeline call was interrupted before its last step (an exception): drop what it began."""
+
 
 class Tracker:
     """Shared state of one trace: which batch rows to record, the step, and the observer.
 
     Forward pre-hooks on the UNet count denoising steps and read the pipeline's own
     ``do_classifier_free_guidance`` to find the conditional half; a pre-hook on the text encoder
-    records the prompts' token ids; forward hooks on each traced layer's ``to_q`` / ``to_k`` keep
-    the projections the processor computes, so probabilities cost only a softmax more.
+    records the token ids of each call the pipeline's ``encode_prompt`` makes (the prompts first,
+    then, under guidance, the negative prompts: the recorded branch takes its own); forward hooks on
+    each traced layer's ``to_q`` / ``to_k`` keep the projections the processor computes, so
+    probabilities cost only a softmax more.
     """
 
     def __init__(self, pipe, observer: Observer, branch: str = "cond", cfg: bool | None = None):
@@ -167,17 +172,33 @@ class Tracker:
         self.rows: slice | None = None
         self.n: int | None = None
         self.steps = 0
-        self._pending_ids: list[list[int]] | None = None
-        self._awaiting_prompt = True
+        self._calls: list[list[list[int]]] = []  # token ids of each text-encoder call of this prompt encoding
+        self._fresh = False                      # a prompt was encoded since the last UNet call
         self.proj: dict[str, torch.Tensor] = {}
 
+    def on_encode_prompt(self) -> None:
+        """``pipe.encode_prompt`` starts: the text-encoder calls that follow are this encoding's."""
+        self._calls, self._fresh = [], True
+
     def on_text_encoder(self, module, args, kwargs):
-        if not self._awaiting_prompt:
-            return
+        if not self._fresh:  # a pipeline without encode_prompt: the first call after the UNet starts anew
+            self.on_encode_prompt()
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is not None:
-            self._pending_ids = ids.tolist()
-        self._awaiting_prompt = False
+            self._calls.append(ids.tolist())
+
+    def branch_ids(self, cfg: bool) -> list[list[int]] | None:
+        """The recorded branch's prompt ids: the first encoding call (the prompts), or under guidance
+        with branch 'uncond' the second (the negative prompts; None where the pipeline used zeros)."""
+        if self.branch == "cond" or not cfg:
+            return self._calls[0] if self._calls else None
+        return self._calls[1] if len(self._calls) > 1 else None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the current pipeline call ran all its steps (unknown: assumed so)."""
+        total = getattr(self.pipe, "_num_timesteps", None)
+        return not isinstance(total, int) or self.steps >= total
 
     def on_unet(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -194,14 +215,13 @@ class Tracker:
         half = batch // 2
         self.rows = (slice(half, batch) if self.branch == "cond" else slice(0, half)) if cfg else slice(0, batch)
         n = self.rows.stop - self.rows.start
-        if self.n is None or self._pending_ids is not None or self.n != n:
+        if self.n is None or self._fresh or self.n != n:
             self.finish()
             self.n, self.steps = n, 0
-            self.observer.start(n, tuple(sample.shape[-2:]), self._pending_ids)
-            self._pending_ids = None
+            self.observer.start(n, tuple(sample.shape[-2:]), self.branch_ids(cfg))
+            self._fresh = False
         self.observer.step(self.steps, int(t.flatten()[0]) if torch.is_tensor(t) else int(t))
         self.steps += 1
-        self._awaiting_prompt = True  # the next text-encoder call belongs to a new pipeline call
 
     def projection_hook(self, layer: str, which: str):
         def hook(module, args, output):
@@ -212,6 +232,13 @@ class Tracker:
         if self.n is not None:
             self.observer.finish()
         self.n = None
+
+    def close_after_error(self) -> None:
+        """The body of the trace raised: keep the current call's maps if it ran all its steps."""
+        if self.n is not None and not self.complete:
+            self.observer.abort()
+            self.n = None
+        self.finish()
 
 
 class MapRecorder(Observer):
@@ -271,6 +298,9 @@ class MapRecorder(Observer):
             g["sums"][layer] = p.clone()
         if self.per_step:
             g["per_step"].setdefault(layer, []).append(p.to("cpu", copy=True))
+
+    def abort(self) -> None:
+        self._gen = None
 
     def finish(self) -> None:
         g, self._gen = self._gen, None
@@ -489,8 +519,9 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
     """Show ``observer`` every cross-attention call of ``layers`` (default all) of ``pipe``.
 
     Installs the capture processors and the step, prompt and projection hooks; removes all of
-    them on exit, also after an exception, and finishes the observer. Yields the traced layers
-    ({name: module}).
+    them on exit, also after an exception, and finishes the observer: after an exception, every
+    pipeline call that ran all its steps is kept, an interrupted one is dropped. Yields the traced
+    layers ({name: module}).
     """
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
@@ -505,6 +536,12 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
         new[name + ".processor"] = CaptureProcessor(original[name + ".processor"], name, tracker)
     handles = []
     setattr(unet, _ACTIVE, True)
+    encode = getattr(pipe, "encode_prompt", None)
+    if callable(encode):
+        def encode_prompt(*args, **kwargs):
+            tracker.on_encode_prompt()
+            return encode(*args, **kwargs)
+        pipe.encode_prompt = encode_prompt
     try:
         unet.set_attn_processor(new)
         handles.append(unet.register_forward_pre_hook(tracker.on_unet, with_kwargs=True))
@@ -514,9 +551,15 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
         te = getattr(pipe, "text_encoder", None)
         if te is not None:
             handles.append(te.register_forward_pre_hook(tracker.on_text_encoder, with_kwargs=True))
-        yield cross
+        try:
+            yield cross
+        except BaseException:
+            tracker.close_after_error()
+            raise
         tracker.finish()
     finally:
+        if callable(encode):
+            del pipe.encode_prompt
         for h in handles:
             h.remove()
         unet.set_attn_processor(original)

@@ -342,6 +342,15 @@ def load_published(model: str, layer_heads: dict[str, int]) -> Relevance:
     return load_hrv(paths.HRV / v, paths.HRV / i, layer_heads, paths.HRV_CONCEPTS)
 
 
+def _load_array(path: Path, what: str) -> np.ndarray:
+    """A plain .npy array; pickled objects are refused (they can run code), never unpickled."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a plain .npy file of {what} ({e}); pickled .npy files are refused "
+                         "because loading them can run code") from None
+
+
 def load_hrv(vectors: Path, head_index: Path, layer_heads: dict[str, int],
              concepts: list[str] | Path | None = None) -> Relevance:
     """HRV's published relevance (``category_vectors_*.npy``, ``head_index_*.npy``) on our head ids.
@@ -354,8 +363,11 @@ def load_hrv(vectors: Path, head_index: Path, layer_heads: dict[str, int],
     Raises:
         ValueError: a published head that this UNet does not have, or mismatched shapes.
     """
-    m = np.load(vectors).astype(np.float32)
-    names = np.load(head_index, allow_pickle=True)
+    m, names = _load_array(vectors, "relevance vectors"), _load_array(head_index, "head names")
+    if m.dtype.kind not in "fiu" or names.dtype.kind != "U":
+        raise ValueError(f"{vectors} must hold numbers and {head_index} head names as text "
+                         f"(got {m.dtype} and {names.dtype})")
+    m = m.astype(np.float32)
     if m.ndim != 2 or m.shape[1] != len(names):
         raise ValueError(f"{vectors}: shape {m.shape} does not match {len(names)} head names")
     heads = from_hrv_names([str(n) for n in names], layer_heads)

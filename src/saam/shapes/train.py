@@ -85,7 +85,7 @@ def train_vae(run: Path, minutes: float, steps: int, batch: int, lr: float, seed
     ck = run / "vae.pt"
     step = 0
     if ck.exists():
-        st = torch.load(ck, map_location=dev)
+        st = torch.load(ck, map_location=dev, weights_only=True)
         vae.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); step = st["step"]
     t0 = time.time(); last_save = t0
     while step < steps and time.time() - t0 < minutes * 60:
@@ -127,7 +127,7 @@ def latent_stats(vae, seed: int, n: int = 2048, dev=None):
 
 def load_trained_vae(run: Path, dev, seed: int):
     vae = M.build_vae().to(dev)
-    vae.load_state_dict(torch.load(run / "vae.pt", map_location=dev)["model"])
+    vae.load_state_dict(torch.load(run / "vae.pt", map_location=dev, weights_only=True)["model"])
     vae.eval().requires_grad_(False)
     stats = run / "vae-stats.json"
     if not stats.exists():
@@ -175,7 +175,7 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
     ck = run / "unet.pt"
     step = 0
     if ck.exists():
-        s = torch.load(ck, map_location=dev)
+        s = torch.load(ck, map_location=dev, weights_only=True)
         unet.load_state_dict(s["model"]); opt.load_state_dict(s["opt"]); step = s["step"]
     gen = torch.Generator(device=dev)
     t0 = time.time(); last_save = t0
@@ -224,7 +224,7 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
 def assemble(run: Path, out: Path, seed: int, variant: str = "A", init: Path | None = None) -> None:
     dev = torch.device("cpu")
     heads = M.VARIANTS[variant]["heads"]
-    s = torch.load(run / "unet.pt", map_location=dev)
+    s = torch.load(run / "unet.pt", map_location=dev, weights_only=True)
     logs = {k: [json.loads(l) for l in open(run / f"{k}-log.jsonl")] for k in ("vae", "unet")
             if (run / f"{k}-log.jsonl").exists()}
     if init is not None:  # a fine-tuned variant: the init's VAE, its card as the history
@@ -233,7 +233,7 @@ def assemble(run: Path, out: Path, seed: int, variant: str = "A", init: Path | N
                     finetune_curves=logs)
     else:
         vae, st = load_trained_vae(run, dev, seed)
-        card = dict(vae_steps=torch.load(run / "vae.pt", map_location="cpu")["step"], unet_steps=s["step"],
+        card = dict(vae_steps=torch.load(run / "vae.pt", map_location="cpu", weights_only=True)["step"], unet_steps=s["step"],
                     latent_mean=st["mean"], latent_std=st["std"], vae_psnr_db=st["psnr"], seed=seed,
                     curves=logs, variant=variant)
     unet = M.build_unet(heads)
