@@ -43,7 +43,10 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
     "hrv_vectors": ((str, type(None)), False, False),
     "hrv_head_index": ((str, type(None)), False, False),
     "data_dir": ((str, type(None)), False, False),
+    "data_split": ((str, type(None)), False, False),  # which annotation files of a folder holding several (e.g. val2017)
 }
+COUNTS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks", "n_examples", "batch_size", "steps")
+ABLATION_KEYS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks")
 DEFAULTS = dict(concepts="hrv", n_sinks=32, n_examples=6, device="auto", batch_size=16,
                 k_sweep=[0.05, 0.1, 0.25, 0.5, 1.0], tau_sweep=[0.3, 0.4, 0.5], strengths=[0.5],
                 variants=[], model_path=None, resolution=None)
@@ -68,7 +71,11 @@ def parse_overrides(text: str | dict | None) -> dict:
         if "=" not in item:
             raise ProfileError(f"override {item!r} is not key=value (e.g. SET=\"steps=4 n_eval=6\")")
         k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
+        try:
+            out[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ProfileError(f"override {item!r}: {v!r} is not a YAML value ({e.problem}); write lists "
+                               "without spaces, e.g. k_sweep=[0.1,0.25] (mappings such as ablation belong in the profile file)") from None
     return out
 
 
@@ -89,11 +96,53 @@ def validate(p: dict, source: str) -> dict:
         if not ok:
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise ProfileError(f"{source}: key {k!r} must be {names}, got {v!r} ({type(v).__name__})")
+    check_ranges(p, source)
     if p.get("concepts", "hrv") not in ("hrv", "ours"):
         raise ProfileError(f"{source}: concepts must be 'hrv' or 'ours', got {p['concepts']!r}")
     if p.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise ProfileError(f"{source}: device must be auto, cpu or cuda, got {p['device']!r}")
     return {**DEFAULTS, **p}
+
+
+def _k_ok(k) -> bool:
+    """A head count (int >= 1) or a fraction of the eligible heads (float in (0, 1])."""
+    return (isinstance(k, int) and not isinstance(k, bool) and k >= 1) or (isinstance(k, float) and 0 < k <= 1)
+
+
+def _tau_ok(t) -> bool:
+    """A threshold on min-max normalised maps: strictly between 0 and 1."""
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1
+
+
+def check_ranges(p: dict, source: str) -> None:
+    """Values by meaning, not only by type: counts >= 1, k a count or a fraction in (0, 1], tau in
+    (0, 1), strengths that leave at least one denoising step, sweeps non-empty."""
+    def bad(key, why):
+        raise ProfileError(f"{source}: {key} {why}")
+    for key in COUNTS:
+        if key in p and p[key] < 1:
+            bad(key, f"must be at least 1, got {p[key]}")
+    if "seed" in p and p["seed"] < 0:
+        bad("seed", f"must be >= 0, got {p['seed']}")
+    if "guidance" in p and p["guidance"] < 0:
+        bad("guidance", f"must be >= 0, got {p['guidance']}")
+    if "k" in p and not _k_ok(p["k"]):
+        bad("k", f"must be a head count (int >= 1) or a fraction of the eligible heads in (0, 1], got {p['k']!r}")
+    if "tau" in p and not _tau_ok(p["tau"]):
+        bad("tau", f"is a threshold on maps normalised to [0, 1] and must lie in (0, 1), got {p['tau']!r}")
+    for key, ok, what in (("k_sweep", _k_ok, "head counts or fractions in (0, 1]"), ("tau_sweep", _tau_ok, "thresholds in (0, 1)"),
+                          ("strengths", lambda s: isinstance(s, (int, float)) and 0 < s <= 1, "fractions in (0, 1]")):
+        if key in p and (not p[key] or not all(ok(v) for v in p[key])):
+            bad(key, f"must be a non-empty list of {what}, got {p[key]!r}")
+    for s in p.get("strengths") or []:
+        if "steps" in p and int(p["steps"] * s) < 1:
+            bad("strengths", f"{s} of {p['steps']} steps leaves no denoising step (strength x steps must be >= 1)")
+    if p.get("resolution") is not None and (p["resolution"] < 64 or p["resolution"] % 8):
+        bad("resolution", f"must be a multiple of 8 of at least 64 pixels, got {p['resolution']}")
+    abl = p.get("ablation") or {}
+    for key, v in abl.items():
+        if key not in ABLATION_KEYS or not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            bad("ablation", f"maps {list(ABLATION_KEYS)} to counts >= 1, got {key}: {v!r}")
 
 
 def load(profile: str | None = None, overrides: str | dict | None = None) -> dict:
