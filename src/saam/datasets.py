@@ -45,14 +45,44 @@ class Item:
     unmapped: list[str] = field(default_factory=list)  # caption words of a category with no concept
 
 
+class DatasetError(ValueError):
+    """A dataset folder or file that cannot be read as described: the message names the file and the entry."""
+
+
+class Items(list):
+    """The items read, and what was left out and why: ``dropped`` counts images without a caption,
+    images whose caption names no category of the word map, and words whose category has no concept."""
+    def __init__(self, items=(), dropped: dict | None = None, files: dict | None = None):
+        super().__init__(items)
+        self.dropped, self.files = dict(dropped or {}), dict(files or {})
+
+    def notes(self) -> str:
+        """One line for a table's notes."""
+        parts = [f"{v} {k.replace('_', ' ')}" for k, v in self.dropped.items() if v]
+        return (f"{len(self)} images scored from {', '.join(str(f) for f in self.files.values())}"
+                + (f"; left out: {', '.join(parts)}" if parts else ""))
+
+
 def read_word_map(path: Path) -> dict[str, dict]:
     """category -> {"concept": str | None, "words": [str, ...]} from a YAML file, checked."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise DatasetError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a mapping category -> {{concept: ..., words: [...]}}")
     out = {}
     for cat, v in data.items():
-        if not isinstance(v, dict) or not isinstance(v.get("words", []), list):
-            raise ValueError(f"{path}: {cat!r} must map to {{concept: ..., words: [...]}}")
-        out[str(cat)] = dict(concept=v.get("concept"), words=[str(w).lower() for w in v.get("words") or [cat]])
+        if not isinstance(v, dict) or not isinstance(v.get("words", []), list) or set(v) - {"concept", "words"}:
+            raise DatasetError(f"{path}: {cat!r} must map to {{concept: ..., words: [...]}}, got {v!r}")
+        if v.get("concept") is not None and not isinstance(v["concept"], str):
+            raise DatasetError(f"{path}: {cat!r}: concept must be a concept name or null, got {v['concept']!r}")
+        words = [str(w).lower() for w in v.get("words") or [cat]]
+        if not all(w.strip() and len(split_words(w)) == 1 for w in words):
+            raise DatasetError(f"{path}: {cat!r}: each word must be one word (letters or digits), got {words}")
+        out[str(cat)] = dict(concept=v.get("concept"), words=words)
     return out
 
 
@@ -62,12 +92,45 @@ def word_map_for(folder: Path) -> Path:
     return own if own.exists() else paths.DATA / "coco-words.yaml"
 
 
-def _find(folder: Path, pattern: str) -> Path:
-    hits = sorted(Path(folder).glob(pattern)) + sorted(Path(folder).glob(f"*/{pattern}"))
+def _find(folder: Path, pattern: str, split: str | None = None) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {folder} does not exist")
+    hits = sorted(folder.glob(pattern)) + sorted(folder.glob(f"*/{pattern}"))
+    if split:
+        hits = [h for h in hits if split in h.stem]
     if not hits:
-        raise FileNotFoundError(f"no {pattern} in {folder} (a COCO-format dataset: instances and captions "
-                                "files, and the images; see saam.datasets)")
+        raise FileNotFoundError(f"no {pattern}{f' for split {split!r}' if split else ''} in {folder} (a COCO-format "
+                                "dataset: instances and captions files, and the images; see saam.datasets)")
+    if len(hits) > 1:
+        raise DatasetError(f"{folder} holds {len(hits)} {pattern} files ({', '.join(str(h.relative_to(folder)) for h in hits)}); "
+                           "say which split to read: the profile's data_split (e.g. data_split: val2017)")
     return hits[0]
+
+
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                           "is the file complete?") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
+        raise DatasetError(f"{path}: a COCO file needs the lists {list(keys)}; found "
+                           f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    return data
+
+
+def _check_entries(path: Path, entries: list, need: dict[str, type | tuple], what: str) -> None:
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise DatasetError(f"{path}: {what}[{i}] is not an object")
+        for k, t in need.items():
+            if not isinstance(e.get(k), t) or isinstance(e.get(k), bool):
+                raise DatasetError(f"{path}: {what}[{i}] (id {e.get('id')!r}) needs {k!r} "
+                                   f"({t.__name__ if isinstance(t, type) else ' or '.join(x.__name__ for x in t)}), "
+                                   f"got {e.get(k)!r}")
 
 
 def _image_file(folder: Path, name: str) -> Path:
@@ -77,57 +140,98 @@ def _image_file(folder: Path, name: str) -> Path:
     raise FileNotFoundError(f"image {name} is not in {folder} or a subfolder of it")
 
 
-def read_captions(folder: Path) -> list[str]:
+def read_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8: 16-bit and 32-bit greyscale scaled down (not clipped),
+    palette, grey and alpha images converted; an unreadable or truncated file is an error naming it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or a.max() <= 65535 else float(2**32 - 1)
+                grey = np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            if im.mode == "F":
+                raise DatasetError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{path}: unreadable image ({e})") from None
+
+
+def read_captions(folder: Path, split: str | None = None) -> list[str]:
     """Every caption of a COCO-format dataset, in annotation order."""
-    caps = json.loads(_find(Path(folder), "captions*.json").read_text())
+    f = _find(Path(folder), "captions*.json", split)
+    caps = _read_json(f, ("annotations",))
+    _check_entries(f, caps["annotations"], dict(id=int, image_id=int, caption=str), "annotations")
     return [a["caption"].strip() for a in sorted(caps["annotations"], key=lambda a: a["id"])]
 
 
 def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None = None,
-              word_file: Path | None = None) -> list[Item]:
+              word_file: Path | None = None, split: str | None = None) -> Items:
     """Items of a COCO-format dataset, first caption of each image, in image-id order.
 
     Args:
         size: (H, W) to resize images (bilinear) and masks (nearest) to, e.g. the model's native
             resolution; None keeps them.
         n: at most this many images (those with at least one scored word).
+        split: the annotation files to read where the folder holds several (their names contain
+            it, e.g. "val2017"); a folder with several and no split is an error.
     Returns:
-        Items whose words are the caption words that name a category of the word map; a word of
-        a category absent from the image has ``mask=None`` (scored apart as missing).
+        :class:`Items`: items whose words are the caption words that name a category of the word
+        map (a word of a category absent from the image has ``mask=None``: scored apart as
+        missing), and the counts of what was left out.
+    Raises:
+        DatasetError: malformed files or entries, unknown category ids, annotations without a
+            segmentation, an image whose size differs from its JSON, or nothing to score; each
+            message names the file and the entry.
     """
     from PIL import Image
     from pycocotools.coco import COCO
     import contextlib
     import io
     folder = Path(folder)
-    wmap = read_word_map(word_file or word_map_for(folder))
+    wf = Path(word_file or word_map_for(folder))
+    wmap = read_word_map(wf)
     by_word = {w: cat for cat, v in wmap.items() for w in v["words"]}
+    fi, fc = _find(folder, "instances*.json", split), _find(folder, "captions*.json", split)
+    data = _read_json(fi, ("images", "annotations", "categories"))
+    _check_entries(fi, data["images"], dict(id=int, file_name=str, height=int, width=int), "images")
+    _check_entries(fi, data["categories"], dict(id=int, name=str), "categories")
+    _check_entries(fi, data["annotations"], dict(id=int, image_id=int, category_id=int, segmentation=(list, dict)),
+                   "annotations")
+    cats, imgs = {c["id"] for c in data["categories"]}, {i["id"] for i in data["images"]}
+    for i, a in enumerate(data["annotations"]):
+        if a["category_id"] not in cats:
+            raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has category_id {a['category_id']}, "
+                               f"which is not among the file's categories")
+        if a["image_id"] not in imgs:
+            raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has image_id {a['image_id']}, not among its images")
+        if not a["segmentation"]:
+            raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has an empty segmentation (a polygon or RLE mask is needed)")
+    caps = _read_json(fc, ("annotations",))
+    _check_entries(fc, caps["annotations"], dict(id=int, image_id=int, caption=str), "annotations")
+    inst = COCO()
+    inst.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        inst = COCO(str(_find(folder, "instances*.json")))
-    caps = json.loads(_find(folder, "captions*.json").read_text())
+        inst.createIndex()
     captions: dict[int, list[str]] = {}
     for a in sorted(caps["annotations"], key=lambda a: a["id"]):
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
     cat_name = {c["id"]: c["name"] for c in inst.loadCats(inst.getCatIds())}
-    items = []
+    items = Items(files=dict(instances=fi, captions=fc, words=wf))
+    dropped = dict(images_without_caption=0, images_without_scored_word=0, words_without_concept=0)
     for img_id in sorted(inst.getImgIds()):
         if img_id not in captions:
+            dropped["images_without_caption"] += 1
             continue
         info = inst.loadImgs(img_id)[0]
         h, w = info["height"], info["width"]
-        masks: dict[str, np.ndarray] = {}
-        anns = inst.loadAnns(inst.getAnnIds(imgIds=img_id, iscrowd=None))
-        for a in anns:  # polygons, RLE or compressed RLE
-            m = inst.annToMask(a).astype(bool)
-            name = cat_name[a["category_id"]]
-            masks[name] = masks.get(name, np.zeros((h, w), bool)) | m
-        image = np.asarray(Image.open(_image_file(folder, info["file_name"])).convert("RGB"))
-        if size is not None and tuple(size) != image.shape[:2]:
-            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
-            masks = {k: np.asarray(Image.fromarray(m).resize((size[1], size[0]), Image.NEAREST)) for k, m in masks.items()}
         caption = captions[img_id][0]
         counts: dict[str, int] = {}
-        words, unmapped = [], []
+        found, unmapped = [], []
         for tok in split_words(caption):
             low = tok.lower()
             if low not in by_word:
@@ -138,11 +242,36 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
             if not wmap[cat]["concept"]:
                 unmapped.append(tok)  # reported apart: no concept to pick heads for
                 continue
-            words.append(Word(tok, occ, wmap[cat]["concept"], masks.get(cat)))
-        if words:
-            items.append(Item(image, caption, words, n_objects=len(anns), source=info["file_name"], unmapped=unmapped))
+            found.append((tok, occ, cat))
+        dropped["words_without_concept"] += len(unmapped)
+        if not found:
+            dropped["images_without_scored_word"] += 1
+            continue
+        f = _image_file(folder, info["file_name"])
+        image = read_image(f)
+        if image.shape[:2] != (h, w):
+            raise DatasetError(f"{f}: {image.shape[1]}x{image.shape[0]} pixels, but {fi} says {w}x{h} for image id "
+                               f"{img_id}; its masks would not line up (fix the JSON or the file)")
+        masks: dict[str, np.ndarray] = {}
+        anns = inst.loadAnns(inst.getAnnIds(imgIds=img_id, iscrowd=None))
+        for a in anns:  # polygons, RLE or compressed RLE
+            try:
+                m = inst.annToMask(a).astype(bool)
+            except Exception as e:  # pycocotools raises bare errors on malformed masks
+                raise DatasetError(f"{fi}: annotation id {a['id']}: unreadable segmentation ({type(e).__name__}: {e})") from None
+            name = cat_name[a["category_id"]]
+            masks[name] = masks.get(name, np.zeros((h, w), bool)) | m
+        if size is not None and tuple(size) != image.shape[:2]:
+            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+            masks = {k: np.asarray(Image.fromarray(m).resize((size[1], size[0]), Image.NEAREST)) for k, m in masks.items()}
+        words = [Word(tok, occ, wmap[cat]["concept"], masks.get(cat)) for tok, occ, cat in found]
+        items.append(Item(image, caption, words, n_objects=len(anns), source=info["file_name"], unmapped=unmapped))
         if n is not None and len(items) >= n:
             break
+    items.dropped = dropped
+    if not items:
+        raise DatasetError(f"{folder}: nothing to score: no image has a caption with a word that {wf} maps to a "
+                           f"category with a concept ({dropped})")
     return items
 
 

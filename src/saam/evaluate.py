@@ -15,6 +15,7 @@ scored on exactly the same captured attention.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from .aggregate import DAAM_TAU, mean_map, normalize, per_head_maps, threshold
 from .capture import trace
 from .heads import HeadId
 from .select import METHODS, head_set
+from .words import WordNotFound
 
 
 @dataclass
@@ -171,11 +173,19 @@ def miou_table(df, by_kind: bool = True, seed: int = 0):
 
 # ---------------------------------------------------------------------------- protocols
 
-def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_objects: int) -> list[WordRecord]:
-    """WordRecords of one traced image; ``words``: (word, occurrence, kind, obj, truth, bound) tuples."""
+def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_objects: int,
+                 cut: list | None = None) -> list[WordRecord]:
+    """WordRecords of one traced image; ``words``: (word, occurrence, kind, obj, truth, bound) tuples.
+    A word the text encoder's window cut off is skipped and appended to ``cut`` (counted, not fatal)."""
     out = []
     for word, occurrence, kind, obj, gt, bound in words:
-        pos = hm.token_positions(word, occurrence)
+        try:
+            pos = hm.token_positions(word, occurrence)
+        except WordNotFound:
+            if cut is None or not hm.truncated:
+                raise
+            cut.append((image_idx, word))
+            continue
         maps = per_head_maps(hm, pos, heads).numpy().astype(np.float16)
         out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound))
     return out
@@ -242,17 +252,21 @@ def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, st
     i2i = img2img(pipe)
 
     def batch(items, gens, start):
-        records = []
+        records, cut = [], []
         with trace(i2i) as tc:
             i2i([it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
                 strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                 generator=gens, output_type="latent")
         for j, (it, hm) in enumerate(zip(items, tc)):
             words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]
-            records += _records_for(hm, it.caption, words, start + j, heads, it.n_objects)
-        return records
+            records += _records_for(hm, it.caption, words, start + j, heads, it.n_objects, cut)
+        return dict(records=records, cut=[list(c) for c in cut])
     parts = run_batches(items, batch_size, seed, batch, cache=cache, desc=f"img2img@{strength}" if progress else None)
-    return [r for recs in parts for r in recs], np.stack([it.image for it in items])
+    cut = [c for p in parts for c in p["cut"]]
+    if cut:
+        print(f"{len(cut)} caption word(s) lay beyond the text encoder's window and were skipped "
+              f"(first: {cut[0][1]!r} of image {cut[0][0]})", file=sys.stderr)
+    return [r for p in parts for r in p["records"]], np.stack([it.image for it in items])
 
 
 def binding_score(color_map: torch.Tensor, own_shape: torch.Tensor, other_shapes: list[torch.Tensor]) -> float:

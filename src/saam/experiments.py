@@ -121,7 +121,7 @@ def relevance_prompts(params: dict) -> list[str]:
     folder = data_dir(params) if params["model"] != "shapesworld" else None
     if folder is not None:
         from .datasets import read_captions
-        caps = read_captions(folder)
+        caps = read_captions(folder, params.get("data_split"))
         start = params.get("n_eval", 0) if len(caps) > params.get("n_eval", 0) + n else 0
         return caps[start:start + n]
     return [sample_scene(10_000_000 + i, split="test").caption for i in range(n)]
@@ -261,7 +261,9 @@ def records(pipe, params: dict, protocol: str, heads, strength: float | None = N
         if folder is None:
             raise FileNotFoundError("the dataset protocol needs evaluation data: set data_dir in the profile or "
                                     "$SAAM_DATA to a COCO-format folder (see saam.datasets)")
-        return real_image_protocol(pipe, read_coco(folder, native_size(pipe, params), params["n_eval"]), heads,
+        items = read_coco(folder, native_size(pipe, params), params["n_eval"], split=params.get("data_split"))
+        update_results(dataset=dict(notes=items.notes(), dropped=items.dropped, n_items=len(items)))
+        return real_image_protocol(pipe, items, heads,
                                    strength=strength, cache=("records-data", key), **run)
     raise ValueError(f"unknown protocol {protocol!r}; use generation, real or dataset")
 

@@ -243,13 +243,14 @@ def word_masks(scene: Scene, masks: np.ndarray) -> dict[tuple[str, int], np.ndar
 
 # ---------------------------------------------------------------- export as a COCO-format dataset
 
-def export_coco(folder, n: int, seed: int = 0, split: str = "test") -> None:
+def export_coco(folder, n: int, seed: int = 0, split: str = "test", overwrite: bool = False) -> None:
     """Write ``n`` scenes as a COCO-format dataset that ``saam.datasets.read_coco`` reads.
 
     Rendered images (PNG, lossless), exact instance masks (RLE), one caption per image, and a
     ``word_categories.yaml``. Every object is annotated three times, under its colour, its shape
     and its size category, so a caption word's truth is the union of the objects that share its
-    attribute, exactly as in the native protocols.
+    attribute, exactly as in the native protocols. A folder that is not empty is refused unless
+    ``overwrite`` (then what an earlier export wrote there is replaced, nothing else is touched).
     """
     import json
     from pathlib import Path
@@ -257,6 +258,15 @@ def export_coco(folder, n: int, seed: int = 0, split: str = "test") -> None:
     from pycocotools import mask as mask_utils
     from .. import paths
     folder = Path(folder)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} is not empty; export into a new folder, or pass --overwrite to replace "
+                              "an earlier export there")
+    others = sorted(f.name for f in folder.glob("*.json") if f.name not in ("instances_shapesworld.json", "captions_shapesworld.json")) \
+        if folder.exists() else []
+    if others:
+        raise FileExistsError(f"{folder} holds other annotation files ({others}); a dataset folder holds one export")
     (folder / "images").mkdir(parents=True, exist_ok=True)
     cats = [*COLOR_NAMES, *SHAPES, *SIZE_NAMES]
     cat_id = {c: i + 1 for i, c in enumerate(cats)}
@@ -291,8 +301,12 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", default="test", choices=["train", "test", "unseen"])
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier export in a non-empty folder")
     a = ap.parse_args(argv)
-    export_coco(a.export_coco, a.n, a.seed, a.split)
+    try:
+        export_coco(a.export_coco, a.n, a.seed, a.split, a.overwrite)
+    except (FileExistsError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     print(f"{a.n} scenes written to {a.export_coco}")
 
 

@@ -1,0 +1,138 @@
+"""Bad input gets a clear error before work starts, or the correct result: one test per input of
+issue 19's probe (and the new ones of the same kinds). Errors name the file, the key and what to do."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saam.datasets import DatasetError, read_captions, read_coco, read_image
+from saam.profiles import ProfileError, load
+
+POLY = [[0, 0, 10, 0, 10, 10, 0, 10]]
+
+
+def _dataset(d, *, images=None, anns=None, cats=None, captions=None, split="x", size=(20, 30), mode="RGB"):
+    (d / "img").mkdir(parents=True, exist_ok=True)
+    arr = np.full((*size, 3), 200, np.uint8) if mode == "RGB" else None
+    if mode == "RGB":
+        Image.fromarray(arr).save(d / "img" / "a.png")
+    images = images if images is not None else [dict(id=1, file_name="a.png", height=size[0], width=size[1])]
+    cats = cats if cats is not None else [dict(id=1, name="dog")]
+    anns = anns if anns is not None else [dict(id=1, image_id=1, category_id=1, segmentation=POLY, area=100,
+                                               bbox=[0, 0, 10, 10], iscrowd=0)]
+    captions = captions if captions is not None else [dict(id=1, image_id=1, caption="a dog on grass")]
+    (d / f"instances_{split}.json").write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
+    (d / f"captions_{split}.json").write_text(json.dumps(dict(annotations=captions)))
+    (d / "word_categories.yaml").write_text("dog: {concept: Animals, words: [dog, dogs]}\n")
+    return d
+
+
+def test_a_good_dataset_reads(tmp_path):
+    items = read_coco(_dataset(tmp_path))
+    assert len(items) == 1 and items[0].words[0].mask[:10, :10].all() and items.dropped["images_without_caption"] == 0
+
+
+def test_train_and_val_files_in_one_folder_need_a_split(tmp_path):
+    _dataset(tmp_path, split="train2017")
+    _dataset(tmp_path, split="val2017", captions=[dict(id=1, image_id=1, caption="two dogs")])
+    with pytest.raises(DatasetError, match=r"2 instances\*.json files .*data_split"):
+        read_coco(tmp_path)
+    assert read_coco(tmp_path, split="val2017")[0].caption == "two dogs"
+    assert read_captions(tmp_path, "train2017") == ["a dog on grass"]
+    assert load("sd14", "data_split=val2017")["data_split"] == "val2017"
+
+
+@pytest.mark.parametrize("text,match", [('{"images": [', "not valid JSON .*line 1"), ("[]", "a COCO file needs the lists"),
+                                        ('{"images": []}', "a COCO file needs the lists")])
+def test_truncated_or_malformed_json_names_the_file(tmp_path, text, match):
+    _dataset(tmp_path)
+    (tmp_path / "instances_x.json").write_text(text)
+    with pytest.raises(DatasetError, match=f"instances_x.json: {match}"):
+        read_coco(tmp_path)
+
+
+def test_annotations_without_segmentation_or_with_unknown_categories(tmp_path):
+    ann = dict(id=7, image_id=1, category_id=1, area=1, bbox=[0, 0, 1, 1], iscrowd=0)
+    _dataset(tmp_path, anns=[ann])
+    with pytest.raises(DatasetError, match=r"annotations\[0\] \(id 7\) needs 'segmentation'"):
+        read_coco(tmp_path)
+    _dataset(tmp_path, anns=[dict(ann, segmentation=[])])
+    with pytest.raises(DatasetError, match="id 7.*empty segmentation"):
+        read_coco(tmp_path)
+    _dataset(tmp_path, anns=[dict(ann, segmentation=POLY, category_id=9)])
+    with pytest.raises(DatasetError, match="category_id 9, which is not among the file's categories"):
+        read_coco(tmp_path)
+
+
+def test_an_empty_dataset_says_why(tmp_path):
+    _dataset(tmp_path, captions=[dict(id=1, image_id=1, caption="a cat on grass")])  # no mapped word
+    with pytest.raises(DatasetError, match="nothing to score"):
+        read_coco(tmp_path)
+    _dataset(tmp_path, images=[], anns=[], captions=[])
+    with pytest.raises(DatasetError, match="nothing to score"):
+        read_coco(tmp_path)
+
+
+def test_images_without_captions_are_counted(tmp_path):
+    imgs = [dict(id=1, file_name="a.png", height=20, width=30), dict(id=2, file_name="a.png", height=20, width=30)]
+    items = read_coco(_dataset(tmp_path, images=imgs))
+    assert len(items) == 1 and items.dropped["images_without_caption"] == 1
+    assert "1 images without caption" in items.notes()
+
+
+@pytest.mark.parametrize("yaml_text,match", [("dog: [dog]\n", "must map to"), ("dog: {concept: [a], words: [dog]}\n", "concept must be"),
+                                             ("dog: {concept: A, words: [hot dog]}\n", "one word"), ("- a\n", "expected a mapping"),
+                                             ("dog: {concept: A, words: [dog\n", "not valid YAML")])
+def test_a_bad_word_file(tmp_path, yaml_text, match):
+    _dataset(tmp_path)
+    (tmp_path / "word_categories.yaml").write_text(yaml_text)
+    with pytest.raises(DatasetError, match=f"word_categories.yaml.*{match}"):
+        read_coco(tmp_path)
+
+
+def test_sixteen_bit_images_keep_their_contrast(tmp_path):
+    a = np.zeros((20, 30), np.uint16)
+    a[:, 15:] = 32768
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    img = read_image(tmp_path / "g16.png")
+    assert img.shape == (20, 30, 3) and img[0, 0, 0] == 0 and img[0, 20, 0] == 128  # not a white image
+
+
+def test_a_truncated_image_names_the_file(tmp_path):
+    _dataset(tmp_path)
+    data = (tmp_path / "img" / "a.png").read_bytes()
+    (tmp_path / "img" / "a.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="a.png: unreadable image"):
+        read_coco(tmp_path)
+
+
+def test_an_image_whose_size_disagrees_with_its_json(tmp_path):
+    _dataset(tmp_path, images=[dict(id=1, file_name="a.png", height=40, width=30)])
+    with pytest.raises(DatasetError, match="a.png: 30x20 pixels, but .*instances_x.json says 30x40"):
+        read_coco(tmp_path)
+
+
+def test_export_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "saam.shapes.world", "--export-coco", str(tmp_path), "--n", "2", *a],
+                                    capture_output=True, text=True)  # noqa: E731
+    r = run()
+    assert r.returncode != 0 and "is not empty" in r.stderr and not (tmp_path / "images").exists()
+    assert run("--overwrite").returncode == 0 and (tmp_path / "keep.txt").read_text() == "mine"
+    assert len(list(tmp_path.glob("instances*.json"))) == 1
+
+
+@pytest.mark.parametrize("override,match", [("tau=7", "tau is a threshold"), ("n_eval=0", "n_eval must be at least 1"),
+                                            ("n_eval=-3", "n_eval must be at least 1"), ("steps=0", "steps must be at least 1"),
+                                            ("batch_size=0", "batch_size must be at least 1"), ("k=-1", "k must be a head count"),
+                                            ("k=1.5", "k must be"), ("strengths=[0.01]", "leaves no denoising step"),
+                                            ("k_sweep=[]", "k_sweep must be a non-empty list"),
+                                            ("tau_sweep=[0,0.4]", "tau_sweep must be"), ("resolution=100", "multiple of 8"),
+                                            ("ablation={n_eval: 0}", "is not a YAML value")])
+def test_profile_values_are_checked_by_range(override, match):
+    with pytest.raises(ProfileError, match=match):
+        load("smoke", override)
