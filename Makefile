@@ -21,7 +21,10 @@ ifeq ($(filter $(PROFILE),$(PROFILES)),)
 $(error no profile '$(PROFILE)' (params/$(PROFILE).yaml); known profiles: $(PROFILES))
 endif
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
-OUTDIR := build/$(PROFILE)
+# a run with overrides has folders of its own (saam.paths.overrides_tag forms the same name), so it
+# re-runs every chapter and never overwrites a plain run's outputs or the committed figures/
+SETTAG := $(if $(strip $(SET)),set-$(shell printf '%s' '$(SET)' | sha256sum | cut -c1-10))
+OUTDIR := build/$(PROFILE)$(if $(SETTAG),/$(SETTAG))
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 # PROCESSES=n: every chapter under `accelerate launch` on n processes (GPUs), batches split between them
 RUN := $(if $(filter-out 1,$(PROCESSES)),$(BIN)/accelerate launch --multi_gpu --num_processes $(PROCESSES) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS),$(BIN)/python)
@@ -49,7 +52,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."] [PROCESSES=8], writing its figures and tables
-	@if [ "$(PROFILE)" = paper ]; then $(BIN)/python scripts/readme_results.py; fi
+	@if [ "$(PROFILE)" = paper ] && [ -z "$(SETTAG)" ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 
 # a notebook re-runs when it, its profile, the package or the model changed
@@ -88,7 +91,7 @@ gpu-bench: $(STAMP)  ## on a CUDA machine: fp16 SD v1.4 / SDXL traced/plain, ima
 	$(BIN)/python scripts/gpu_bench.py
 
 report: $(STAMP)  ## HTML report from the executed notebooks -> build/<profile>/report/index.html
-	$(BIN)/python scripts/report.py --profile $(PROFILE)
+	$(BIN)/python scripts/report.py --profile $(PROFILE) --set "$(SET)"
 
 lab: $(STAMP)  ## JupyterLab on notebooks/ with the project's kernel (edit `profile` in a chapter's first cell)
 	$(BIN)/jupyter lab --notebook-dir=notebooks

@@ -85,6 +85,11 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
              "of every head for a word. The paper (Park, Ko, Byun, Rhee, 2026) averages only the heads most relevant to "
              "the word's concept (head relevance as in HRV) and reports better segmentation (mIoU), far worse maps from "
              "the least relevant heads, and maps that diagnose prompt misinterpretations.</p>"]
+    run = res.get("run")
+    if run:
+        parts.append(f"<p class='note'>Made by profile <code>{html.escape(str(run['profile']))}</code>"
+                     + (f" with overrides <code>{html.escape(str(run['overrides']))}</code>" if run.get("overrides") else
+                        " without overrides") + ".</p>")
     t1 = res.get("table1")
     if t1:
         verdict = ("beats" if t1["miou_selective"] > t1["miou_daam_ci"][1] else
@@ -119,23 +124,26 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
 
 
-def build(profile: str) -> Path:
+def build(profile: str, overrides: str = "") -> Path:
     from saam import paths
-    src = paths.BUILD / profile
+    src = paths.BUILD / profile / paths.overrides_tag(overrides)
     out = src / "report"
     if not any(src.glob("[0-9][0-9]-*.ipynb")):
-        raise SystemExit(f"no executed chapters in {src}; run `make all PROFILE={profile}` first")
+        raise SystemExit(f"no executed chapters in {src}; run `make all PROFILE={profile}"
+                         + (f' SET="{overrides}"' if overrides else "") + "` first")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     pages = chapter_pages(src, out)
-    (out / "index.html").write_text(front_page(profile, paths.figures_dir(profile), out, pages))
+    (out / "index.html").write_text(front_page(profile, paths.figures_dir(profile, overrides), out, pages))
     return out / "index.html"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="paper")
-    print(build(ap.parse_args().profile))
+    ap.add_argument("--set", default="", help="the overrides of the run to report (as given to make all SET=...)")
+    a = ap.parse_args()
+    print(build(a.profile, a.set))
 
 
 if __name__ == "__main__":

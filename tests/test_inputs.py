@@ -136,3 +136,70 @@ def test_export_refuses_a_non_empty_folder(tmp_path):
 def test_profile_values_are_checked_by_range(override, match):
     with pytest.raises(ProfileError, match=match):
         load("smoke", override)
+
+
+def test_overrides_get_folders_of_their_own_and_make_agrees(tmp_path):
+    """A run with SET never overwrites a plain run's outputs (nor the committed figures/), and the
+    Makefile names its folder as the package does, so changed overrides re-run every chapter."""
+    from saam import paths
+    assert paths.figures_dir("paper") == paths.ROOT / "figures"
+    tag = paths.overrides_tag("steps=4 n_eval=6")
+    assert tag.startswith("set-") and tag != paths.overrides_tag("steps=4 n_eval=7")
+    assert paths.figures_dir("paper", "steps=4 n_eval=6") == paths.BUILD / "paper" / tag / "figures"
+    p = load("smoke", "steps=4 n_eval=6")
+    assert p["overrides"] == "steps=4 n_eval=6" and paths.FIGURES == paths.BUILD / "smoke" / tag / "figures"
+    load("smoke")
+    assert paths.FIGURES == paths.BUILD / "smoke" / "figures"
+    out = subprocess.run(["make", "-n", "all", "PROFILE=smoke", "SET=steps=4 n_eval=6"], cwd=paths.ROOT,
+                         capture_output=True, text=True).stdout
+    assert f"build/smoke/{tag}/00-shapesworld-model.ipynb" in out
+    paper = subprocess.run(["make", "-n", "all", "PROFILE=paper", "SET=steps=4"], cwd=paths.ROOT,
+                           capture_output=True, text=True).stdout
+    assert f"build/paper/{paths.overrides_tag('steps=4')}/03-miou.ipynb" in paper
+
+
+def test_model_folders_are_checked_for_components_and_family(tmp_path):
+    from saam.models import check_model_folder
+    from saam.testing import save_tiny
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    with pytest.raises(FileNotFoundError, match="not a complete diffusers folder.*unet/config.json is missing.*names no vae"):
+        check_model_folder(tmp_path / "only", "sd14", "sd14")
+    xl = save_tiny("sdxl-layout", tmp_path / "xl")
+    with pytest.raises(ValueError, match="profile 'sd14' expects SD v1.x, but .* holds SDXL; use PROFILE=sdxl"):
+        check_model_folder(xl, "sd14", "sd14")
+    check_model_folder(xl, "sdxl", "sdxl")
+    from saam.experiments import load_params
+    import os
+    os.environ["SAAM_MODEL_PATH"] = str(tmp_path / "only")
+    try:
+        with pytest.raises(FileNotFoundError, match="not a complete diffusers folder"):
+            load_params("sd14")  # what `make check` runs before any chapter
+    finally:
+        del os.environ["SAAM_MODEL_PATH"]
+
+
+def test_empty_concepts_and_prompts_are_errors(sd1):
+    from saam.relevance import relevance_pass
+    for concepts in ({}, {"Color": []}, {"Color": [""]}):
+        with pytest.raises(ValueError, match="non-empty list of words"):
+            relevance_pass(sd1, concepts, ["a dog"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        relevance_pass(sd1, {"Color": ["red"]}, [], steps=1, progress=False)
+
+
+def test_a_caption_longer_than_the_window_skips_the_cut_word_with_a_count(sd1, capsys):
+    from saam.capture import cross_attention_layers
+    from saam.datasets import Item, Word
+    from saam.evaluate import real_image_protocol
+    from saam.heads import head_ids
+    heads = head_ids({l: m.heads for l, m in cross_attention_layers(sd1.unet).items()})
+    img = np.zeros((32, 32, 3), np.uint8)
+    mask = np.zeros((32, 32), bool)
+    long = "a dog " + "and more " * 40 + "and a cat"
+    items = [Item(img, long, [Word("dog", 0, "Animals", mask), Word("cat", 0, "Animals", mask)]),
+             Item(img, "a cat", [Word("cat", 0, "Animals", mask)])]
+    recs, _ = real_image_protocol(sd1, items, heads, strength=0.5, steps=2, guidance=5.0, seed=0, batch_size=2,
+                                  progress=False)
+    assert [(r.image, r.word) for r in recs] == [(0, "dog"), (1, "cat")]
+    assert "1 caption word(s) lay beyond the text encoder's window and were skipped" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def test_chapters_write_what_they_declare(smoke_chapters):
         for noise in ("Warning", "it/s]", "Loading"):
             assert noise not in text, f"{c.notebook} prints {noise!r} into the chapter"
     res = json.loads((figs / "results.json").read_text())
+    assert res["run"] == dict(profile="smoke", overrides="")  # what made these outputs
     t1 = res["table1"]
     assert t1["n_words"] > 0 and 0 <= t1["miou_daam"] <= 1 and 0 <= t1["miou_selective"] <= 1
     assert set(res["concentration_top25_hrv34"]) >= {"Color", "Shape", "Size"}

@@ -38,6 +38,7 @@ def start_chapter(notebook: str, profile: str, overrides: str | dict | None = No
     from IPython.display import Markdown, display
     from .artefacts import produces_markdown
     p = load_params(profile, overrides)
+    update_results(run=dict(profile=profile, overrides=p["overrides"]))  # what made these outputs
     torch.manual_seed(p["seed"])
     where = paths.FIGURES.relative_to(paths.ROOT) if paths.FIGURES.is_relative_to(paths.ROOT) else paths.FIGURES
     display(Markdown(produces_markdown(notebook, str(where)) + f" Profile `{profile}`"

@@ -31,8 +31,66 @@ def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
     return device, (torch.float16 if device.startswith("cuda") else torch.float32)
 
 
+# the model family each real-model profile expects, told apart by the pipeline class and the UNet
+# config (SD 2.x: linear projections in its transformers; SD 1.x: convolutions), as at any width
+FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL"}
+
+
+def model_family(index: dict, unet_config: dict) -> str:
+    """"SD v1.x", "SD v2.x", "SDXL" or the pipeline class name, from model_index.json and unet/config.json."""
+    cls = index.get("_class_name")
+    if cls == "StableDiffusionXLPipeline":
+        return "SDXL"
+    if cls == "StableDiffusionPipeline":
+        return "SD v2.x" if unet_config.get("use_linear_projection") else "SD v1.x"
+    return str(cls)
+
+
+def check_model_folder(path: Path, model: str, profile: str) -> None:
+    """The components a profile needs are in the folder (configs, weights, tokenizer files), and the
+    folder holds the model family the profile names: errors say which file and what to do."""
+    import json
+    path = Path(path)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path / 'model_index.json'}: unreadable ({e})") from None
+    family = FAMILIES.get(model)
+    need = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    need += ["text_encoder_2", "tokenizer_2"] if index.get("_class_name") == "StableDiffusionXLPipeline" else []
+    problems = []
+    for c in need:
+        d = path / c
+        if c not in index:
+            problems.append(f"model_index.json names no {c}")
+        elif c.startswith("tokenizer"):
+            if not any((d / f).exists() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+                problems.append(f"{c}/ has no tokenizer files (tokenizer.json, vocab.json or vocab.txt)")
+        elif c == "scheduler":
+            if not (d / "scheduler_config.json").exists():
+                problems.append("scheduler/scheduler_config.json is missing")
+        elif not (d / "config.json").exists():
+            problems.append(f"{c}/config.json is missing")
+        elif not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
+            problems.append(f"{c}/ has no weights (*.safetensors or *.bin)")
+    if problems:
+        raise FileNotFoundError(f"{path} is not a complete diffusers folder for profile {profile!r}: " + "; ".join(problems)
+                                + ". Download the whole model (huggingface-cli download <id> --local-dir <dir>).")
+    if family is None:
+        return
+    try:
+        got = model_family(index, json.loads((path / "unet" / "config.json").read_text()))
+    except ValueError as e:
+        raise FileNotFoundError(f"{path / 'unet' / 'config.json'}: not valid JSON ({e})") from None
+    if got != family:
+        fits = [k for k, v in FAMILIES.items() if v == got]
+        raise ValueError(f"profile {profile!r} expects {family}, but {path} holds {got}; use "
+                         + (f"PROFILE={' or '.join(fits)}" if fits else "a profile for that model") + " for this folder")
+
+
 def model_path(params: dict) -> Path:
-    """The folder a profile's model loads from; for real models, stop at once if it is absent."""
+    """The folder a profile's model loads from; for real models, stop at once if it is absent,
+    incomplete or of another model family than the profile's."""
     if params.get("model", "shapesworld") == "shapesworld":
         path = Path(params.get("model_path") or paths.MODEL_DIR)
         return path if path.is_absolute() else paths.ROOT / path
@@ -45,6 +103,7 @@ def model_path(params: dict) -> Path:
             f"none was found at {path!r}. On a machine with internet: `huggingface-cli download {ref} "
             f"--local-dir <dir>`, then `make all PROFILE={params['profile']} SAAM_MODEL_PATH=<dir>` "
             "(a GPU is strongly advised).")
+    check_model_folder(Path(path), model, params["profile"])
     return Path(path)
 
 

@@ -17,21 +17,36 @@ BUILD = ROOT / "build"
 COCO_WORD_FILE = "word_categories.yaml"  # in a COCO-format folder: category -> concept and caption words
 
 
-def figures_dir(profile: str) -> Path:
-    """Where a profile's figures and tables go: the committed ``figures/`` for ``paper``,
-    ``build/<profile>/figures/`` for any other ($SAAM_FIGURES overrides both, for tests)."""
+def overrides_tag(overrides: str | dict | None) -> str:
+    """A run with overrides gets a folder of its own, ``set-<10 hex digits of the overrides>``
+    (the Makefile forms the same name from SET): it never overwrites a plain run's outputs."""
+    import hashlib
+    import json
+    if not overrides or (isinstance(overrides, str) and not overrides.strip()):
+        return ""
+    text = overrides if isinstance(overrides, str) else json.dumps(overrides, sort_keys=True)
+    return "set-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def figures_dir(profile: str, overrides: str | dict | None = None) -> Path:
+    """Where a profile's figures and tables go: the committed ``figures/`` for a plain ``paper``
+    run, ``build/<profile>/figures/`` for any other profile, ``build/<profile>/set-<hash>/figures/``
+    for a run with overrides ($SAAM_FIGURES overrides all, for tests)."""
     if os.environ.get("SAAM_FIGURES"):
         return Path(os.environ["SAAM_FIGURES"])
+    tag = overrides_tag(overrides)
+    if tag:
+        return BUILD / profile / tag / "figures"
     return ROOT / "figures" if profile == "paper" else BUILD / profile / "figures"
 
 
 FIGURES = figures_dir(os.environ.get("PROFILE", "paper"))
 
 
-def use_profile(profile: str) -> Path:
+def use_profile(profile: str, overrides: str | dict | None = None) -> Path:
     """Point :data:`FIGURES` at ``profile``'s folder (``saam.profiles.load`` calls this)."""
     global FIGURES
-    FIGURES = figures_dir(profile)
+    FIGURES = figures_dir(profile, overrides)
     return FIGURES
 NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"

@@ -81,7 +81,7 @@ def parse_overrides(text: str | dict | None) -> dict:
 
 def validate(p: dict, source: str) -> dict:
     """Check keys and types; fill defaults. ``source`` names the file (and overrides) in errors."""
-    unknown = sorted(set(p) - set(SCHEMA) - {"profile"})
+    unknown = sorted(set(p) - set(SCHEMA) - {"profile", "overrides"})
     if unknown:
         raise ProfileError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(SCHEMA)}")
     real = p.get("model", "shapesworld") != "shapesworld"
@@ -89,7 +89,7 @@ def validate(p: dict, source: str) -> dict:
     if missing:
         raise ProfileError(f"{source}: missing key(s) {missing}; known keys: {sorted(SCHEMA)}")
     for k, v in p.items():
-        if k == "profile":
+        if k in ("profile", "overrides"):
             continue
         types = SCHEMA[k][0]
         ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
@@ -149,8 +149,9 @@ def load(profile: str | None = None, overrides: str | dict | None = None) -> dic
     """Parameters of ``params/<profile>.yaml`` with ``overrides`` applied, validated.
 
     Also points :data:`saam.paths.FIGURES` at the profile's output folder (``figures/`` for
-    ``paper``, ``build/<profile>/figures/`` otherwise), so where results go follows the profile
-    however a notebook is run.
+    a plain ``paper`` run, ``build/<profile>/figures/`` otherwise, ``build/<profile>/set-<hash>/``
+    with overrides), so where results go follows the profile however a notebook is run. The
+    parameters carry ``profile`` and ``overrides`` (what made the outputs).
     """
     profile = profile or os.environ.get("PROFILE", "paper")
     f = paths.PARAMS / f"{profile}.yaml"
@@ -167,5 +168,6 @@ def load(profile: str | None = None, overrides: str | dict | None = None) -> dic
     if over:
         p = validate({**p, **over}, f"{f} with overrides {over}")
     p["profile"] = profile
-    paths.use_profile(profile)
+    p["overrides"] = overrides if isinstance(overrides, str) else (over or "")
+    paths.use_profile(profile, overrides)
     return p

@@ -274,6 +274,11 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
     """
     from .runs import item_rngs, run_batches
     check_pipeline(pipe)
+    if not isinstance(concepts, dict) or not concepts or not all(
+            isinstance(ws, (list, tuple)) and ws and all(isinstance(w, str) and w.strip() for w in ws) for ws in concepts.values()):
+        raise ValueError(f"concepts must map each concept to a non-empty list of words, got {concepts!r}")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r}")
     layers = cross_attention_layers(pipe.unet)
     rec = VoteRecorder(None, layers, start_token)
 
