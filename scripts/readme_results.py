@@ -29,8 +29,10 @@ def replace(text: str, start: str, end: str, body: str) -> str:
     return text[:a] + "\n" + body + "\n" + text[b:]
 
 
-def block() -> str:
-    res = json.loads((FIG / "results.json").read_text())
+def block(res: dict | None = None) -> str:
+    sys.path.insert(0, str(ROOT / "src"))
+    from saam.paired import verdict_lines
+    res = res if res is not None else json.loads((FIG / "results.json").read_text())
     fid = json.loads((FIG / "fidelity.json").read_text())
     ana = json.loads((FIG / "analyzer.json").read_text())
     t1 = res["table1"]
@@ -66,20 +68,17 @@ def block() -> str:
         f"{t1['protocol'].capitalize()} protocol: DAAM mIoU **{t1['miou_daam']:.3f}** "
         f"[{t1['miou_daam_ci'][0]:.3f}, {t1['miou_daam_ci'][1]:.3f}] vs selective (top-k) "
         f"**{t1['miou_selective']:.3f}** [{t1['miou_selective_ci'][0]:.3f}, {t1['miou_selective_ci'][1]:.3f}], "
-        f"bottom-k {t1['miou_bottom']:.3f}, random-k {t1['miou_random']:.3f}.",
+        f"bottom-k {t1['miou_bottom']:.3f}, random-k {t1['miou_random']:.3f} (mean of 20 draws per word, SD across "
+        f"draws {t1.get('random_draw_sd', float('nan')):.3f}).",
     ]
-    d_lo, d_hi = t1["miou_daam_ci"]
-    top = ("beat DAAM beyond its CI" if t1["miou_selective_ci"][0] > d_hi else
-           "do worse than DAAM" if t1["miou_selective_ci"][1] < d_lo else "match DAAM within the CIs")
-    bottom = "far worse" if t1["miou_bottom_ci"][1] < d_lo else "not worse"
-    lines += ["", f"**In short** (generation protocol, default organism): the most relevant heads {top}; "
-              f"the least relevant heads do {bottom} than DAAM."]
+    lines += ["", "**In short** (paired on the same words, `saam.paired`: better or worse only where the paired 95 % CI "
+              "excludes 0; the same sentences as the report and chapter 03):", ""] + [f"- {s}" for s in verdict_lines(res)]
     if "relevance_vs_localisation" in res:
         lines += ["", "Relevance vs single-head localisation (`figures/tab2-relevance-vs-localisation.md`), Spearman rho: "
                   + ", ".join(f"{k} {v['spearman_rho']:+.2f}" for k, v in res["relevance_vs_localisation"].items()) + "."]
     if "binding_auroc" in res:
-        lines += ["", "Binding diagnosis AUROC (`figures/tab3-binding-auroc.md`): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in res["binding_auroc"].items()) + "."]
+        lines += ["", "Binding diagnosis AUROC (`figures/tab3-binding-auroc.md`; its paired verdict is in *In short*): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in res["binding_auroc"].items()) + "."]
     if (FIG / "tab4-organisms.md").exists():
         lines += ["", "**Organisms** (`figures/tab4-organisms.md`, chapter 06; the same measurements at smaller sizes on "
                   "each variant; bg = background pixels, conc = concentration, fid = fidelity):", "",

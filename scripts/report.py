@@ -90,15 +90,13 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
         parts.append(f"<p class='note'>Made by profile <code>{html.escape(str(run['profile']))}</code>"
                      + (f" with overrides <code>{html.escape(str(run['overrides']))}</code>" if run.get("overrides") else
                         " without overrides") + ".</p>")
-    t1 = res.get("table1")
-    if t1:
-        verdict = ("beats" if t1["miou_selective"] > t1["miou_daam_ci"][1] else
-                   "does worse than" if t1["miou_selective"] < t1["miou_daam_ci"][0] else "does not differ from")
-        parts.append(f"<h2>What we found</h2><p class='note'>On this profile's model, selecting the top "
-                     f"{t1['k']:g} of heads by relevance <b>{verdict}</b> DAAM: mIoU {t1['miou_selective']:.3f} "
-                     f"[{t1['miou_selective_ci'][0]:.3f}, {t1['miou_selective_ci'][1]:.3f}] vs {t1['miou_daam']:.3f} "
-                     f"[{t1['miou_daam_ci'][0]:.3f}, {t1['miou_daam_ci'][1]:.3f}]; the least relevant heads "
-                     f"{t1['miou_bottom']:.3f} (generation protocol, tau {t1['tau']}, {t1['n_words']} words).</p>")
+    from saam.paired import verdict_lines
+    lines = verdict_lines(res)
+    if lines:  # the sentences results.json holds: the same in the README and chapter 03
+        bold = lambda s: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s))  # noqa: E731
+        parts.append("<h2>What we found</h2><p class='note'>Each method against DAAM on the same words (paired "
+                     "bootstrap 95 % CI of the difference; better or worse only where it excludes 0):</p><ul>"
+                     + "".join(f"<li>{bold(s)}</li>" for s in lines) + "</ul>")
     if (figs / "tab1-miou.csv").exists():
         parts.append("<h2>Table 1: mIoU</h2>" + pd.read_csv(figs / "tab1-miou.csv").to_html(index=False, float_format="%.3f"))
     fid, conc = res.get("fidelity"), res.get("concentration_top25_hrv34") or res.get("concentration_top25")

@@ -120,13 +120,14 @@ def test_mask_ious_batched_equal_one_at_a_time():
 
 
 def test_scoring_and_miou_table_on_hand_made_records():
-    from saam.evaluate import miou_table, mask_ious, per_head_iou, score_records
+    from saam.evaluate import RANDOM_DRAWS, miou_table, mask_ious, per_head_iou, score_records
     from saam.select import METHODS
     recs, rel = _records(), _relevance([1.0, 1.0, 0.0, 0.0])  # the top heads are relevant to colour
     df = score_records(recs, rel, np.ones(4, bool), ks=[2], taus=[0.4])
-    assert len(df) == 3 * len(METHODS) and df.missing.sum() == len(METHODS)
+    rows_per_word = len(METHODS) - 1 + RANDOM_DRAWS  # random-k: one row per draw
+    assert len(df) == 3 * rows_per_word and df.missing.sum() == rows_per_word
     assert df[df.missing].iou.isna().all() and df[~df.missing].iou.notna().all()
-    iou_of = df.set_index(["image", "method"]).iou
+    iou_of = df[df.draw == 0].set_index(["image", "method"]).iou
     # top-2 (heads 0 and 1) covers the top half: the same IoU as the hand-computed mask
     want = mask_ious(recs[0].maps[[0, 1]].astype(np.float32).mean(0)[None], recs[0].gt)[0, 0]
     assert iou_of[0, METHODS["top"]] == want > iou_of[0, METHODS["bottom"]] == 0
@@ -135,6 +136,11 @@ def test_scoring_and_miou_table_on_hand_made_records():
     assert tab.loc[METHODS["top"], "mIoU"] == pytest.approx(df[(df.method == METHODS["top"]) & ~df.missing].iou.mean())
     assert tab.loc[METHODS["top"], "ci_low"] <= tab.loc[METHODS["top"], "mIoU"] <= tab.loc[METHODS["top"], "ci_high"]
     # a k sweep is one call: one row per (record, method, k); DAAM and soft repeat at every k
+    rnd = df[(df.method == METHODS["random"]) & ~df.missing]
+    assert rnd.draw.nunique() == RANDOM_DRAWS and rnd.groupby("draw").iou.mean().nunique() > 1  # the draws differ
+    assert tab.loc[METHODS["random"], "mIoU"] == pytest.approx(rnd.groupby("image").iou.mean().mean())
+    assert tab.loc[METHODS["random"], "draw_sd"] == pytest.approx(rnd.groupby("draw").iou.mean().std(ddof=1))
+    assert np.isnan(tab.loc[METHODS["top"], "draw_sd"])
     sweep = miou_table(score_records(recs, rel, np.ones(4, bool), ks=[1, 2, 4], taus=[0.4]), by_kind=False)
     assert len(sweep) == 3 * len(METHODS)
     assert sweep[sweep.method == METHODS["daam"]].mIoU.nunique() == 1

@@ -25,7 +25,7 @@ CHAPTERS = (
             ("fig2-head-relevance-hist", "fig2-relevance-heatmap", "fig2-timestep-stability", "tab2-concentration",
              "fig2-attention-sinks", "tab2-attention-sinks")),
     Chapter("03-miou", "Table 1: mIoU of DAAM vs selective aggregation",
-            ("tab1-miou", "tab1-miou-by-kind", "tab1-tau-sweep", "results.json")),
+            ("tab1-miou", "tab1-miou-by-kind", "tab1-tau-sweep", "tab1-paired-grid", "fig3-paired-grid", "results.json")),
     Chapter("04-most-vs-least", "Most vs least relevant heads",
             ("tab2-k-sweep", "fig4-k-sweep", "fig4-examples", "fig4-relevance-vs-localisation",
              "tab2-relevance-vs-localisation")),

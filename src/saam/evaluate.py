@@ -112,14 +112,23 @@ def mask_ious(maps: torch.Tensor | np.ndarray, gt: np.ndarray, taus: Sequence[fl
     return out
 
 
+RANDOM_DRAWS = 20  # random head sets per word: random-k is a distribution, not one draw
+
+
+def random_seed(seed: int, image: int, draw: int) -> int:
+    """The seed of random-k's draw ``draw`` for the words of ``image`` (draw 0: ``seed + image``)."""
+    return seed + image + 1_000_003 * draw
+
+
 def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequence[float], taus: Sequence[float],
-                  seed: int = 0, methods: Sequence[str] = tuple(METHODS)):
-    """One row per (word record, method, k, tau) with the IoU of the method's mask.
+                  seed: int = 0, methods: Sequence[str] = tuple(METHODS), draws: int = RANDOM_DRAWS):
+    """One row per (word record, method, k, tau, draw) with the IoU of the method's mask.
 
     Every method's map is ``aggregate.mean_map`` of the record's per-head maps over its
-    ``select.head_set`` (relevance row of the record's word kind; random-k seeded with
-    ``seed + image``), masked by ``aggregate.to_mask``. Words whose object is missing are kept
-    with NaN IoU. ``method`` holds the method's label (``select.METHODS``).
+    ``select.head_set`` (relevance row of the record's word kind; random-k drawn ``draws`` times,
+    draw d seeded with :func:`random_seed`; the other methods have one row, draw 0), masked by
+    ``aggregate.to_mask``. Words whose object is missing are kept with NaN IoU. ``method`` holds
+    the method's label (``select.METHODS``); :func:`per_word` averages random-k's draws.
     """
     import pandas as pd
     rows = []
@@ -128,20 +137,30 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
         sets, maps = [], {}
         for k in ks:
             for m in methods:
-                key = (m, None if m in ("daam", "soft") else k)  # DAAM and soft do not depend on k
-                if key not in maps:
-                    s = head_set(m, rel.heads, row, k, mask=mask, seed=seed + r.image)
-                    maps[key] = mean_map(r.maps[s.index], s.weights)
-                sets.append((m, k, key))
+                for d in range(draws if m == "random" else 1):
+                    key = (m, None if m in ("daam", "soft") else k, d)  # DAAM and soft do not depend on k
+                    if key not in maps:
+                        s = head_set(m, rel.heads, row, k, mask=mask, seed=random_seed(seed, r.image, d))
+                        maps[key] = mean_map(r.maps[s.index], s.weights)
+                    sets.append((m, k, key))
         keys = list(maps)
         scores = (np.full((len(keys), len(taus)), np.nan) if r.gt is None
                   else mask_ious(torch.stack([maps[k] for k in keys]), r.gt, taus))
         at = {key: i for i, key in enumerate(keys)}
         for j, tau in enumerate(taus):  # tau, then k, then method: the order tables list them in
             for m, k, key in sets:
-                rows.append(dict(image=r.image, word=r.word, kind=r.kind, method=METHODS[m], k=k, tau=tau,
-                                 missing=r.gt is None, iou=scores[at[key], j]))
-    return pd.DataFrame(rows, columns=["image", "word", "kind", "method", "k", "tau", "missing", "iou"])
+                rows.append(dict(image=r.image, word=r.word, occurrence=r.occurrence, kind=r.kind, method=METHODS[m],
+                                 k=k, tau=tau, draw=key[2], missing=r.gt is None, iou=scores[at[key], j]))
+    return pd.DataFrame(rows, columns=["image", "word", "occurrence", "kind", "method", "k", "tau", "draw", "missing", "iou"])
+
+
+WORD = ["image", "word", "occurrence", "kind"]  # what identifies a scored word
+
+
+def per_word(df):
+    """One row per (word, method, k, tau): random-k's IoU is the mean over its draws."""
+    keys = [*WORD, "method", "k", "tau", "missing"]
+    return df.groupby(keys, sort=False, dropna=False).iou.mean().reset_index()
 
 
 def per_head_iou(recs: Sequence[WordRecord], kind: str, tau: float) -> np.ndarray:
@@ -159,16 +178,19 @@ def per_head_iou(recs: Sequence[WordRecord], kind: str, tau: float) -> np.ndarra
 
 def miou_table(df, by_kind: bool = True, seed: int = 0):
     """mIoU with bootstrap 95 % CI per method, k and tau (and per word kind) of
-    :func:`score_records` rows; words with their object missing counted apart."""
+    :func:`score_records` rows (random-k: each word's mean over the draws, and ``draw_sd``, the
+    standard deviation of the mIoU across draws); words with their object missing counted apart."""
     import pandas as pd
     out = []
     groups = ["method", "kind", "k", "tau"] if by_kind else ["method", "k", "tau"]
-    for key, g in df.groupby(groups, sort=False):
+    spread = {key: g[~g.missing].groupby("draw").iou.mean().std(ddof=1) if g.draw.nunique() > 1 else np.nan
+              for key, g in df.groupby(groups, sort=False, dropna=False)}
+    for key, g in per_word(df).groupby(groups, sort=False, dropna=False):
         v = g.loc[~g.missing, "iou"].to_numpy()
         m, lo, hi = bootstrap_ci(v, seed=seed)
-        out.append(dict(zip(groups, key), mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v),
+        out.append(dict(zip(groups, key), mIoU=m, ci_low=lo, ci_high=hi, draw_sd=spread[key], n_words=len(v),
                         n_missing=int(g.missing.sum())))
-    return pd.DataFrame(out, columns=[*groups, "mIoU", "ci_low", "ci_high", "n_words", "n_missing"])
+    return pd.DataFrame(out, columns=[*groups, "mIoU", "ci_low", "ci_high", "draw_sd", "n_words", "n_missing"])
 
 
 # ---------------------------------------------------------------------------- protocols

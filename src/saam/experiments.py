@@ -320,6 +320,13 @@ def update_results(**entries) -> dict:
     return cur
 
 
+def add_verdicts(**verdicts) -> dict:
+    """Merge verdicts (``saam.paired.verdict``) into results.json's ``verdict`` entry; the results."""
+    f = paths.FIGURES / "results.json"
+    cur = json.loads(f.read_text()).get("verdict", {}) if f.exists() else {}
+    return update_results(verdict={**cur, **verdicts})
+
+
 def relevance_vs_localisation(recs, rel, params: dict):
     """Does relevance rank heads by how well they localise? Per concept: Spearman rho between a
     head's relevance and its own single-head mIoU (``evaluate.per_head_iou``; eligible heads as the
@@ -413,6 +420,30 @@ def binding_items(recs, rel, params: dict, methods: list[str]) -> pd.DataFrame:
     return pd.DataFrame(items, columns=["image", "word", "occurrence", "caption", "bound", *methods])
 
 
+def binding_table(bind: pd.DataFrame, params: dict, methods: list[str]) -> tuple[pd.DataFrame, dict | None]:
+    """AUROC [stratified CI] of each method's binding score for bound vs misbound colour words, its
+    paired difference to DAAM on the same items [paired CI], and the verdict for top-k (None without
+    both classes)."""
+    from .evaluate import auroc_ci
+    from .paired import paired_auroc, verdict
+    from .select import METHODS
+    both = len(bind) > 0 and bind.bound.nunique() == 2
+    rows = []
+    for m in methods:
+        a, lo, hi = auroc_ci(bind[m], bind.bound, seed=params["seed"]) if both else (np.nan,) * 3
+        d = paired_auroc(bind, bind.bound, m, seed=params["seed"]) if both and m != "daam" else {}
+        rows.append(dict(method=METHODS[m], auroc=a, ci_low=lo, ci_high=hi, diff_daam=d.get("diff", np.nan),
+                         diff_ci_low=d.get("ci_low", np.nan), diff_ci_high=d.get("ci_high", np.nan), n=len(bind),
+                         n_misbound=int((~bind.bound).sum())))
+    auc = pd.DataFrame(rows)
+    if not both or "top" not in methods:
+        return auc, None
+    r = auc.set_index("method").loc[METHODS["top"]]
+    return auc, verdict(dict(n=int(r.n), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high),
+                        f"binding diagnosis, {int(r.n)} colour words of which {int(r.n_misbound)} misbound",
+                        metric="AUROC")
+
+
 # ------------------------------------------------------------------------------ organisms
 
 def organism_properties(params: dict, model_path: Path) -> dict:
@@ -455,3 +486,70 @@ def organisms(params: dict) -> pd.DataFrame:
     from .shapes.model import variant_folder
     p = dict(params, **params.get("ablation", {}))
     return pd.DataFrame([organism_properties(p, variant_folder(v)) for v in params["variants"]])
+
+
+# ------------------------------------------------------------------------------ the verdict
+
+TABLE1_COLUMNS = ["protocol", "method", "mIoU", "ci_low", "ci_high", "diff_daam", "diff_ci_low", "diff_ci_high",
+                  "p_wilcoxon", "better", "worse", "d_z", "draw_sd", "n_words", "n_missing"]
+
+
+def _with_paired(t: pd.DataFrame, df: pd.DataFrame, by_kind: bool, seed: int) -> pd.DataFrame:
+    """A mIoU table with each method's paired difference to DAAM on the same words (``saam.paired``)."""
+    from .paired import paired_table
+    keys = ["method", "kind", "k", "tau"] if by_kind else ["method", "k", "tau"]
+    pt = paired_table(df, by_kind, seed).rename(columns=dict(diff="diff_daam", ci_low="diff_ci_low", ci_high="diff_ci_high"))
+    return t.merge(pt[[*keys, "diff_daam", "diff_ci_low", "diff_ci_high", "p_wilcoxon", "better", "worse", "d_z"]], on=keys,
+                   how="left")
+
+
+def table1(scores: dict[str, pd.DataFrame], params: dict, by_kind: bool = False) -> pd.DataFrame:
+    """Table 1 over protocols: mIoU [CI] per method and its paired difference to DAAM [CI], Wilcoxon p and
+    the share of words each way; random-k over ``evaluate.RANDOM_DRAWS`` draws (``draw_sd``: its spread)."""
+    parts = []
+    for name, df in scores.items():
+        t = _with_paired(miou_table(df, by_kind, seed=params["seed"]), df, by_kind, params["seed"])
+        parts.append(t.assign(protocol=name))
+    tab = pd.concat(parts)
+    cols = TABLE1_COLUMNS[:2] + (["kind"] if by_kind else []) + TABLE1_COLUMNS[2:]
+    tab = tab[cols].copy()
+    if not by_kind:
+        tab["k"], tab["tau"], tab["include_mid"] = params["k"], params["tau"], params["include_mid"]
+    return tab.reset_index(drop=True)
+
+
+def paired_grid(recs, rel, params: dict, method: str = "top") -> pd.DataFrame:
+    """``method`` minus DAAM on the same words over the profile's whole k x tau grid."""
+    from .paired import paired_table
+    from .select import METHODS
+    t = paired_table(score(recs, rel, params, ks=params["k_sweep"], taus=params["tau_sweep"]), seed=params["seed"])
+    return t[t.method == METHODS[method]].reset_index(drop=True)
+
+
+def table1_results(tab: pd.DataFrame, rel, params: dict, main: str) -> dict:
+    """The ``table1`` entry of results.json and the verdicts (``saam.paired.verdict``) of top-k and
+    bottom-k against DAAM on the primary protocol."""
+    from .paired import verdict
+    from .select import METHODS
+    g = tab[tab.protocol == main].set_index("method")
+    head = dict(protocol=main, k=params["k"], tau=params["tau"], include_mid=params["include_mid"],
+                n_words=int(g.n_words.iloc[0]), n_missing=int(g.n_missing.iloc[0]), n_heads=len(rel.heads),
+                n_eligible=int(eligible(params, rel.heads).sum()), concepts=params["concepts"])
+    for key, m in (("daam", "daam"), ("selective", "top"), ("bottom", "bottom"), ("random", "random"), ("soft", "soft")):
+        r = g.loc[METHODS[m]]
+        head[f"miou_{key}"], head[f"miou_{key}_ci"] = float(r.mIoU), [float(r.ci_low), float(r.ci_high)]
+        if m != "daam":
+            head[f"diff_{key}"] = dict(diff=float(r.diff_daam), ci=[float(r.diff_ci_low), float(r.diff_ci_high)],
+                                       p_wilcoxon=float(r.p_wilcoxon), better=float(r.better), worse=float(r.worse))
+    head["random_draw_sd"] = float(g.loc[METHODS["random"], "draw_sd"])
+    others = {name: t.set_index("method").mIoU for name, t in tab.groupby("protocol", sort=False) if name != main}
+    head["other_protocols"] = {name: {"miou_daam": float(r[METHODS["daam"]]), "miou_selective": float(r[METHODS["top"]])}
+                               for name, r in others.items()}
+    what = f"{main}, k = {params['k']:g}, tau = {params['tau']}"
+    verdicts = {}
+    for key, m in (("table1", "top"), ("bottom", "bottom")):
+        r = g.loc[METHODS[m]]
+        row = dict(n=int(r.n_words), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high,
+                   p_wilcoxon=r.p_wilcoxon, better=r.better, worse=r.worse, d_z=r.d_z)
+        verdicts[key] = verdict(row, what, method=m)
+    return dict(table1=head, verdict=verdicts)

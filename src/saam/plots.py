@@ -151,12 +151,16 @@ def timestep_stability(table: pd.DataFrame):
 
 
 def k_sweep(df: pd.DataFrame, daam: float | None = None, title: str = ""):
-    """mIoU against k (fraction of heads) for each method, with 95 % CI bands."""
+    """mIoU against k (fraction of heads) for each method, with 95 % CI bands (random-k: also its
+    spread across draws, +-2 SD, hatched)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for m, g in df.groupby("method", sort=False):
         g = g.sort_values("k")
-        ax.plot(g.k, g.mIoU, marker="o", label=m)
+        line, = ax.plot(g.k, g.mIoU, marker="o", label=m)
         ax.fill_between(g.k, g.ci_low, g.ci_high, alpha=0.2)
+        if "draw_sd" in g and g.draw_sd.notna().any():
+            ax.fill_between(g.k, g.mIoU - 2 * g.draw_sd, g.mIoU + 2 * g.draw_sd, facecolor="none", hatch="///",
+                            edgecolor=line.get_color(), lw=0, label=f"{m}: +-2 SD over draws")
     if daam is not None:
         ax.axhline(daam, color="k", ls="--", lw=1, label="DAAM (all heads)")
     ax.set(xlabel="k (fraction of eligible heads)", ylabel="mIoU", title=title)
@@ -258,5 +262,26 @@ def organisms(table: pd.DataFrame, reference: dict[str, float]):
     ax.set_xticks(x + 0.27, table.variant)
     ax.set(ylabel="mIoU (generation protocol)", xlabel="organism variant", title="Table 1 on each organism")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def paired_grid(grid: pd.DataFrame, title: str = ""):
+    """The paired difference (a method minus DAAM) over k and tau; cells whose 95 % CI excludes 0
+    are marked (+ better, - worse)."""
+    piv = grid.pivot_table(index="tau", columns="k", values="diff")
+    lo = grid.pivot_table(index="tau", columns="k", values="ci_low")
+    hi = grid.pivot_table(index="tau", columns="k", values="ci_high")
+    lim = float(np.nanmax(np.abs(piv.to_numpy()))) or 1.0
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * piv.shape[1], 0.9 + 0.5 * piv.shape[0]))
+    im = ax.imshow(piv.to_numpy(), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(piv.shape[0]):
+        for j in range(piv.shape[1]):
+            mark = "+" if lo.iat[i, j] > 0 else "-" if hi.iat[i, j] < 0 else ""
+            ax.text(j, i, f"{piv.iat[i, j]:+.3f}{mark}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(piv.shape[1]), [f"{k:g}" for k in piv.columns])
+    ax.set_yticks(range(piv.shape[0]), [f"{t:g}" for t in piv.index])
+    ax.set(xlabel="k (fraction of eligible heads)", ylabel="tau", title=title)
+    fig.colorbar(im, ax=ax, label="paired difference in IoU")
     fig.tight_layout()
     return fig

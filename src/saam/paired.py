@@ -1,0 +1,94 @@
+"""Every method against DAAM on the same words: paired differences, and the one rule that turns a
+paired interval into a verdict.
+
+Two means over the same words with independent CIs hide what matters: the methods are scored on
+identical maps and masks, so the question is the per-word difference. :func:`paired_table` gives,
+per method, k and tau (and word kind): the mean difference to DAAM with a paired bootstrap 95 % CI
+(words resampled), the Wilcoxon signed-rank p (``scipy.stats.wilcoxon``), the share of words where
+the method is better and worse, and the paired effect size d_z (mean difference / its SD).
+:func:`paired_auroc` does the same for the binding diagnosis (items resampled, stratified).
+:func:`verdict` is the rule, stated once: better or worse where the CI of the paired difference
+excludes 0, not distinguishable where it does not. The README, the report and chapter 03 print the
+sentence it wrote into ``results.json`` (:func:`verdict_lines`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .evaluate import WORD, auroc, bootstrap_ci, per_word
+from .select import METHODS
+
+BASE = "daam"
+
+
+def paired_stats(diff, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Summary of per-item differences: mean [paired bootstrap CI], Wilcoxon p, shares, d_z."""
+    from scipy.stats import wilcoxon
+    d = np.asarray(diff, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return dict(n=0, diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_wilcoxon=np.nan, better=np.nan, worse=np.nan,
+                    d_z=np.nan)
+    mean, lo, hi = bootstrap_ci(d, n=n_boot, seed=seed)
+    p = float(wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    sd = d.std(ddof=1) if len(d) > 1 else 0.0
+    return dict(n=len(d), diff=mean, ci_low=lo, ci_high=hi, p_wilcoxon=p, better=float((d > 0).mean()),
+                worse=float((d < 0).mean()), d_z=mean / sd if sd > 0 else np.nan)
+
+
+def paired_table(df: pd.DataFrame, by_kind: bool = False, seed: int = 0, base: str = BASE) -> pd.DataFrame:
+    """Each method minus ``base`` (a ``select.METHODS`` key) per word, at every k and tau of
+    ``evaluate.score_records`` rows (random-k: each word's mean over its draws); words whose object
+    is missing are left out, as in Table 1."""
+    w = per_word(df)
+    w = w[~w.missing]
+    ref = w[w.method == METHODS[base]].set_index([*WORD, "k", "tau"]).iou
+    groups = ["method", "kind", "k", "tau"] if by_kind else ["method", "k", "tau"]
+    rows = []
+    for key, g in w[w.method != METHODS[base]].groupby(groups, sort=False, dropna=False):
+        d = g.set_index([*WORD, "k", "tau"]).iou - ref.reindex(g.set_index([*WORD, "k", "tau"]).index)
+        rows.append(dict(zip(groups, key), **paired_stats(d.to_numpy(), seed)))
+    return pd.DataFrame(rows)
+
+
+def paired_auroc(scores: pd.DataFrame, labels, method: str, base: str = BASE, n: int = 2000, seed: int = 0) -> dict:
+    """AUROC of ``method`` minus ``base`` on the same items (``scores``: one column per method key),
+    with a stratified paired bootstrap CI (positives and negatives resampled apart, the same
+    resample for both methods)."""
+    y = np.asarray(labels, bool)
+    a, b = scores[method].to_numpy(float), scores[base].to_numpy(float)
+    point = auroc(a, y) - auroc(b, y)
+    if np.isnan(point):
+        return dict(n=len(y), diff=np.nan, ci_low=np.nan, ci_high=np.nan)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n):
+        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        boots.append(auroc(a[i], y[i]) - auroc(b[i], y[i]))
+    return dict(n=len(y), diff=point, ci_low=float(np.quantile(boots, 0.025)), ci_high=float(np.quantile(boots, 0.975)))
+
+
+def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", base: str = BASE) -> dict:
+    """The rule, once: ``better`` / ``worse`` where the paired 95 % CI excludes 0, otherwise ``not
+    distinguishable``; the sentence states the effect and its interval. ``what`` names the comparison's
+    setting (protocol, k, tau)."""
+    lo, hi, d = row["ci_low"], row["ci_high"], row["diff"]
+    call = "better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from"
+    extra = ""
+    if "better" in row and not np.isnan(row.get("better", np.nan)):
+        extra = (f"; better on {row['better']:.0%} and worse on {row['worse']:.0%} of {row['n']} words, "
+                 f"Wilcoxon p = {row['p_wilcoxon']:.2g}, d_z = {row['d_z']:+.2f}")
+    sentence = (f"{METHODS[method]} is **{call}** {METHODS[base]} ({what}): paired difference in {metric} "
+                f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{extra}.")
+    return dict(call=call.split(" ")[0] if call != "not distinguishable from" else "not distinguishable",
+                sentence=sentence, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()
+                                      if k in ("n", "diff", "ci_low", "ci_high", "p_wilcoxon", "better", "worse", "d_z")})
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """The verdict sentences ``results.json`` holds, in order: what the README, the report and
+    chapter 03 print (one place, so they cannot disagree)."""
+    v = results.get("verdict", {})
+    return [v[k]["sentence"] for k in ("table1", "bottom", "binding") if k in v]
