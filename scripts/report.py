@@ -55,6 +55,12 @@ def contents(nb, stems: list[str]) -> str:
     return nav + ("\n\n**Contents**" + toc if toc else "")
 
 
+CODE_TOGGLE = ("<style>body[data-code='hidden'] .jp-CodeCell .jp-Cell-inputWrapper{display:none}"
+               "#code-toggle{position:fixed;top:.5em;right:.5em;z-index:10;font:13px sans-serif}</style>"
+               "<button id='code-toggle' type='button' onclick=\"var b=document.body,h=b.dataset.code==='hidden';"
+               "b.dataset.code=h?'shown':'hidden';this.textContent=h?'hide code':'show code'\">show code</button>")
+
+
 def chapter_pages(src: Path, out: Path) -> list[tuple[str, str]]:
     import nbformat
     from nbconvert import HTMLExporter
@@ -71,6 +77,9 @@ def chapter_pages(src: Path, out: Path) -> list[tuple[str, str]]:
         # self-contained and offline: drop the template's CDN scripts (require.js for widgets, MathJax
         # for LaTeX); the chapters use neither, and a report opened from disk must not reach out
         body = re.sub(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', "", body)
+        # code folds behind one toggle, so a chapter reads as question, method, tables, figures, meaning
+        body = body.replace("<body", "<body data-code='hidden'", 1)
+        body = re.sub(r"(<body[^>]*>)", r"\1" + CODE_TOGGLE, body, count=1)
         (out / f"{f.stem}.html").write_text(body)
         pages.append((f.stem, title))
     return pages

@@ -1,4 +1,5 @@
 """Profiles, the attention budget, relevance with the start token, and the organism variants."""
+import pandas as pd
 import numpy as np
 import pytest
 import torch
@@ -151,3 +152,28 @@ def test_make_names_the_known_profiles():
     import subprocess
     out = subprocess.run(["make", "all", "PROFILE=nope"], capture_output=True, text=True)
     assert out.returncode != 0 and "known profiles:" in out.stderr and "smoke" in out.stderr
+
+
+def test_specialisation_does_not_depend_on_the_head_count():
+    """The head-count-free measure beside the top-25 % share: a uniform row is 0 at 44 and at 88 heads
+    (its top-25 % share is 0.25 at both), one head holding everything is 1, and doubling the heads of a
+    row (each head split in two equal halves) barely moves it, where the top-25 % share cannot tell."""
+    from saam.relevance import specialisation
+    assert specialisation(np.ones(44)) == pytest.approx(0) == specialisation(np.ones(88))
+    one = np.zeros(44)
+    one[3] = 44
+    assert specialisation(one) == pytest.approx(1)
+    row = np.random.default_rng(0).gamma(0.5, size=44)
+    assert 0 < specialisation(row) < 1 and specialisation(row) > specialisation(row + 1)
+
+
+def test_fidelity_intervals_and_the_adoption_rule():
+    from saam.experiments import adoption, wilson
+    lo, hi = wilson(0.91, 32)
+    assert lo < 0.90 < hi and wilson(1.0, 32)[1] == pytest.approx(1.0)
+    ok = dict(single_color_accuracy_ci=[0.92, 0.99], single_shape_accuracy_ci=[0.85, 0.95], two_object_binding_ci=[0.6, 0.8])
+    tab = pd.DataFrame([dict(variant="A", conc_color=0.6, conc_shape=0.6, **ok),
+                        dict(variant="D", conc_color=0.8, conc_shape=0.85, **dict(ok, single_color_accuracy_ci=[0.76, 0.97])),
+                        dict(variant="X", conc_color=0.9, conc_shape=0.9, **dict(ok, two_object_binding_ci=[0.1, 0.4]))])
+    rule = adoption(tab, dict(color=0.77, shape=0.89))
+    assert rule["fit"] == ["A", "D"] and rule["clearly_fit"] == ["A"] and rule["closest"] == "D"  # X misses binding

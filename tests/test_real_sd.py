@@ -93,15 +93,18 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     model = save_tiny(kind, tmp_path / "pipe")
     env = {k: v for k, v in os.environ.items() if k not in ("SAAM_FIGURES", "PROFILE")}
     env.update(SAAM_MODEL_PATH=str(model), SAAM_DATA=str(export), SAAM_CACHE=str(tmp_path / "cache"))
-    out = paths.BUILD / profile
+    overrides = "steps=2 n_eval=6 n_sinks=2 k_sweep=[0.25,1.0] tau_sweep=[0.4] n_examples=2"
+    out = paths.BUILD / profile / paths.overrides_tag(overrides)  # a run with overrides has a folder of its own
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    subprocess.run(["make", "all", f"PROFILE={profile}",
-                    "SET=steps=2 n_eval=6 n_sinks=2 k_sweep=[0.25,1.0] tau_sweep=[0.4] n_examples=2"],
-                   check=True, env=env, cwd=ROOT)
+    subprocess.run(["make", "all", f"PROFILE={profile}", f"SET={overrides}"], check=True, env=env, cwd=ROOT)
     assert len(list(out.glob("[0-9][0-9]-*.ipynb"))) == len(list((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")))
     import pandas as pd
     t1 = pd.read_csv(out / "figures" / "tab1-miou.csv")
     assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 5 and (t1.n_words > 0).all()
+    assert t1.diff_daam.isna().tolist() == [m == "DAAM (all heads)" for m in t1.method]  # paired to DAAM
+    poly = pd.read_csv(out / "figures" / "tab5-polysemy.csv")  # chapter 05's case study on SD profiles
+    assert len(poly) == 2 * 2 and poly.competing_share.between(0, 1).all()
+    assert (out / "figures" / "fig5-polysemy.png").exists()
 
 
 def test_real_profile_without_weights_stops_at_once():

@@ -15,6 +15,7 @@ class Chapter:
     title: str
     produces: tuple[str, ...]
     shapesworld_only: bool = False  # needs ShapesWorld's renderer or analyzer; says so elsewhere
+    real_only: tuple[str, ...] = ()  # of ``produces``: written on real-model (SD) profiles only
 
 
 CHAPTERS = (
@@ -30,7 +31,8 @@ CHAPTERS = (
             ("tab2-k-sweep", "fig4-k-sweep", "fig4-examples", "fig4-relevance-vs-localisation",
              "tab2-relevance-vs-localisation")),
     Chapter("05-misinterpretation", "Diagnosing misinterpretations",
-            ("tab3-binding-auroc", "fig5-roc", "fig5-case-studies")),
+            ("tab3-binding-auroc", "fig5-roc", "fig5-case-studies", "tab5-polysemy", "fig5-polysemy"),
+            real_only=("tab5-polysemy", "fig5-polysemy")),
     Chapter("06-organisms", "Which organism property decides the outcome",
             ("tab4-organisms", "fig6-organisms"), shapesworld_only=True),
 )
@@ -55,6 +57,6 @@ def chapter(notebook: str) -> Chapter:
 def produces_markdown(notebook: str, figures_dir: str = "figures") -> str:
     """The chapter's "Produces" line, for its header."""
     c = chapter(notebook)
-    names = ", ".join(f"`{n}`" for n in c.produces)
+    names = ", ".join(f"`{n}`" + (" (SD profiles)" if n in c.real_only else "") for n in c.produces)
     only = " (ShapesWorld profiles only)" if c.shapesworld_only else ""
     return f"**Produces{only}** in `{figures_dir}/`: {names}."

@@ -77,12 +77,14 @@ def samples(pipe, params: dict, n: int = 16):
 
 
 def published_concentration(top: float = 0.25) -> pd.DataFrame:
-    """Concentration of HRV's published SD v1.4 and SDXL vectors, per concept (the reference)."""
-    from .relevance import concentration, published
+    """Concentration of HRV's published SD v1.4 and SDXL vectors, per concept (the reference), and
+    their head-count-free specialisation (``<model>_spec``)."""
+    from .relevance import concentration, published, specialisation
     out = None
     for m in ("sd14", "sdxl"):
         names, mat = published(m)
-        t = pd.DataFrame({"concept": names, f"{m}_published": [concentration(r, top) for r in mat]})
+        t = pd.DataFrame({"concept": names, f"{m}_published": [concentration(r, top) for r in mat],
+                          f"{m}_spec": [specialisation(r) for r in mat]})
         out = t if out is None else out.merge(t, on="concept")
     return out
 
@@ -444,6 +446,55 @@ def binding_table(bind: pd.DataFrame, params: dict, methods: list[str]) -> tuple
                         metric="AUROC")
 
 
+def load_polysemy(path: Path | None = None) -> list[dict]:
+    """The polysemous colour prompts (``data/polysemous-colours.yaml``), checked."""
+    import yaml
+    path = Path(path or paths.POLYSEMY)
+    items = yaml.safe_load(path.read_text())
+    need = ("prompt", "word", "intended", "competing")
+    if not isinstance(items, list) or not all(isinstance(i, dict) and all(isinstance(i.get(k), str) for k in need)
+                                              for i in items):
+        raise ValueError(f"{path}: expected a list of {{{', '.join(need)}}} entries")
+    return items
+
+
+def polysemy(pipe, rel, params: dict, n_prompts: int | None = None, n_seeds: int = 2):
+    """The misinterpretation case study on any model (the paper's and HRV's kind): each polysemous
+    colour word's map from DAAM's heads, from the top-k heads of its intended concept (Color) and of
+    its competing one (Plants, Fruits ...), per seed. Where the image shows the other reading, the
+    competing concept's heads should hold more of the word's attention.
+
+    Returns:
+        (table: one row per prompt and seed with each head set's attention mass on the word (mean
+        attention probability per pixel) and the competing share = competing / (intended + competing),
+        rows for ``plots.polysemy``: image and the min-max normalised maps).
+    """
+    from .aggregate import normalize
+    from .capture import trace
+    items = load_polysemy()[: n_prompts or None]
+    unknown = sorted({c for it in items for c in (it["intended"], it["competing"])} - set(rel.concepts))
+    if unknown:
+        raise ValueError(f"{paths.POLYSEMY}: concepts {unknown} are not among the relevance's {rel.concepts}")
+    table, rows = [], []
+    for i, it in enumerate(items):
+        sets = {"DAAM": head_sets(rel, it["intended"], params, ["daam"])["daam"],
+                f"{it['intended']} heads": head_sets(rel, it["intended"], params, ["top"])["top"],
+                f"{it['competing']} heads": head_sets(rel, it["competing"], params, ["top"])["top"]}
+        for s in range(n_seeds):
+            with trace(pipe) as tc:
+                img = pipe(it["prompt"], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                           generator=generators(params, 1, start=1000 * i + s), output_type="np").images[0]
+            maps = {name: tc[0].word_map(it["word"], heads=h.heads, weights=h.weights) for name, h in sets.items()}
+            mass = {name: float(m.mean()) for name, m in maps.items()}
+            a, b = mass[f"{it['intended']} heads"], mass[f"{it['competing']} heads"]
+            table.append(dict(prompt=it["prompt"], word=it["word"], seed=s, intended=it["intended"],
+                              competing=it["competing"], mass_daam=mass["DAAM"], mass_intended=a, mass_competing=b,
+                              competing_share=b / (a + b) if a + b > 0 else float("nan")))
+            rows.append(dict(image=(img * 255).round().astype(np.uint8), title=f"'{it['word']}' in: {it['prompt']} (seed {s})",
+                             maps={name: normalize(m, img.shape[:2]).numpy() for name, m in maps.items()}))
+    return pd.DataFrame(table), rows
+
+
 # ------------------------------------------------------------------------------ organisms
 
 def organism_properties(params: dict, model_path: Path) -> dict:
@@ -468,8 +519,11 @@ def organism_properties(params: dict, model_path: Path) -> dict:
     rel = relevance(pipe, p, "hrv")
     for r in concentration_table(rel, list(KINDS), seed=p["seed"]).itertuples():
         out[f"conc_{r.concept.lower()}"], out[f"conc_{r.concept.lower()}_ci"] = r.top_share, [r.ci_low, r.ci_high]
+        out[f"spec_{r.concept.lower()}"], out[f"spec_{r.concept.lower()}_ci"] = r.spec, [r.spec_ci_low, r.spec_ci_high]
+    out["n_heads"] = len(rel.heads)
     fid = fidelity(pipe, p, write=False, groups=("single", "two"))
-    out.update({k: fid[k] for k in ("single_color_accuracy", "single_shape_accuracy", "two_object_binding")})
+    for k, n in (("single_color_accuracy", "n_single"), ("single_shape_accuracy", "n_single"), ("two_object_binding", "n_two")):
+        out[k], out[f"{k}_ci"] = fid[k], wilson(fid[k], fid[n])
     recs = records(pipe, p, "generation", rel.heads)[0]
     diag, _ = relevance_vs_localisation(recs, rel, p)
     out.update({f"rho_{r.concept}": r.spearman_rho for r in diag.itertuples()})
@@ -478,6 +532,31 @@ def organism_properties(params: dict, model_path: Path) -> dict:
         r = tab[tab.method == METHODS[m]].iloc[0]
         out[f"miou_{key}"], out[f"miou_{key}_ci"] = r.mIoU, [r.ci_low, r.ci_high]
     return out
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score 95 % interval of a proportion ``p`` observed in ``n`` trials."""
+    if not n:
+        return [float("nan"), float("nan")]
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [float(c - h), float(c + h)]
+
+
+def adoption(tab: pd.DataFrame, sd_concentration: dict[str, float]) -> dict:
+    """The adoption rule of the ablation, read off the CIs: a variant is *fit* when no fidelity target
+    is shown to be missed (each target at or below the upper end of the Wilson CI; *clearly* fit
+    when at or below the lower end too), and among the fit ones the closest to SD v1.4 is the one with
+    the smallest total shortfall in colour and shape concentration. Returns fit, clearly fit, shortfall
+    and closest."""
+    from .shapes.analyzer import FIDELITY_TARGETS as targets
+    t = tab.set_index("variant")
+    fit = [v for v in t.index if all(t.loc[v, f"{k}_ci"][1] >= x for k, x in targets.items())]
+    clearly = [v for v in fit if all(t.loc[v, f"{k}_ci"][0] >= x for k, x in targets.items())]
+    gap = {v: float(sum(max(0.0, sd_concentration[c] - t.loc[v, f"conc_{c}"]) for c in sd_concentration)) for v in fit}
+    return dict(fit=fit, clearly_fit=clearly, shortfall=gap, closest=min(gap, key=gap.get) if gap else None,
+                targets=dict(targets))
 
 
 def organisms(params: dict) -> pd.DataFrame:

@@ -14,6 +14,7 @@ VARIANTS = DATA / "variants"           # organism variants of the ablation (issu
 CACHE = Path(os.environ.get("SAAM_CACHE", DATA / "cache"))
 RUNS = DATA / "runs"
 BUILD = ROOT / "build"
+POLYSEMY = DATA / "polysemous-colours.yaml"  # chapter 05 on SD: colour words with a second reading
 COCO_WORD_FILE = "word_categories.yaml"  # in a COCO-format folder: category -> concept and caption words
 
 

@@ -285,3 +285,23 @@ def paired_grid(grid: pd.DataFrame, title: str = ""):
     fig.colorbar(im, ax=ax, label="paired difference in IoU")
     fig.tight_layout()
     return fig
+
+
+def polysemy(rows: list[dict]):
+    """One row per (prompt, seed): the image, then the word's map from each head set over it."""
+    import textwrap
+    names = list(rows[0]["maps"])
+    ncol = 1 + len(names)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol + 0.6, 2.0 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].imshow(row["image"], interpolation="nearest")
+        axes[r, 0].set_ylabel("\n".join(textwrap.wrap(row["title"], 30)), fontsize=7)
+        for j, name in enumerate(names):
+            axes[r, 1 + j].imshow(row["image"], interpolation="nearest")
+            axes[r, 1 + j].imshow(row["maps"][name], cmap=MAP_CMAP, alpha=0.6, vmin=0, vmax=1)
+        for j, t in enumerate(["image", *names]):
+            axes[r, j].set_xticks([]); axes[r, j].set_yticks([])
+            if r == 0:
+                axes[r, j].set_title(t if j < 2 else ("intended" if j == 2 else "competing"), fontsize=8)
+    fig.tight_layout()
+    return fig

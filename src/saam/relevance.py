@@ -140,9 +140,23 @@ def concentration(matrix_row: np.ndarray, top: float = 0.25) -> float:
     return float(r[:k].sum() / r.sum()) if r.sum() > 0 else float("nan")
 
 
+def specialisation(matrix_row: np.ndarray) -> float:
+    """1 - the normalised entropy of a concept's relevance over heads: 0 when every head is equally
+    relevant, 1 when one head holds it all. Unlike the top-25 % share it does not depend on the
+    number of heads (a uniform row scores 0 at any head count), so models with 44 and 88 heads
+    compare like with like."""
+    r = np.asarray(matrix_row, dtype=np.float64)
+    if r.sum() <= 0 or len(r) < 2:
+        return float("nan")
+    q = r / r.sum()
+    q = q[q > 0]
+    return float(1 + (q * np.log(q)).sum() / np.log(len(r)))
+
+
 def concentration_table(rel: "Relevance", concepts: list[str] | None = None, top: float = 0.25,
                         n_boot: int = 1000, seed: int = 0):
-    """Concentration per concept with a percentile bootstrap 95 % CI over prompts.
+    """Concentration per concept (``top_share``) and the head-count-free :func:`specialisation`
+    (``spec``), each with a percentile bootstrap 95 % CI over prompts.
 
     Prompts are resampled with replacement and the relevance renormalised from their votes, so
     the CI shows how much the share would move with another prompt set (fewer prompts give a
@@ -152,16 +166,18 @@ def concentration_table(rel: "Relevance", concepts: list[str] | None = None, top
     idx = [rel.index(c) for c in (concepts or rel.concepts)]
     concepts = [rel.concepts[i] for i in idx]
     point = [concentration(rel.matrix[i], top) for i in idx]
-    lo = hi = [float("nan")] * len(idx)
+    spec = [specialisation(rel.matrix[i]) for i in idx]
+    lo = hi = slo = shi = [float("nan")] * len(idx)
     if rel.prompt_votes is not None and len(rel.prompt_votes) > 1:
         pv = rel.prompt_votes
         rng = np.random.default_rng(seed)
-        boots = np.array([[concentration(m[i], top) for i in idx]
+        boots = np.array([[(concentration(m[i], top), specialisation(m[i])) for i in idx]
                           for m in (normalize_votes(pv[rng.integers(0, len(pv), len(pv))]) for _ in range(n_boot))])
-        lo, hi = np.nanquantile(boots, 0.025, axis=0), np.nanquantile(boots, 0.975, axis=0)
+        lo, hi = np.nanquantile(boots[..., 0], 0.025, axis=0), np.nanquantile(boots[..., 0], 0.975, axis=0)
+        slo, shi = np.nanquantile(boots[..., 1], 0.025, axis=0), np.nanquantile(boots[..., 1], 0.975, axis=0)
     n = len(rel.prompt_votes) if rel.prompt_votes is not None else rel.params.get("n_prompts")
-    return pd.DataFrame(dict(concept=concepts, top_share=point, ci_low=lo, ci_high=hi, n_prompts=n,
-                             top=top))
+    return pd.DataFrame(dict(concept=concepts, top_share=point, ci_low=lo, ci_high=hi, spec=spec, spec_ci_low=slo,
+                             spec_ci_high=shi, n_prompts=n, top=top))
 
 
 def load_concepts(path: Path | str | None = None) -> dict[str, list[str]]:

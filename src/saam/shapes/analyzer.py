@@ -151,6 +151,9 @@ def analyzer_accuracy(n: int = 400, seed: int = 0) -> dict:
     return out
 
 
+FIDELITY_TARGETS = dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50)
+
+
 def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int,
              cache: tuple[str, dict] | None = None) -> dict:
     """Score a model's images of scene captions with the analyzer.
@@ -187,5 +190,5 @@ def fidelity(pipe, groups: dict, steps: int, guidance: float, seed: int,
             out["two_object_binding" if name == "two" else f"{name}_binding"] = ok[:, 3].sum() / n
         out[f"{name}_count_accuracy"], out[f"n_{name}"] = ok[:, 0].sum() / n, n
     out.update(steps=steps, guidance=guidance,
-               targets=dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50))
+               targets=dict(FIDELITY_TARGETS))
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in out.items()}
