@@ -130,7 +130,7 @@ def main(argv=None) -> None:
             print(f"{kind} {name} {size}px: identical={res['identical']} max|diff|={res['max_abs_diff']:.2e} "
                   f"trace {res['trace_mb_all_tokens_fp32']:.1f} MB (77 tokens fp32) -> "
                   f"{res['trace_mb_words_fp16']:.1f} MB ({len(WORDS)} words fp16), {res['seconds_per_step']:.1f} s/step"
-                  + (f", bf16 vs fp32 word maps r >= {res['vs_float32']['min_pearson_r']:.3f}" if "vs_float32" in res else ""),
+                  + (f", {name} vs float32 word maps r >= {res['vs_float32']['min_pearson_r']:.3f}" if "vs_float32" in res else ""),
                   flush=True)
         if kind == "sd14":
             pipe.to(dtype=torch.float32)

@@ -21,6 +21,8 @@ def artefact_map() -> str:
         names = ", ".join(f"`{n}`" + ("" if "." in n else f" ({'/'.join(f.split('.')[-1] for f in files(n))})") for n in c.produces)
         rows.append(f"| {names} | `notebooks/{c.notebook}.ipynb` | {'ShapesWorld' if c.shapesworld_only else 'all'} |")
     rows.append("| `bench-capture.json`, `bench-relevance.json` | `scripts/bench.py` (`make bench`) | ShapesWorld |")
+    rows.append("| `bench-fullsize.json` | `scripts/fullsize.py` (`make bench`) | SD v1.4 / v2.1 / SDXL architectures |")
+    rows.append("| `bench-gpu.json` | `scripts/gpu_bench.py` (`make gpu-bench`, a CUDA GPU) | SD v1.4 / SDXL architectures |")
     return "\n".join(rows)
 
 
@@ -107,6 +109,27 @@ def block(res: dict | None = None) -> str:
                   f"memory {c['trace_stored_mb_by_steps']['10']:.1f} MB at 10 steps and "
                   f"{c['trace_stored_mb_by_steps']['40']:.1f} MB at 40 (flat in steps); relevance pass "
                   f"{r['overhead_ratio']:.3f}x the same generations (target 1.5)."]
+    fs = FIG / "bench-fullsize.json"
+    if fs.exists():  # written by `make bench` (scripts/fullsize.py)
+        f = json.loads(fs.read_text())
+        names = {"sd14": "SD v1.4", "sd21": "SD v2.1", "sdxl": "SDXL"}
+        rows = ["| model | size | heads | dtype | traced == untraced | max abs diff to diffusers' probabilities | "
+                "trace MB/image, 77 tokens fp32 | 10 words fp16 | s/step (2 cores) | word maps r vs fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for m, e in f["models"].items():
+            for d in ("float32", "bfloat16", "float16"):
+                if d in e:
+                    x = e[d]
+                    r = x.get("vs_float32", {}).get("min_pearson_r")
+                    rows.append(f"| {names.get(m, m)} | {e['size']} | {x['heads']} | {d} | {'yes' if x['identical'] else '**no**'} | "
+                                f"{x['max_abs_diff']:.1e} | {x['trace_mb_all_tokens_fp32']:.1f} | {x['trace_mb_words_fp16']:.1f} | "
+                                f"{x['seconds_per_step']:.1f} | {'' if r is None else f'{r:.3f}'} |")
+        o = f["models"].get("sd14", {}).get("overhead_float32")
+        lines += ["", f"**At full size** (`make bench`, `figures/bench-fullsize.json`; the released architectures with random "
+                  f"weights, {f['steps']} denoising steps with guidance, CPU, {f['threads']} threads; maps compared as means over "
+                  "steps with `torch.testing.assert_close`'s tolerances for the dtype):", "", *rows]
+        if o:
+            lines += ["", f"Capture cost at full size: SD v1.4, 512 px, fp32: traced/plain {o['overhead_ratio']:.3f} "
+                      f"(median of {o['repeats']} paired runs; target {o['target_ratio']})."]
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ def test_paired_auroc_on_the_same_items():
     good = np.where(y, 1.0, 0.0) + rng.normal(0, 0.1, 30)
     noise = rng.normal(0, 1, 30)
     d = paired_auroc(pd.DataFrame(dict(top=good, daam=noise)), y, "top", n=300)
-    assert d["diff"] > 0.2 and d["ci_low"] > 0
+    assert d["diff"] > 0.2 and d["ci_low"] > 0 and d["p_bootstrap"] < 0.01
     same = paired_auroc(pd.DataFrame(dict(top=noise, daam=noise)), y, "top", n=100)
     assert same["diff"] == 0 and same["ci_low"] == same["ci_high"] == 0
 

@@ -435,13 +435,15 @@ def binding_table(bind: pd.DataFrame, params: dict, methods: list[str]) -> tuple
         a, lo, hi = auroc_ci(bind[m], bind.bound, seed=params["seed"]) if both else (np.nan,) * 3
         d = paired_auroc(bind, bind.bound, m, seed=params["seed"]) if both and m != "daam" else {}
         rows.append(dict(method=METHODS[m], auroc=a, ci_low=lo, ci_high=hi, diff_daam=d.get("diff", np.nan),
-                         diff_ci_low=d.get("ci_low", np.nan), diff_ci_high=d.get("ci_high", np.nan), n=len(bind),
+                         diff_ci_low=d.get("ci_low", np.nan), diff_ci_high=d.get("ci_high", np.nan),
+                         p_bootstrap=d.get("p_bootstrap", np.nan), n=len(bind),
                          n_misbound=int((~bind.bound).sum())))
     auc = pd.DataFrame(rows)
     if not both or "top" not in methods:
         return auc, None
     r = auc.set_index("method").loc[METHODS["top"]]
-    return auc, verdict(dict(n=int(r.n), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high),
+    return auc, verdict(dict(n=int(r.n), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high,
+                             p_bootstrap=r.p_bootstrap),
                         f"binding diagnosis, {int(r.n)} colour words of which {int(r.n_misbound)} misbound",
                         metric="AUROC")
 

@@ -40,6 +40,9 @@ def paired_stats(diff, seed: int = 0, n_boot: int = 2000) -> dict:
                 worse=float((d < 0).mean()), d_z=mean / sd if sd > 0 else np.nan)
 
 
+PAIRED_KEYS = ("n", "diff", "ci_low", "ci_high", "p_wilcoxon", "p_bootstrap", "better", "worse", "d_z")
+
+
 def paired_table(df: pd.DataFrame, by_kind: bool = False, seed: int = 0, base: str = BASE) -> pd.DataFrame:
     """Each method minus ``base`` (a ``select.METHODS`` key) per word, at every k and tau of
     ``evaluate.score_records`` rows (random-k: each word's mean over its draws); words whose object
@@ -58,19 +61,23 @@ def paired_table(df: pd.DataFrame, by_kind: bool = False, seed: int = 0, base: s
 def paired_auroc(scores: pd.DataFrame, labels, method: str, base: str = BASE, n: int = 2000, seed: int = 0) -> dict:
     """AUROC of ``method`` minus ``base`` on the same items (``scores``: one column per method key),
     with a stratified paired bootstrap CI (positives and negatives resampled apart, the same
-    resample for both methods)."""
+    resample for both methods) and a two-sided bootstrap p (twice the smaller share of resampled
+    differences on either side of 0)."""
     y = np.asarray(labels, bool)
     a, b = scores[method].to_numpy(float), scores[base].to_numpy(float)
     point = auroc(a, y) - auroc(b, y)
     if np.isnan(point):
-        return dict(n=len(y), diff=np.nan, ci_low=np.nan, ci_high=np.nan)
+        return dict(n=len(y), diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_bootstrap=np.nan)
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n):
         i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
         boots.append(auroc(a[i], y[i]) - auroc(b[i], y[i]))
-    return dict(n=len(y), diff=point, ci_low=float(np.quantile(boots, 0.025)), ci_high=float(np.quantile(boots, 0.975)))
+    boots = np.asarray(boots)
+    p = min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
+    return dict(n=len(y), diff=point, ci_low=float(np.quantile(boots, 0.025)), ci_high=float(np.quantile(boots, 0.975)),
+                p_bootstrap=float(p))
 
 
 def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", base: str = BASE) -> dict:
@@ -83,11 +90,13 @@ def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", bas
     if "better" in row and not np.isnan(row.get("better", np.nan)):
         extra = (f"; better on {row['better']:.0%} and worse on {row['worse']:.0%} of {row['n']} words, "
                  f"Wilcoxon p = {row['p_wilcoxon']:.2g}, d_z = {row['d_z']:+.2f}")
+    elif "p_bootstrap" in row and not np.isnan(row["p_bootstrap"]):
+        extra = f"; paired bootstrap p = {row['p_bootstrap']:.2g}"
     sentence = (f"{METHODS[method]} is **{call}** {METHODS[base]} ({what}): paired difference in {metric} "
                 f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{extra}.")
     return dict(call=call.split(" ")[0] if call != "not distinguishable from" else "not distinguishable",
                 sentence=sentence, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()
-                                      if k in ("n", "diff", "ci_low", "ci_high", "p_wilcoxon", "better", "worse", "d_z")})
+                                      if k in PAIRED_KEYS})
 
 
 def verdict_lines(results: dict) -> list[str]:
