@@ -439,9 +439,8 @@ def cross_attention_layers(unet) -> dict[str, object]:
 class Trace:
     """The object ``trace`` yields: a list of :class:`HeadMaps`, one per generated image."""
 
-    def __init__(self, recorder: MapRecorder, layers: dict[str, object]):
+    def __init__(self, recorder: MapRecorder):
         self._rec = recorder
-        self.layers = layers
 
     @property
     def results(self) -> list[HeadMaps]:
@@ -510,7 +509,7 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     rec = MapRecorder(pipe, per_step, store_device, words, dtype)
     with install(pipe, rec, layers, branch=branch, cfg=cfg) as cross:
-        yield Trace(rec, cross)
+        yield Trace(rec)
 
 
 @contextmanager

@@ -49,5 +49,4 @@ def use_profile(profile: str, overrides: str | dict | None = None) -> Path:
     global FIGURES
     FIGURES = figures_dir(profile, overrides)
     return FIGURES
-NOTEBOOKS = ROOT / "notebooks"
 PARAMS = ROOT / "params"
