@@ -102,12 +102,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="paired runs for SD v1.4's traced/plain time")
     ap.add_argument("--tiny", action="store_true", help="the tiny pipelines instead (a quick check of this script)")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+                    help="only these (default: fp32, bf16, and fp16 where the CPU has it)")
+    ap.add_argument("--merge", action="store_true", help="update these models' entries in an existing --out file")
     ap.add_argument("--out", default=str(paths.FIGURES / "bench-fullsize.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if native_fp16() else [])
+    if a.dtypes:
+        dtypes = [getattr(torch, d) for d in a.dtypes]
     report = dict(prompt=PROMPT, steps=a.steps, threads=torch.get_num_threads(), device="cpu", tiny=a.tiny,
                   fp16="run" if native_fp16() else "skipped: no native fp16 arithmetic on this CPU", models={})
+    if a.merge and Path(a.out).exists():
+        old = json.loads(Path(a.out).read_text())
+        report["models"] = old["models"]
     for kind in a.models:
         t = time.perf_counter()
         pipe = tiny_pipeline(TINY[kind]) if a.tiny else full_size_pipeline(kind)
@@ -136,7 +144,7 @@ def main(argv=None) -> None:
             pipe.to(dtype=torch.float32)
             entry["overhead_float32"] = overhead(pipe, a.steps, size, a.repeats)
             print(f"sd14 float32 traced/plain = {entry['overhead_float32']['overhead_ratio']:.3f} (target <= 1.03)")
-        report["models"][kind] = entry
+        report["models"][kind] = {**report["models"].get(kind, {}), **entry}
         del pipe
         gc.collect()
     if not all(m[d]["identical"] for m in report["models"].values() for d in m if isinstance(m[d], dict) and "identical" in m[d]):
