@@ -18,7 +18,8 @@ def artefact_map() -> str:
     from saam.artefacts import CHAPTERS, files
     rows = ["| artefact (in `figures/` for `paper`, `build/<profile>/figures/` otherwise) | chapter | models |", "|---|---|---|"]
     for c in CHAPTERS:
-        names = ", ".join(f"`{n}`" + ("" if "." in n else f" ({'/'.join(f.split('.')[-1] for f in files(n))})") for n in c.produces)
+        names = ", ".join(f"`{n}`" + ("" if "." in n else f" ({'/'.join(f.split('.')[-1] for f in files(n))})")
+                          + (" (SD profiles only)" if n in c.real_only else "") for n in c.produces)
         rows.append(f"| {names} | `notebooks/{c.notebook}.ipynb` | {'ShapesWorld' if c.shapesworld_only else 'all'} |")
     rows.append("| `bench-capture.json`, `bench-relevance.json` | `scripts/bench.py` (`make bench`) | ShapesWorld |")
     rows.append("| `bench-fullsize.json` | `scripts/fullsize.py` (`make bench`) | SD v1.4 / v2.1 / SDXL architectures |")

@@ -91,7 +91,8 @@ def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", bas
         extra = (f"; better on {row['better']:.0%} and worse on {row['worse']:.0%} of {row['n']} words, "
                  f"Wilcoxon p = {row['p_wilcoxon']:.2g}, d_z = {row['d_z']:+.2f}")
     elif "p_bootstrap" in row and not np.isnan(row["p_bootstrap"]):
-        extra = f"; paired bootstrap p = {row['p_bootstrap']:.2g}"
+        p = row["p_bootstrap"]  # 0 means no resample crossed 0: below the resolution of 2,000 resamples
+        extra = f"; paired bootstrap p {'< 0.001' if p < 0.001 else f'= {p:.2g}'}"
     sentence = (f"{METHODS[method]} is **{call}** {METHODS[base]} ({what}): paired difference in {metric} "
                 f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{extra}.")
     return dict(call=call.split(" ")[0] if call != "not distinguishable from" else "not distinguishable",
