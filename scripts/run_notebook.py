@@ -60,7 +60,8 @@ def main() -> None:
         print(timings_report(Path(a.timings)))
         return
     dst = Path(a.dst)
-    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    from saam.runs import processes
+    rank = processes()[0]
     if rank:  # under `accelerate launch`: the other processes share the batches; only rank 0's outputs land
         dst = dst.parent / f"rank{rank}" / dst.name
         os.environ["SAAM_FIGURES"] = str(dst.parent / "figures")

@@ -161,12 +161,16 @@ def read_image(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: unreadable image ({e})") from None
 
 
+def _caption_annotations(path: Path) -> list[dict]:
+    """A captions file's annotations, checked, in annotation-id order."""
+    caps = _read_json(path, ("annotations",))
+    _check_entries(path, caps["annotations"], dict(id=int, image_id=int, caption=str), "annotations")
+    return sorted(caps["annotations"], key=lambda a: a["id"])
+
+
 def read_captions(folder: Path, split: str | None = None) -> list[str]:
     """Every caption of a COCO-format dataset, in annotation order."""
-    f = _find(Path(folder), "captions*.json", split)
-    caps = _read_json(f, ("annotations",))
-    _check_entries(f, caps["annotations"], dict(id=int, image_id=int, caption=str), "annotations")
-    return [a["caption"].strip() for a in sorted(caps["annotations"], key=lambda a: a["id"])]
+    return [a["caption"].strip() for a in _caption_annotations(_find(Path(folder), "captions*.json", split))]
 
 
 def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None = None,
@@ -211,14 +215,12 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
             raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has image_id {a['image_id']}, not among its images")
         if not a["segmentation"]:
             raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has an empty segmentation (a polygon or RLE mask is needed)")
-    caps = _read_json(fc, ("annotations",))
-    _check_entries(fc, caps["annotations"], dict(id=int, image_id=int, caption=str), "annotations")
     inst = COCO()
     inst.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         inst.createIndex()
     captions: dict[int, list[str]] = {}
-    for a in sorted(caps["annotations"], key=lambda a: a["id"]):
+    for a in _caption_annotations(fc):
         captions.setdefault(a["image_id"], []).append(a["caption"].strip())
     cat_name = {c["id"]: c["name"] for c in inst.loadCats(inst.getCatIds())}
     items = Items(files=dict(instances=fi, captions=fc, words=wf))

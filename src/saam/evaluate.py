@@ -74,19 +74,23 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return float(roc_auc_score(y, np.asarray(scores, float)))
 
 
+def stratified_resamples(labels, n: int = 2000, seed: int = 0):
+    """``n`` bootstrap resamples (index arrays) of labelled items, positives and negatives resampled
+    apart, so every resample has both classes."""
+    y = np.asarray(labels, bool)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+
+
 def auroc_ci(scores, labels, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """(AUROC, low, high): stratified percentile bootstrap (positives and negatives resampled
-    apart, so every resample has both classes)."""
+    """(AUROC, low, high): stratified percentile bootstrap (:func:`stratified_resamples`)."""
     s, y = np.asarray(scores, float), np.asarray(labels, bool)
     a = auroc(s, y)
     if np.isnan(a):
         return a, float("nan"), float("nan")
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n):
-        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        boots.append(auroc(s[i], y[i]))
+    boots = [auroc(s[i], y[i]) for i in stratified_resamples(y, n, seed)]
     return a, float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 

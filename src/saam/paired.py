@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .evaluate import WORD, auroc, bootstrap_ci, per_word
+from .evaluate import WORD, auroc, bootstrap_ci, per_word, stratified_resamples
 from .select import METHODS
 
 BASE = "daam"
@@ -68,13 +68,7 @@ def paired_auroc(scores: pd.DataFrame, labels, method: str, base: str = BASE, n:
     point = auroc(a, y) - auroc(b, y)
     if np.isnan(point):
         return dict(n=len(y), diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_bootstrap=np.nan)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n):
-        i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        boots.append(auroc(a[i], y[i]) - auroc(b[i], y[i]))
-    boots = np.asarray(boots)
+    boots = np.array([auroc(a[i], y[i]) - auroc(b[i], y[i]) for i in stratified_resamples(y, n, seed)])
     p = min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
     return dict(n=len(y), diff=point, ci_low=float(np.quantile(boots, 0.025)), ci_high=float(np.quantile(boots, 0.975)),
                 p_bootstrap=float(p))
