@@ -81,7 +81,7 @@ else
 endif
 
 fidelity: $(STAMP)  ## score the committed model's generations -> figures/fidelity.json
-	$(BIN)/python -c "from saam import experiments as E; p=E.load_params('$(PROFILE)'); print(E.fidelity(E.load_model(p), p))"
+	$(BIN)/python -c "from saam import chapter, steps, models; p=chapter.load('$(PROFILE)'); print(steps.fidelity(models.load_model(p), p))"
 
 bench: $(STAMP)  ## organism: capture and relevance overhead; full-size SD (FULLSIZE="sd14 sd21 sdxl"): numerics, trace memory, overhead -> figures/bench-*.json
 	$(BIN)/python scripts/bench.py

@@ -99,9 +99,10 @@ def main() -> None:
                device="cpu", threads=torch.get_num_threads())
     rel = dict(overhead_ratio=pair("relevance", "gen_same"), ratio_of_medians=med["relevance"] / med["gen_same"], relevance_s=med["relevance"],
                generation_s=med["gen_same"], steps=steps, images=len(prompts), repeats=repeats, target_ratio=1.5)
-    paths.FIGURES.mkdir(exist_ok=True)
-    (paths.FIGURES / "bench-capture.json").write_text(json.dumps(cap, indent=1))
-    (paths.FIGURES / "bench-relevance.json").write_text(json.dumps(rel, indent=1))
+    figures = paths.figures_dir("paper")
+    figures.mkdir(exist_ok=True)
+    (figures / "bench-capture.json").write_text(json.dumps(cap, indent=1))
+    (figures / "bench-relevance.json").write_text(json.dumps(rel, indent=1))
     print(f"capture:   traced/plain = {cap['overhead_ratio']:.3f} (target <= 1.05); "
           f"peak RSS overhead {cap['peak_rss_overhead_mb_by_steps']} MB by steps")
     print(f"relevance: pass/generation = {rel['overhead_ratio']:.3f} (target <= 1.5)")

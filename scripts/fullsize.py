@@ -46,8 +46,8 @@ def run(pipe, steps: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def word_maps(tc) -> dict[str, torch.Tensor]:
-    from saam.aggregate import normalize
-    return {w: normalize(tc[0].word_map(w)).flatten() for w in WORDS}
+    from saam.aggregate import normalize, word_map
+    return {w: normalize(word_map(tc[0], w)).flatten() for w in WORDS}
 
 
 def check(pipe, kind: str, dtype: torch.dtype, steps: int, size: int) -> tuple[dict, dict]:
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                     help="only these (default: fp32, bf16, and fp16 where the CPU has it)")
     ap.add_argument("--merge", action="store_true", help="update these models' entries in an existing --out file")
-    ap.add_argument("--out", default=str(paths.FIGURES / "bench-fullsize.json"))
+    ap.add_argument("--out", default=str(paths.figures_dir("paper") / "bench-fullsize.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if native_fp16() else [])

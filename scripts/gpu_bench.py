@@ -72,7 +72,8 @@ def throughput(pipe, device: str, size: int, batch: int, steps: int, repeats: in
 
 def table1(pipe, device: str, n: int, tiny: bool, overrides: str) -> dict:
     """A Table 1 run on SD v1.4: the sd14 profile's real-image protocol over ``n`` exported images."""
-    from saam import experiments as E, paths
+    from saam import paths, steps, tables
+    from saam.evaluate import miou_table
     from saam.capture import cross_attention_layers
     from saam.heads import head_ids
     from saam.relevance import load_published
@@ -88,11 +89,11 @@ def table1(pipe, device: str, n: int, tiny: bool, overrides: str) -> dict:
         heads = head_ids(lh)
         sync(device)
         t = time.perf_counter()
-        recs, _ = E.records(pipe, p, "dataset", heads, p["strengths"][0])
+        recs, _, _ = steps.records(pipe, p, "dataset", heads, p["strengths"][0])
         sync(device)
         gen_s = time.perf_counter() - t
-        df = E.score(recs, rel, p, ks=p["k_sweep"], taus=p["tau_sweep"])
-        E.miou_table(df)
+        df = tables.score(recs, rel, p, ks=p["k_sweep"], taus=p["tau_sweep"])
+        miou_table(df)
         total = time.perf_counter() - t
     return dict(images=n, words=len(recs), generate_and_trace_s=gen_s, total_s=total,
                 steps=p["steps"], strength=p["strengths"][0], batch_size=p["batch_size"], tiny=tiny)
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--table1", type=int, default=500, help="images of the Table 1 run (0: skip)")
     ap.add_argument("--tiny", action="store_true", help="tiny pipelines (a quick check of this script)")
-    ap.add_argument("--out", default=str(paths.FIGURES / "bench-gpu.json"))
+    ap.add_argument("--out", default=str(paths.figures_dir("paper") / "bench-gpu.json"))
     a = ap.parse_args(argv)
     dlog.set_verbosity_error()
     if a.device.startswith("cuda") and not torch.cuda.is_available():

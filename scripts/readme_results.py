@@ -34,24 +34,29 @@ def replace(text: str, start: str, end: str, body: str) -> str:
 
 def block(res: dict | None = None) -> str:
     sys.path.insert(0, str(ROOT / "src"))
+    from saam.ablation import sd14_reference
+    from saam.chapter import load
+    from saam.models import model_path
     from saam.paired import verdict_lines
+    from saam.shapes.analyzer import FIDELITY_TARGETS as TARGETS
+    from saam.shapes.model import variant_of
+    SD14 = sd14_reference()  # computed from HRV's published SD v1.4 vectors, as chapter 02 and 06 do
     res = res if res is not None else json.loads((FIG / "results.json").read_text())
     fid = json.loads((FIG / "fidelity.json").read_text())
     ana = json.loads((FIG / "analyzer.json").read_text())
     t1 = res["table1"]
     lines = [
         f"Model fidelity (`figures/fidelity.json`, {fid['n_single']} prompts per group, analyzer-scored): "
-        f"single-object colour {fid['single_color_accuracy']:.2f} (target 0.90), shape "
-        f"{fid['single_shape_accuracy']:.2f} (0.80), two-object binding {fid['two_object_binding']:.2f} (0.50); "
+        f"single-object colour {fid['single_color_accuracy']:.2f} (target {TARGETS['single_color_accuracy']:.2f}), shape "
+        f"{fid['single_shape_accuracy']:.2f} ({TARGETS['single_shape_accuracy']:.2f}), two-object binding "
+        f"{fid['two_object_binding']:.2f} ({TARGETS['two_object_binding']:.2f}); "
         f"unseen colour-shape combos: colour {fid['unseen_color_accuracy']:.2f}, shape {fid['unseen_shape_accuracy']:.2f}. "
         f"Analyzer on degraded renders (`figures/analyzer.json`): attribute accuracy "
         f"{ana['attribute_accuracy']:.3f}, mean mask IoU {ana['mean_mask_iou']:.3f}.",
     ]
     conc, ci = res.get("concentration_top25_hrv34"), res.get("concentration_top25_hrv34_ci", {})
     if conc:
-        from saam.experiments import published_concentration  # HRV's SD v1.4 vectors, as chapter 02 reads them
-        pub = published_concentration().set_index("concept")["sd14_published"]
-        ref = {c: float(pub[c]) for c in ("Color", "Shape", "Size")}
+        ref = {c.capitalize(): r["conc"] for c, r in SD14.items()}
         lines += ["", "Head specialisation (`figures/tab2-concentration.md`; share of relevance held by the top 25 % "
                   "of heads, HRV's 34 concepts, 95 % CI over prompts; SD v1.4 from HRV's published vectors): " + ", ".join(
                       f"{c} {conc[c]:.2f} [{ci[c][0]:.2f}, {ci[c][1]:.2f}] (SD v1.4 {ref[c]:.2f})" for c in ref if c in conc) + "."]
@@ -70,9 +75,9 @@ def block(res: dict | None = None) -> str:
         "",
         f"{t1['protocol'].capitalize()} protocol: DAAM mIoU **{t1['miou_daam']:.3f}** "
         f"[{t1['miou_daam_ci'][0]:.3f}, {t1['miou_daam_ci'][1]:.3f}] vs selective (top-k) "
-        f"**{t1['miou_selective']:.3f}** [{t1['miou_selective_ci'][0]:.3f}, {t1['miou_selective_ci'][1]:.3f}], "
+        f"**{t1['miou_top']:.3f}** [{t1['miou_top_ci'][0]:.3f}, {t1['miou_top_ci'][1]:.3f}], "
         f"bottom-k {t1['miou_bottom']:.3f}, random-k {t1['miou_random']:.3f} (mean of 20 draws per word, SD across "
-        f"draws {t1.get('random_draw_sd', float('nan')):.3f}).",
+        f"draws {t1['random_draw_sd']:.3f}).",
     ]
     lines += ["", "**In short** (paired on the same words, `saam.paired`: better or worse only where the paired 95 % CI "
               "excludes 0; the same sentences as the report and chapter 03):", ""] + [f"- {s}" for s in verdict_lines(res)]
@@ -87,20 +92,17 @@ def block(res: dict | None = None) -> str:
                   "each variant; bg = background pixels, conc = concentration, fid = fidelity):", "",
                   (FIG / "tab4-organisms.md").read_text().strip()]
         org = res.get("organisms", {})
-        sys.path.insert(0, str(ROOT / "src"))
-        from saam import experiments as E
-        from saam.shapes.model import variant_of
-        zn = variant_of(E.model_dir(E.load_params("paper")))["variant"]  # the default organism
+        zn = variant_of(model_path(load("paper")))["variant"]  # the default organism
         if "A" in org and zn in org and zn != "A":
             a, z = org["A"], org[zn]
             lines += ["", f"**Which property decides.** From A to {zn} (the default organism), as idle attention moves from padding (A: "
                       f"{a['sink_background_padding']:.0%} of background attention) to the start token that HRV's "
                       f"pseudo-context carries ({zn}: {z['sink_background_start']:.0%}, padding {z['sink_background_padding']:.0%}), "
                       f"relevance concentration rises (colour {a['conc_color']:.2f} -> {z['conc_color']:.2f}, shape "
-                      f"{a['conc_shape']:.2f} -> {z['conc_shape']:.2f}; SD v1.4 0.77 / 0.89), the rank correlation between a "
+                      f"{a['conc_shape']:.2f} -> {z['conc_shape']:.2f}; SD v1.4 {SD14['color']['conc']:.2f} / {SD14['shape']['conc']:.2f}), the rank correlation between a "
                       f"head's relevance and its own localisation goes from {a['rho_color']:+.2f} to {z['rho_color']:+.2f} "
                       f"(colour) and {a['rho_shape']:+.2f} to {z['rho_shape']:+.2f} (shape), and top-k goes from "
-                      f"{a['miou_topk']:.3f} against DAAM's {a['miou_daam']:.3f} to {z['miou_topk']:.3f} against "
+                      f"{a['miou_top']:.3f} against DAAM's {a['miou_daam']:.3f} to {z['miou_top']:.3f} against "
                       f"{z['miou_daam']:.3f}."]
     bc, br = FIG / "bench-capture.json", FIG / "bench-relevance.json"
     if bc.exists() and br.exists():  # written by `make bench`, not by `make all`

@@ -99,7 +99,9 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
         parts.append(f"<p class='note'>Made by profile <code>{html.escape(str(run['profile']))}</code>"
                      + (f" with overrides <code>{html.escape(str(run['overrides']))}</code>" if run.get("overrides") else
                         " without overrides") + ".</p>")
+    from saam.ablation import sd14_reference
     from saam.paired import verdict_lines
+    from saam.shapes.analyzer import FIDELITY_TARGETS
     lines = verdict_lines(res)
     if lines:  # the sentences results.json holds: the same in the README and chapter 03
         bold = lambda s: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s))  # noqa: E731
@@ -113,11 +115,13 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
         items = []
         if fid:
             items.append(f"<li>fidelity: colour {fid['single_color_accuracy']:.0%}, shape {fid['single_shape_accuracy']:.0%}, "
-                         f"two-object binding {fid['two_object_binding']:.0%} (targets 90 / 80 / 50 %)</li>")
+                         f"two-object binding {fid['two_object_binding']:.0%} (targets "
+                         + " / ".join(f"{t:.0%}" for t in FIDELITY_TARGETS.values()) + ")</li>")
         if conc:
             items.append("<li>head specialisation (relevance share of the top 25 % of heads): "
                          + ", ".join(f"{c} {conc[c]:.2f}" for c in conc if c.lower() in ("color", "shape", "size"))
-                         + " (SD v1.4, HRV's published vectors: 0.77 / 0.89 / 0.88)</li>")
+                         + " (SD v1.4, HRV's published vectors: "
+                         + " / ".join(f"{r['conc']:.2f}" for r in sd14_reference().values()) + ")</li>")
         parts.append("<h2>The model these results come from</h2><ul>" + "".join(items) + "</ul>")
     for name, caption in KEY_FIGURES:
         png = figs / f"{name}.png"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 def check(profile: str, overrides: str) -> None:
     """A bad profile or override, or missing weights, stop here, before any kernel starts."""
-    from saam.experiments import load_params
+    from saam.chapter import load
     try:
-        load_params(profile, overrides)
+        load(profile, overrides)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -13,13 +13,14 @@ torch.set_num_threads(1)
 
 
 def main(out: str) -> None:
-    from saam import experiments as E
+    from saam import chapter, models, steps, tables
+    from saam.evaluate import miou_table
     from saam.runs import processes
-    p = E.load_params("smoke", "steps=2 n_eval=4 n_relevance_prompts=6 batch_size=2")
-    pipe = E.load_model(p)
-    rel = E.relevance(pipe, p)
-    recs, _ = E.records(pipe, p, "generation", rel.heads)
-    table = E.miou_table(E.score(recs, rel, p))
+    p = chapter.load("smoke", "steps=2 n_eval=4 n_relevance_prompts=6 batch_size=2")
+    pipe = models.load_model(p)
+    rel = steps.relevance(pipe, p)
+    recs, _, _ = steps.records(pipe, p, "generation", rel.heads)
+    table = miou_table(tables.score(recs, rel, p))
     maps = hashlib.sha256(b"".join(np.ascontiguousarray(r.maps).tobytes() for r in recs)).hexdigest()
     if processes()[0] == 0:
         with open(out, "w") as f:

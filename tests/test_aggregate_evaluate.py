@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import run
 
-from saam.aggregate import aggregate, daam_heads, mean_map, normalize, per_head_maps, threshold, to_mask, word_mask
+from saam.aggregate import word_map
+from saam.aggregate import aggregate, daam_heads, mean_map, normalize, per_head_maps, to_mask, word_mask
 from saam.capture import trace
 from saam.evaluate import auroc, bootstrap_ci, iou
 
@@ -15,15 +16,14 @@ def hm(sd1):
     return tc[0]
 
 
-def test_daam_preset_means_all_heads_of_daams_layers(hm):
+def test_daam_preset_means_the_heads_daam_hooks(hm):
     heads = daam_heads(hm)
-    # this tiny UNet has two blocks: its mid block is at 1/2 of the latent resolution, so DAAM keeps it
-    assert heads == hm.heads()
-    assert len(daam_heads(hm, include_mid=False)) == len(heads) - hm.layer_heads[
-        next(l for l in hm.maps if l.startswith("mid"))]
+    # daam 0.2.0 never hooks the mid block, here at 1/2 of the latent resolution: every other head
+    assert heads == [h for h in hm.heads() if not h.layer.startswith("mid_block")]
+    assert len(heads) == len(hm.heads()) - hm.layer_heads["mid_block.attentions.0.transformer_blocks.0.attn2"]
     pos = hm.token_positions("cat")
     per = per_head_maps(hm, pos, heads)
-    torch.testing.assert_close(hm.word_map("cat"), per.mean(0))
+    torch.testing.assert_close(word_map(hm, "cat"), per.mean(0))
     w = torch.rand(len(heads))
     torch.testing.assert_close(aggregate(hm, pos, heads, w), (per * w.view(-1, 1, 1)).sum(0) / w.sum())
     torch.testing.assert_close(mean_map(per.numpy(), w.numpy()), (per * w.view(-1, 1, 1)).sum(0) / w.sum())
@@ -32,7 +32,8 @@ def test_daam_preset_means_all_heads_of_daams_layers(hm):
 @pytest.mark.parametrize("kind", ["sd14-layout", "sdxl-layout"])
 def test_daams_layer_rule_from_the_unets_config(kind):
     """The layer factors read from the config are the ones the trace measures; DAAM's preset drops
-    exactly the layers at 1/8 of the latent resolution: SD v1.4's mid block, none of SDXL's."""
+    the layers at 1/8 of the latent resolution (SD v1.4's mid block, none of SDXL's) and the mid
+    block, which daam never hooks (SDXL's, at 1/4)."""
     from saam.heads import layer_factors
     from saam.testing import tiny_pipeline
     pipe = tiny_pipeline(kind)
@@ -42,25 +43,31 @@ def test_daams_layer_rule_from_the_unets_config(kind):
     hm = tc[0]
     assert layer_factors(pipe.unet.config, hm.maps) == hm.layer_factors
     dropped = {h.layer for h in set(hm.heads()) - set(daam_heads(hm))}
-    assert dropped == ({l for l in hm.maps if l.startswith("mid")} if kind == "sd14-layout" else set())
+    mid = {l for l in hm.maps if l.startswith("mid_block.")}
+    eighth = {l for l, f in hm.layer_factors.items() if f == 8}
+    assert mid and dropped == mid and eighth == (mid if kind == "sd14-layout" else set())
     assert max(hm.layer_factors.values()) == (8 if kind == "sd14-layout" else 4)
 
 
 def test_selected_heads_change_the_map(hm):
     heads = hm.heads()
-    a = hm.word_map("cat", heads=heads[:2])
-    b = hm.word_map("cat", heads=heads[-2:])
+    a = word_map(hm, "cat", heads=heads[:2])
+    b = word_map(hm, "cat", heads=heads[-2:])
     assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="empty head set"):
-        hm.word_map("cat", heads=[])
+        word_map(hm, "cat", heads=[])
     with pytest.raises(ValueError, match="weights"):
-        hm.word_map("cat", heads=heads[:2], weights=[1.0])
+        word_map(hm, "cat", heads=heads[:2], weights=[1.0])
 
 
 def test_normalize_threshold_and_mask(hm):
     m = normalize(torch.tensor([[0.0, 1.0], [2.0, 4.0]]), (4, 4))
     assert m.shape == (4, 4) and m.min() == 0 and m.max() == 1
-    assert threshold(torch.tensor([0.39, 0.4, 0.9])).tolist() == [False, True, True]
+    # min-max normalised [0, 0.39/0.9 ...]: thresholds at or above the value keep the pixel, by hand
+    row = torch.tensor([[0.0, 0.39, 0.4, 0.9, 1.0]])
+    assert to_mask(row, (1, 5)).tolist() == [[False, False, True, True, True]]
+    assert to_mask(row, (1, 5), [0.4, 0.95]).tolist() == [[[False, False, True, True, True]],
+                                                          [[False, False, False, False, True]]]
     mask = word_mask(hm, "mat")
     assert mask.shape == hm.image_size and mask.dtype == torch.bool and mask.any()
 
@@ -120,7 +127,7 @@ def test_mask_ious_batched_equal_one_at_a_time():
 
 
 def test_scoring_and_miou_table_on_hand_made_records():
-    from saam.evaluate import RANDOM_DRAWS, miou_table, mask_ious, per_head_iou, score_records
+    from saam.evaluate import RANDOM_DRAWS, miou_table, per_head_iou, score_records
     from saam.select import METHODS
     recs, rel = _records(), _relevance([1.0, 1.0, 0.0, 0.0])  # the top heads are relevant to colour
     df = score_records(recs, rel, np.ones(4, bool), ks=[2], taus=[0.4])
@@ -128,9 +135,10 @@ def test_scoring_and_miou_table_on_hand_made_records():
     assert len(df) == 3 * rows_per_word and df.missing.sum() == rows_per_word
     assert df[df.missing].iou.isna().all() and df[~df.missing].iou.notna().all()
     iou_of = df[df.draw == 0].set_index(["image", "method"]).iou
-    # top-2 (heads 0 and 1) covers the top half: the same IoU as the hand-computed mask
-    want = mask_ious(recs[0].maps[[0, 1]].astype(np.float32).mean(0)[None], recs[0].gt)[0, 0]
-    assert iou_of[0, METHODS["top"]] == want > iou_of[0, METHODS["bottom"]] == 0
+    # by hand: top-2 (heads 0 and 1) is 0.5 on the top half of the 4 x 4 map, so its mask is the top
+    # half of the 8 x 8 image (32 pixels); the truth is its top-left quadrant (16): IoU 16 / 32.
+    # Bottom-2 (heads 2 and 3) covers the bottom half: no overlap
+    assert iou_of[0, METHODS["top"]] == 0.5 and iou_of[0, METHODS["bottom"]] == 0
     tab = miou_table(df, by_kind=False).set_index("method")
     assert (tab.n_words == 2).all() and (tab.n_missing == 1).all()
     assert tab.loc[METHODS["top"], "mIoU"] == pytest.approx(df[(df.method == METHODS["top"]) & ~df.missing].iou.mean())
@@ -168,7 +176,7 @@ def test_auroc_and_its_ci():
 
 def test_binding_items_carry_the_bound_flag():
     """Table 3's items: colour words of multi-object captions only, with the analyzer's bound flag."""
-    from saam import experiments as E
+    from saam import analyses, chapter, models
     from saam.evaluate import WordRecord
     maps = np.stack([_blob(0, 0), _blob(0, 1), _blob(1, 0), _blob(1, 1)])
     recs = [WordRecord(0, "a red circle and a blue square", "red", 0, "color", 0, _quadrant(0, 0), maps, 2, True),
@@ -180,6 +188,22 @@ def test_binding_items_carry_the_bound_flag():
     from saam.relevance import Relevance
     heads = [HeadId("down_blocks.0.attentions.0.transformer_blocks.0.attn2", h) for h in range(4)]
     rel = Relevance(["Color", "Shape"], heads, np.array([[2.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
-    params = dict(k=2, seed=0, include_mid=True, model="shapesworld", model_path=str(E.model_dir(E.load_params("smoke"))))
-    items = E.binding_items(recs, rel, params, ["daam", "top"])
+    params = dict(k=2, seed=0, include_mid=True, model="shapesworld", model_path=str(models.model_path(chapter.load("smoke"))))
+    items = analyses.binding_items(recs, rel, params, ["daam", "top"])
     assert list(items.word) == ["red", "blue"] and list(items.bound) == [True, False]
+
+
+def test_readme_snippet_and_table_make_the_same_mask(hm):
+    """The README's ``word_mask(hm, word)`` and Table 1's DAAM cell (per-head maps stored in a word
+    record, ``mean_map`` over DAAM's heads, ``mask_ious``) go through one ``to_mask``: equal exactly."""
+    from saam.evaluate import _records_for, mask_ious
+    from saam.select import eligible, head_set
+    heads = hm.heads()
+    gt = np.zeros(hm.image_size, bool)
+    gt[: hm.image_size[0] // 2] = True
+    rec = _records_for(hm, hm.prompt, [("cat", 0, "animal", 0, gt, None)], 0, heads, 1)[0]
+    daam = head_set("daam", heads, mask=eligible(heads, factors=hm.layer_factors))
+    table = mean_map(rec.maps[daam.index])
+    assert torch.equal(table, word_map(hm, "cat"))
+    assert torch.equal(to_mask(table, hm.image_size), word_mask(hm, "cat"))
+    assert mask_ious(table[None], gt)[0, 0] == iou(word_mask(hm, "cat").numpy(), gt)

@@ -39,10 +39,9 @@ def test_profile_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
 def test_profile_decides_where_figures_go(monkeypatch):
     from saam import paths
     monkeypatch.delenv("SAAM_FIGURES", raising=False)
-    profiles.load("smoke")
-    assert paths.FIGURES == paths.BUILD / "smoke" / "figures"
-    profiles.load("paper")
-    assert paths.FIGURES == paths.ROOT / "figures"
+    assert profiles.load("smoke")["figures"] == str(paths.BUILD / "smoke" / "figures")
+    assert profiles.load("paper")["figures"] == str(paths.ROOT / "figures")
+    assert not hasattr(paths, "FIGURES")  # where outputs go is a parameter, never a global
 
 
 # ------------------------------------------------------------------ attention budget
@@ -87,6 +86,27 @@ def test_concentration_and_its_ci():
     t = concentration_table(rel, n_boot=200)
     row = t.set_index("concept").loc["a"]
     assert row.ci_low <= row.top_share <= row.ci_high and row.top_share > 0.3 and row.n_prompts == 30
+
+
+def test_pseudo_context_starts_with_the_start_token_which_is_never_scored():
+    """HRV's pseudo-context, by hand: the first concept's start state, then each concept's word
+    tokens. The start token takes attention (mask 0) but belongs to no concept (segment -1); without
+    it the context begins with the first word."""
+    import random
+    from types import SimpleNamespace
+    from saam.relevance import VoteRecorder
+    start, colour, animal = torch.full((1, 3), 7.0), torch.full((2, 3), 1.0), torch.full((1, 3), 2.0)
+    words = [[(start, colour)], [(start, animal)]]  # one word per concept: "red" (2 tokens), "cat" (1)
+    layers = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2": SimpleNamespace(heads=2)}
+    rec = VoteRecorder(words, layers, start_token=True)
+    rec.rngs = [random.Random(0)]
+    ctx, seg, mask, c = rec.context("cpu", torch.float32)
+    assert c == 2 and ctx[0, :, 0].tolist() == [7.0, 1.0, 1.0, 2.0]
+    assert seg.tolist() == [[-1, 0, 0, 1]] and mask.tolist() == [[0.0] * 4]
+    rec = VoteRecorder(words, layers, start_token=False)
+    rec.rngs = [random.Random(0)]
+    ctx, seg, mask, c = rec.context("cpu", torch.float32)
+    assert ctx[0, :, 0].tolist() == [1.0, 1.0, 2.0] and seg.tolist() == [[0, 0, 1]]
 
 
 def test_relevance_pass_keeps_start_token_and_per_prompt_votes(sd1):
@@ -168,7 +188,7 @@ def test_specialisation_does_not_depend_on_the_head_count():
 
 
 def test_fidelity_intervals_and_the_adoption_rule():
-    from saam.experiments import adoption, wilson
+    from saam.ablation import adoption, wilson
     lo, hi = wilson(0.91, 32)
     assert lo < 0.90 < hi and wilson(1.0, 32)[1] == pytest.approx(1.0)
     ok = dict(single_color_accuracy_ci=[0.92, 0.99], single_shape_accuracy_ci=[0.85, 0.95], two_object_binding_ci=[0.6, 0.8])

@@ -30,20 +30,21 @@ def tiny_sd14(tmp_path_factory):
 
 def test_export_and_native_protocol_give_the_same_table1(export, tmp_path, monkeypatch):
     """ShapesWorld renders read natively and read back from the COCO export: same records, same Table 1."""
-    from saam import experiments as E
+    from saam import chapter, models, steps, tables
+    from saam.evaluate import miou_table
     from saam.capture import cross_attention_layers
     from saam.heads import head_ids
     from saam.relevance import Relevance
     monkeypatch.setattr(paths, "CACHE", tmp_path)
-    p = E.load_params("smoke", "n_eval=12 steps=3")
-    pipe = E.load_model(p)
+    p = chapter.load("smoke", "n_eval=12 steps=3")
+    pipe = models.load_model(p)
     heads = head_ids({l: m.heads for l, m in cross_attention_layers(pipe.unet).items()})
     rel = Relevance(["color", "shape", "size"], heads, np.random.default_rng(0).random((3, len(heads))).astype(np.float32))
-    native = E.records(pipe, p, "real", heads, 0.5)[0]
-    data = E.records(pipe, dict(p, data_dir=str(export)), "dataset", heads, 0.5)[0]
+    native = steps.records(pipe, p, "real", heads, 0.5)[0]
+    data = steps.records(pipe, dict(p, data_dir=str(export)), "dataset", heads, 0.5)[0]
     assert [(r.image, r.word, r.occurrence, r.kind) for r in native] == [(r.image, r.word, r.occurrence, r.kind) for r in data]
     assert all(np.array_equal(a.gt, b.gt) and np.array_equal(a.maps, b.maps) for a, b in zip(native, data))
-    tables = [E.miou_table(E.score(r, rel, p), by_kind=False) for r in (native, data)]
+    tables = [miou_table(tables.score(r, rel, p), by_kind=False) for r in (native, data)]
     assert tables[0].equals(tables[1]) and tables[0].n_words.iloc[0] > 20
 
 

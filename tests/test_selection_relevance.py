@@ -43,12 +43,15 @@ def test_selection_functions():
     with pytest.raises(ValueError):
         resolve_k(1.5, 6)
     heads = head_ids(LH)
-    no_mid = eligible(heads, include_mid=False)
+    no_mid = eligible(heads)
     assert no_mid.sum() == 6 and len(head_set("daam", heads, mask=no_mid).heads) == 6
-    assert len(head_set("daam", heads).heads) == 8
+    # DAAM never hooks the mid block: its set leaves it out even where the mask lets the others use it
+    with_mid = eligible(heads, include_mid=True)
+    assert with_mid.sum() == 8 and len(head_set("top", heads, np.arange(8.0), 8, mask=with_mid).heads) == 8
+    assert len(head_set("daam", heads, mask=with_mid).heads) == 6 and len(head_set("daam", heads).heads) == 6
     # DAAM's layer rule drops layers at 1/8 of the latent resolution, whichever block they are in
     factors = {l: 8 if l.startswith("down_blocks.10") else 4 for l in LH}
-    assert [h.layer for h, ok in zip(heads, eligible(heads, factors=factors)) if not ok] == [
+    assert [h.layer for h, ok in zip(heads, eligible(heads, include_mid=True, factors=factors)) if not ok] == [
         "down_blocks.10.attentions.0.transformer_blocks.0.attn2"] * 2
     s = head_set("soft", heads, r[[0, 1, 2, 3, 4, 5, 0, 0]], mask=no_mid)
     assert np.isclose(s.weights.sum(), 1) and all(heads[i] == h for i, h in zip(s.index, s.heads))
@@ -102,12 +105,12 @@ def test_relevance_pass_leaves_generation_untouched(sd1, tmp_path):
 
 
 def test_real_model_profile_without_weights_stops_at_once(monkeypatch):
-    from saam import experiments as E
+    from saam.chapter import load
     monkeypatch.delenv("SAAM_MODEL_PATH", raising=False)
     with pytest.raises(FileNotFoundError, match="CompVis/stable-diffusion-v1-4.*huggingface-cli download"):
-        E.load_params("sd14")
+        load("sd14")
     with pytest.raises(ValueError, match="known profiles"):
-        E.load_params("no-such-profile")
+        load("no-such-profile")
 
 
 HRV_DIR = __import__("saam.paths").paths.HRV  # HRV's released files as shipped in data/hrv

@@ -1,5 +1,6 @@
 import pytest
 
+from saam.aggregate import word_map
 from saam.testing import clip_tokenizer
 from saam.words import WordNotFound, token_positions
 
@@ -54,7 +55,7 @@ def test_a_traced_prompt_cut_by_the_window_says_so(sd1):
         run(sd1, " ".join(["cat"] * 80) + " dog", steps=1)
     assert tc[0].truncated
     with pytest.raises(WordNotFound, match="77-token window and was cut there"):
-        tc[0].word_map("dog")
+        word_map(tc[0], "dog")
     with trace(sd1) as tc:
         run(sd1, "a dog", steps=1)
     assert not tc[0].truncated

@@ -2,17 +2,17 @@
 
 Capture per-head cross-attention maps from any UNet-based diffusers pipeline, score heads by
 concept relevance (HRV-style), and aggregate a word's map over a chosen set of heads. DAAM's
-average over all heads is one preset of the same aggregation.
+average over the heads it hooks is one preset of the same aggregation.
 
-    from saam import trace, load_published, eligible, head_set
+    from saam import trace, word_map, load_published, eligible, head_set
 
 The names below are what the README's snippet uses; each lives in the module named beside it
 (imported on first use, so ``import saam`` stays light).
 """
 __version__ = "0.1.0"
 
-_EXPORTS = {"trace": "capture", "HeadMaps": "capture", "load_published": "relevance", "relevance_pass": "relevance",
-            "load_concepts": "relevance", "Relevance": "relevance", "head_set": "select", "eligible": "select",
+_EXPORTS = {"trace": "capture", "HeadMaps": "headmaps", "word_map": "aggregate", "word_mask": "aggregate",
+            "load_published": "relevance", "relevance_pass": "relevance", "load_concepts": "relevance", "Relevance": "relevance", "head_set": "select", "eligible": "select",
             "METHODS": "select", "normalize": "aggregate", "to_mask": "aggregate"}
 __all__ = ["__version__", *_EXPORTS]
 

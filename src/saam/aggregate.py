@@ -13,16 +13,15 @@ The paper's tables run the same three steps on cached ``[heads, h, w]`` stacks
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .headmaps import HeadMaps
 from .heads import HeadId
-
-if TYPE_CHECKING:  # for annotations only: capture imports this module, not the other way round
-    from .capture import HeadMaps
+from .select import eligible, head_set
 
 DAAM_TAU = 0.4
 
@@ -37,13 +36,11 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.reshape(*lead, *size).clamp_min(0)
 
 
-def daam_heads(hm: HeadMaps, include_mid: bool = True) -> list[HeadId]:
-    """DAAM's head set for a trace: every head but those of layers at 1/8 of the latent resolution
-    (DAAM's rule: the mid block on SD 1.x, nothing on SDXL or ShapesWorld); ``include_mid=False``
-    also drops the mid block."""
-    from .select import eligible, head_set
+def daam_heads(hm: HeadMaps) -> list[HeadId]:
+    """DAAM's head set for a trace (``select.head_set("daam")``): every head of every hooked layer,
+    where DAAM hooks no mid block and no layer at 1/8 of the latent resolution."""
     heads = hm.heads()
-    return head_set("daam", heads, mask=eligible(heads, include_mid, hm.layer_factors)).heads
+    return head_set("daam", heads, mask=eligible(heads, factors=hm.layer_factors)).heads
 
 
 def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
@@ -104,17 +101,25 @@ def normalize(m: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Ten
     return torch.where(hi > lo, (m - lo) / torch.where(hi > lo, hi - lo, 1.0), torch.zeros_like(m))
 
 
-def threshold(m: torch.Tensor, tau: float = DAAM_TAU) -> torch.Tensor:
-    """Binary mask of a normalised map (DAAM: tau = 0.4)."""
-    return m >= tau
+def to_mask(m: torch.Tensor, size: tuple[int, int], tau: float | Sequence[float] = DAAM_TAU) -> torch.Tensor:
+    """The one map-to-mask step, for the README's snippet and every table: upsample [..., h, w] maps
+    to ``size``, min-max normalise, threshold at ``tau`` (DAAM: 0.4). With a sequence of thresholds
+    the masks of each are stacked first: [len(tau), ..., *size]."""
+    m = normalize(m, size)
+    if isinstance(tau, (int, float)):
+        return m >= tau
+    return torch.stack([m >= t for t in tau])
 
 
-def to_mask(m: torch.Tensor, size: tuple[int, int], tau: float = DAAM_TAU) -> torch.Tensor:
-    """The one map-to-mask step: upsample to ``size``, normalise, threshold ([..., h, w] maps)."""
-    return threshold(normalize(m, size), tau)
+def word_map(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, weights=None,
+             occurrence: int | str = 0) -> torch.Tensor:
+    """The word's aggregated map at latent size [h, w]: :func:`aggregate` over ``heads`` (default
+    DAAM's, :func:`daam_heads`) of the word's tokens. ``occurrence``: which occurrence of a
+    repeated word (default the first), or ``"all"`` to merge them as DAAM does."""
+    return aggregate(hm, hm.token_positions(word, occurrence), daam_heads(hm) if heads is None else heads, weights)
 
 
 def word_mask(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, weights=None,
               tau: float = DAAM_TAU, occurrence: int | str = 0) -> torch.Tensor:
-    """The word's mask at image size (DAAM's heads when ``heads`` is None)."""
-    return to_mask(hm.word_map(word, heads=heads, weights=weights, occurrence=occurrence), hm.image_size, tau)
+    """The word's mask at image size (DAAM's heads when ``heads`` is None): ``to_mask(word_map(...))``."""
+    return to_mask(word_map(hm, word, heads, weights, occurrence), hm.image_size, tau)

@@ -2,7 +2,7 @@
 
     with trace(pipe) as tc:
         pipe(["a red circle", "a blue square"], num_images_per_prompt=2)
-    tc[0].word_map("red")            # DAAM-style map of image 0
+    word_map(tc[0], "red")           # DAAM-style map of image 0 (saam.aggregate)
     tc[3].maps["up_blocks.1.attentions.0.transformer_blocks.0.attn2"]   # [heads, tokens, h, w]
 
 How it works. ``trace`` swaps the processor of every cross-attention module (``attn2`` in SD)
@@ -19,109 +19,13 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
-from .heads import HeadId, head_ids
+from .headmaps import CaptureError, HeadMaps
 
 _ACTIVE = "_saam_trace_active"
-
-
-class CaptureError(RuntimeError):
-    pass
-
-
-@dataclass
-class HeadMaps:
-    """Cross-attention maps of one generated image.
-
-    Attributes:
-        maps: layer name -> float32 tensor [heads, tokens, h, w], summed over recorded steps.
-        steps: number of denoising steps summed.
-        timesteps: the scheduler timesteps seen, in order.
-        token_ids: the prompt's text-encoder input ids (None if the prompt was given as embeddings).
-        prompt: the prompt, decoded from ``token_ids``.
-        latent_size, image_size: (height, width).
-        per_step: layer -> [steps, heads, tokens, h, w] when ``trace(per_step=True)``.
-        tokens: the prompt positions the maps' token axis holds, when ``trace(words=...)`` kept
-            only some (None: every position of the text-encoder input).
-    """
-    maps: dict[str, torch.Tensor]
-    steps: int
-    timesteps: list[int]
-    token_ids: list[int] | None
-    prompt: str | None
-    latent_size: tuple[int, int]
-    image_size: tuple[int, int]
-    tokenizer: object = field(repr=False, default=None)
-    per_step: dict[str, torch.Tensor] | None = field(repr=False, default=None)
-    tokens: list[int] | None = None
-
-    def columns(self, positions) -> list[int]:
-        """Where prompt token ``positions`` lie on the maps' token axis (the same unless the trace
-        kept only some words' tokens)."""
-        positions = [int(p) for p in positions]
-        if self.tokens is None:
-            return positions
-        lost = [p for p in positions if p not in self.tokens]
-        if lost:
-            raise CaptureError(f"token positions {lost} were not kept: this trace kept the tokens of the words "
-                               f"asked for only (positions {self.tokens}); trace with words=None for all")
-        return [self.tokens.index(p) for p in positions]
-
-    @property
-    def nbytes(self) -> int:
-        """Memory of the maps (and per-step maps) in bytes."""
-        return sum(m.numel() * m.element_size() for d in (self.maps, self.per_step or {}) for m in d.values())
-
-    @property
-    def layer_heads(self) -> dict[str, int]:
-        return {l: m.shape[0] for l, m in self.maps.items()}
-
-    def heads(self, convention: str = "hrv") -> list[HeadId]:
-        return head_ids(self.layer_heads, convention)
-
-    def token_positions(self, word: str, occurrence: int | str = 0) -> list[int]:
-        """Positions of ``word`` in this image's prompt (``occurrence``: index, or "all")."""
-        from .words import WordNotFound, token_positions
-        if self.prompt is None or self.tokenizer is None:
-            raise CaptureError("this trace has no prompt text (was the prompt given as embeddings?)")
-        try:
-            return token_positions(self.prompt, word, self.tokenizer, occurrence)
-        except WordNotFound as e:
-            if self.truncated:
-                raise WordNotFound(f"{e} The prompt filled the text encoder's {len(self.token_ids)}-token window "
-                                   f"and was cut there: {word!r} may have been truncated away.") from None
-            raise
-
-    @property
-    def truncated(self) -> bool:
-        """Whether the prompt filled the text encoder's window (so later words were cut off)."""
-        ids, tok = self.token_ids, self.tokenizer
-        if not ids or tok is None:
-            return False
-        pads = {t for t in (tok.pad_token_id, tok.eos_token_id, tok.sep_token_id) if t is not None}
-        return len(ids) >= getattr(tok, "model_max_length", len(ids) + 1) and ids[-2] not in pads
-
-    @property
-    def layer_factors(self) -> dict[str, int]:
-        """Layer -> how far its maps are downsampled from the latent (1, 2, 4, ...)."""
-        out = {}
-        for l, m in self.maps.items():
-            h, w = m.shape[-2:]
-            out[l] = next((d for d in (1, 2, 4, 8, 16, 32, 64) if -(-self.latent_size[0] // d) == h
-                           and -(-self.latent_size[1] // d) == w), self.latent_size[0] // h)
-        return out
-
-    def word_map(self, word: str, heads=None, weights=None, occurrence: int | str = 0) -> torch.Tensor:
-        """The word's aggregated map at latent size [h, w]: ``aggregate.aggregate`` over ``heads``
-        (default DAAM's, ``aggregate.daam_heads``) of the word's tokens. ``occurrence``: which
-        occurrence of a repeated word (default the first), or ``"all"`` to merge them as DAAM does."""
-        from .aggregate import aggregate, daam_heads
-        return aggregate(self, self.token_positions(word, occurrence), daam_heads(self) if heads is None else heads,
-                         weights)
 
 
 class Observer:
@@ -496,7 +400,7 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
             moved to the CPU when each pipeline call ends).
         words: keep only these words' tokens (every occurrence; each image those of its own
             prompt), so a trace of ten words costs about a seventh of one of all 77 tokens;
-            ``word_map`` works for them.
+            ``aggregate.word_map`` works for them.
         dtype: the dtype results are stored in (``torch.float16`` halves the memory; the sums
             over steps are formed in float32 either way).
     Raises:
@@ -508,7 +412,7 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     rec = MapRecorder(pipe, per_step, store_device, words, dtype)
-    with install(pipe, rec, layers, branch=branch, cfg=cfg) as cross:
+    with install(pipe, rec, layers, branch=branch, cfg=cfg):
         yield Trace(rec)
 
 

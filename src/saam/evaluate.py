@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .aggregate import DAAM_TAU, mean_map, normalize, per_head_maps, threshold
+from .aggregate import DAAM_TAU, mean_map, normalize, per_head_maps, to_mask
 from .capture import trace
 from .heads import HeadId
 from .select import METHODS, head_set
@@ -38,7 +38,7 @@ class WordRecord:
     kind: str
     obj: int
     gt: np.ndarray | None          # (H, W) bool at image size; None = object missing
-    maps: np.ndarray               # [heads, h, w] float16, per-head maps at latent size
+    maps: np.ndarray               # [heads, h, w] float32, per-head maps at latent size (as word_map forms them)
     n_objects: int = 1
     bound: bool | None = None      # generation protocol: intended (colour, shape) object drawn?
 
@@ -104,16 +104,12 @@ def roc(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 def mask_ious(maps: torch.Tensor | np.ndarray, gt: np.ndarray, taus: Sequence[float] = (DAAM_TAU,)) -> np.ndarray:
     """IoU against ``gt`` of each map's mask (``aggregate.to_mask`` at the truth's size) at each
     threshold, for a stack of [n, h, w] maps at once: [n, len(taus)] float64."""
-    m = normalize(torch.as_tensor(np.asarray(maps, dtype=np.float32) if isinstance(maps, np.ndarray) else maps),
-                  gt.shape)
+    m = torch.as_tensor(np.asarray(maps, dtype=np.float32) if isinstance(maps, np.ndarray) else maps)
+    pred = to_mask(m, gt.shape, list(taus))  # [taus, n, H, W]
     g = torch.as_tensor(np.asarray(gt, bool))
-    out = np.empty((len(m), len(taus)))
-    for j, tau in enumerate(taus):
-        pred = threshold(m, tau)
-        inter = (pred & g).sum((-2, -1)).numpy()
-        union = (pred | g).sum((-2, -1)).numpy()
-        out[:, j] = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    return out
+    inter = (pred & g).sum((-2, -1)).numpy().T
+    union = (pred | g).sum((-2, -1)).numpy().T
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 RANDOM_DRAWS = 20  # random head sets per word: random-k is a distribution, not one draw
@@ -212,7 +208,7 @@ def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n
                 raise
             cut.append((image_idx, word))
             continue
-        maps = per_head_maps(hm, pos, heads).numpy().astype(np.float16)
+        maps = per_head_maps(hm, pos, heads).numpy()
         out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound))
     return out
 

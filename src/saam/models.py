@@ -8,6 +8,7 @@ fp16 where present, else the CPU in fp32. Loading messages that say nothing to a
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -107,8 +108,37 @@ def model_path(params: dict) -> Path:
     return Path(path)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16; Linux's /proc/cpuinfo flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def precision(params: dict) -> str:
+    """The arithmetic a profile's UNet runs in: ``fp16`` on CUDA (weights in half precision);
+    on the CPU ``bf16`` (weights in fp32, the UNet under ``torch.autocast`` in bfloat16) where the
+    profile says so or, with ``precision: auto``, where the CPU has native bf16 instructions;
+    else ``fp32``. It is part of every cache key."""
+    device, _ = resolve_device(params.get("device", "auto"))
+    if device.startswith("cuda"):
+        return "fp16"
+    want = params.get("precision", "auto")
+    return "bf16" if want == "bf16" or (want == "auto" and cpu_has_bf16()) else "fp32"
+
+
+def _autocast(forward, dtype: torch.dtype):
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", dtype=dtype):
+            return forward(*args, **kwargs)
+    return run
+
+
 def load_model(params: dict):
-    """The pipeline a profile names, on ``params['device']`` (default auto), progress bars off."""
+    """The pipeline a profile names, on ``params['device']`` (default auto), in the profile's
+    :func:`precision`, progress bars off."""
     device, dtype = resolve_device(params.get("device", "auto"))
     path = model_path(params)
     with quiet():
@@ -119,5 +149,49 @@ def load_model(params: dict):
             from diffusers import DiffusionPipeline
             pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
             pipe = pipe.to(device)
+    if precision(params) == "bf16":  # the UNet's matmuls and convolutions in bf16, its sums and softmax in fp32
+        pipe.unet.forward = _autocast(pipe.unet.forward, torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def data_dir(params: dict) -> Path | None:
+    """The profile's evaluation dataset (``data_dir``, or $SAAM_DATA), if any."""
+    d = os.environ.get("SAAM_DATA") or params.get("data_dir")
+    if not d:
+        return None
+    d = Path(d) if Path(d).is_absolute() else paths.ROOT / d
+    if not d.is_dir():
+        raise FileNotFoundError(f"evaluation data folder {d} does not exist (profile key data_dir or $SAAM_DATA)")
+    return d
+
+
+def _signature(folder: Path) -> tuple:
+    """What a folder's files are, cheaply: (name, size, mtime) of each (a stat per file, no reading)."""
+    return tuple((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in sorted(folder.rglob("*")) if f.is_file())
+
+
+@lru_cache(maxsize=None)
+def _config(folder: Path, signature: tuple) -> dict:
+    import json
+    return json.loads((folder / "unet" / "config.json").read_text())
+
+
+@lru_cache(maxsize=None)
+def _fingerprint(folder: Path, signature: tuple) -> str:
+    from .cache import fingerprint
+    return fingerprint(folder)
+
+
+def unet_config(params: dict) -> dict:
+    """The profile's UNet config, read once per run (again only if the folder's files change)."""
+    folder = model_path(params)
+    return _config(folder, _signature(folder))
+
+
+def model_fingerprint(params: dict) -> str:
+    """Hash of the profile's weights and configs (``cache.fingerprint``), computed once per run
+    (again only if the folder's files change): what every cache key of the model's results holds."""
+    folder = model_path(params)
+    return _fingerprint(folder, _signature(folder))

@@ -41,12 +41,4 @@ def figures_dir(profile: str, overrides: str | dict | None = None) -> Path:
     return ROOT / "figures" if profile == "paper" else BUILD / profile / "figures"
 
 
-FIGURES = figures_dir(os.environ.get("PROFILE", "paper"))
-
-
-def use_profile(profile: str, overrides: str | dict | None = None) -> Path:
-    """Point :data:`FIGURES` at ``profile``'s folder (``saam.profiles.load`` calls this)."""
-    global FIGURES
-    FIGURES = figures_dir(profile, overrides)
-    return FIGURES
 PARAMS = ROOT / "params"

@@ -1,9 +1,8 @@
 """Figure functions the notebooks call. Each draws what analysis code computed and returns a
-matplotlib Figure; ``save`` writes PNG + PDF and shows it inline. Palettes are colour-blind safe
+matplotlib Figure; a chapter writes it with ``chapter.Outputs.figure`` (PNG + PDF, shown inline). Palettes are colour-blind safe
 (seaborn's ``colorblind``, viridis, cividis for maps)."""
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import matplotlib
@@ -14,36 +13,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from . import paths  # noqa: E402
-from .cache import atomic_write  # noqa: E402
 
 sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
 MAP_CMAP = "cividis"  # word maps over images: perceptually uniform and colour-blind safe
-
-
-def save(fig, name: str) -> None:
-    """Write <figures>/<name>.png and .pdf atomically, show the PNG inline when running in a
-    notebook (so executed chapters and the HTML report carry every figure), close the figure."""
-    png = b""
-    for ext in ("png", "pdf"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=130, bbox_inches="tight",
-                    metadata={"CreationDate": None} if ext == "pdf" else {"Software": None})
-        atomic_write(paths.FIGURES / f"{name}.{ext}", buf.getvalue())
-        png = png or buf.getvalue()
-    plt.close(fig)
-    _show_inline(png)
-
-
-def _show_inline(png: bytes) -> None:
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is not None and type(shell).__name__ != "TerminalInteractiveShell":
-        display(Image(data=png, format="png"))
 
 
 def training_curves(card: dict):
@@ -254,11 +226,12 @@ def organisms(table: pd.DataFrame, reference: dict[str, float]):
            title="head specialisation (dashed: SD v1.4)")
     ax.legend(fontsize=7)
     ax = axes[1]
-    for i, (m, col) in enumerate(zip(("daam", "topk", "bottomk"), sns.color_palette("colorblind", 3))):
+    from .select import METHODS
+    for i, (m, col) in enumerate(zip(("daam", "top", "bottom"), sns.color_palette("colorblind", 3))):
         v = table[f"miou_{m}"]
         ci = table[f"miou_{m}_ci"]
         ax.bar(x + i * 0.27, v, 0.27, yerr=[v - ci.map(lambda c: c[0]), ci.map(lambda c: c[1]) - v],
-               color=col, capsize=2, label={"daam": "DAAM (all heads)", "topk": "top-k", "bottomk": "bottom-k"}[m])
+               color=col, capsize=2, label=METHODS[m])
     ax.set_xticks(x + 0.27, table.variant)
     ax.set(ylabel="mIoU (generation protocol)", xlabel="organism variant", title="Table 1 on each organism")
     ax.legend(fontsize=7)

@@ -40,6 +40,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
     "resolution": ((int, type(None)), False, False),
     "batch_size": ((int,), False, False),
     "device": ((str,), False, False),          # auto | cpu | cuda
+    "precision": ((str,), False, False),       # auto | fp32 | bf16 (CPU: bf16 autocast where the CPU has bf16 instructions)
     "hrv_vectors": ((str, type(None)), False, False),
     "hrv_head_index": ((str, type(None)), False, False),
     "data_dir": ((str, type(None)), False, False),
@@ -47,7 +48,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
 }
 COUNTS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks", "n_examples", "batch_size", "steps")
 ABLATION_KEYS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks")
-DEFAULTS = dict(concepts="hrv", n_sinks=32, n_examples=6, device="auto", batch_size=16,
+DEFAULTS = dict(concepts="hrv", n_sinks=32, n_examples=6, device="auto", precision="auto", batch_size=16,
                 k_sweep=[0.05, 0.1, 0.25, 0.5, 1.0], tau_sweep=[0.3, 0.4, 0.5], strengths=[0.5],
                 variants=[], model_path=None, resolution=None)
 
@@ -101,6 +102,8 @@ def validate(p: dict, source: str) -> dict:
         raise ProfileError(f"{source}: concepts must be 'hrv' or 'ours', got {p['concepts']!r}")
     if p.get("device", "auto") not in ("auto", "cpu", "cuda"):
         raise ProfileError(f"{source}: device must be auto, cpu or cuda, got {p['device']!r}")
+    if p.get("precision", "auto") not in ("auto", "fp32", "bf16"):
+        raise ProfileError(f"{source}: precision must be auto, fp32 or bf16, got {p['precision']!r}")
     return {**DEFAULTS, **p}
 
 
@@ -148,10 +151,10 @@ def check_ranges(p: dict, source: str) -> None:
 def load(profile: str | None = None, overrides: str | dict | None = None) -> dict:
     """Parameters of ``params/<profile>.yaml`` with ``overrides`` applied, validated.
 
-    Also points :data:`saam.paths.FIGURES` at the profile's output folder (``figures/`` for
-    a plain ``paper`` run, ``build/<profile>/figures/`` otherwise, ``build/<profile>/set-<hash>/``
-    with overrides), so where results go follows the profile however a notebook is run. The
-    parameters carry ``profile`` and ``overrides`` (what made the outputs).
+    The parameters carry ``profile`` and ``overrides`` (what made the outputs) and ``figures``,
+    the folder its outputs go to (``saam.paths.figures_dir``: ``figures/`` for a plain ``paper``
+    run, ``build/<profile>/figures/`` otherwise, ``build/<profile>/set-<hash>/`` with overrides).
+    Nothing global changes.
     """
     profile = profile or os.environ.get("PROFILE", "paper")
     f = paths.PARAMS / f"{profile}.yaml"
@@ -169,5 +172,5 @@ def load(profile: str | None = None, overrides: str | dict | None = None) -> dic
         p = validate({**p, **over}, f"{f} with overrides {over}")
     p["profile"] = profile
     p["overrides"] = overrides if isinstance(overrides, str) else (over or "")
-    paths.use_profile(profile, overrides)
+    p["figures"] = str(paths.figures_dir(profile, overrides))
     return p

@@ -134,7 +134,7 @@ def normalize_votes(votes: np.ndarray) -> np.ndarray:
 
 
 def concentration(matrix_row: np.ndarray, top: float = 0.25) -> float:
-    """Share of a concept's relevance held by its ``top`` fraction of heads (HRV: 0.77 colour on SD v1.4)."""
+    """Share of a concept's relevance held by its ``top`` fraction of heads (SD v1.4's: ``analyses.published_concentration``)."""
     r = np.sort(np.asarray(matrix_row, dtype=np.float64))[::-1]
     k = max(1, int(round(top * len(r))))
     return float(r[:k].sum() / r.sum()) if r.sum() > 0 else float("nan")

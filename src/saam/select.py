@@ -14,28 +14,31 @@ import numpy as np
 from .heads import HeadId, block_of
 
 # every aggregation method: key (used in code) -> label (used in tables and figures), defined once
-METHODS = {"daam": "DAAM (all heads)", "top": "top-k (selective)", "bottom": "bottom-k",
+METHODS = {"daam": "DAAM (its heads)", "top": "top-k (selective)", "bottom": "bottom-k",
            "random": "random-k", "soft": "soft (relevance-weighted)"}
-DAAM_SKIPS_FACTOR = 8  # DAAM drops every layer whose maps are at 1/8 of the latent resolution
+# DAAM's own head rule (daam 0.2.0): its locator never hooks the mid block, and it drops every
+# layer whose maps are at 1/8 of the latent resolution
+DAAM_SKIPS_FACTOR = 8
 
 
 class HeadSet(NamedTuple):
     """A method's heads: ``index`` into the head list it was chosen from, the ``heads`` themselves,
     and ``weights`` (None: equal weights). ``aggregate.mean_map(maps[s.index], s.weights)`` and
-    ``hm.word_map(word, heads=s.heads, weights=s.weights)`` are its map."""
+    ``word_map(hm, word, heads=s.heads, weights=s.weights)`` are its map."""
     index: np.ndarray
     heads: list[HeadId]
     weights: np.ndarray | None
 
 
-def eligible(heads: Sequence[HeadId], include_mid: bool = True,
+def eligible(heads: Sequence[HeadId], include_mid: bool = False,
              factors: dict[str, int] | None = None) -> np.ndarray:
-    """Boolean mask of the heads a set may use.
+    """Boolean mask of the heads a set may use: DAAM's rule by default.
 
     ``factors`` (layer -> downsampling from the latent: ``heads.layer_factors`` or
-    ``HeadMaps.layer_factors``) applies DAAM's layer rule: layers at 1/8 of the latent resolution
-    are dropped (on SD 1.x exactly the mid block; SDXL's and ShapesWorld's UNets have none).
-    ``include_mid=False`` also drops the mid block, whatever its resolution.
+    ``HeadMaps.layer_factors``) drops the layers at 1/8 of the latent resolution (on SD 1.x the
+    mid block; SDXL's and ShapesWorld's UNets have none). The mid block is dropped too, as DAAM
+    never hooks it, unless ``include_mid``: then the selective methods may pick its heads, while
+    ``head_set("daam")`` still leaves them out.
     """
     factors = factors or {}
     return np.array([(include_mid or block_of(h.layer) != "mid") and factors.get(h.layer) != DAAM_SKIPS_FACTOR
@@ -98,7 +101,8 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
     """The heads (and weights) a method aggregates.
 
     Args:
-        method: a key of :data:`METHODS`: ``daam`` (every eligible head), ``top``, ``bottom``,
+        method: a key of :data:`METHODS`: ``daam`` (every eligible head outside the mid block,
+            which DAAM never hooks), ``top``, ``bottom``,
             ``random`` (k eligible heads) or ``soft`` (every eligible head, weighted by relevance).
         heads: the head list ``relevance`` is a row over (``Relevance.heads``).
         relevance: one value per head (``Relevance.row(concept)``); not needed for daam and random.
@@ -116,7 +120,7 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     weights = None
     if method == "daam":
-        idx = np.flatnonzero(mask)
+        idx = np.flatnonzero(mask & np.array([block_of(h.layer) != "mid" for h in heads], bool))
     elif method == "random":
         idx = random_k(len(heads), k, seed, mask)
     elif relevance is None:

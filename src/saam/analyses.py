@@ -1,0 +1,170 @@
+"""Analyses beyond Table 1: does relevance rank heads by how well they localise, example maps,
+the binding scores of chapter 05, the polysemy case study, and HRV's published reference.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import paths
+from .aggregate import mean_map, normalize, word_map
+from .evaluate import binding_score, mask_ious, per_head_iou
+from .select import METHODS, head_set
+from .steps import KINDS, generators
+from .tables import eligible, head_sets
+
+
+def published_concentration(top: float = 0.25) -> pd.DataFrame:
+    """Concentration of HRV's published SD v1.4 and SDXL vectors, per concept (the reference), and
+    their head-count-free specialisation (``<model>_spec``)."""
+    from .relevance import concentration, published, specialisation
+    out = None
+    for m in ("sd14", "sdxl"):
+        names, mat = published(m)
+        t = pd.DataFrame({"concept": names, f"{m}_published": [concentration(r, top) for r in mat],
+                          f"{m}_spec": [specialisation(r) for r in mat]})
+        out = t if out is None else out.merge(t, on="concept")
+    return out
+
+
+def relevance_vs_localisation(recs, rel, params: dict):
+    """Does relevance rank heads by how well they localise? Per concept: Spearman rho between a
+    head's relevance and its own single-head mIoU (``evaluate.per_head_iou``; eligible heads as the
+    profile says), the best single head, and the oracle top-k (k heads with the best single-head
+    IoU, chosen on the same words: a ceiling, not a method).
+
+    Returns:
+        (table, {concept: per-head mIoU}).
+    """
+    from scipy.stats import spearmanr
+    mask = eligible(params, rel.heads)
+    head_iou = {c: per_head_iou(recs, c, params["tau"]) for c in kinds_of(recs)}
+    rows = []
+    for c, v in head_iou.items():
+        if not len(v):
+            continue
+        oracle = head_set("top", rel.heads, v, params["k"], mask=mask)
+        words = [r for r in recs if r.kind == c and r.gt is not None]
+        ious = [mask_ious(mean_map(r.maps[oracle.index])[None], r.gt, [params["tau"]])[0, 0] for r in words]
+        rows.append(dict(concept=c, spearman_rho=float(spearmanr(rel.row(c)[mask], v[mask]).statistic),
+                         best_single_head_miou=float(np.nanmax(v[mask])), oracle_top_k_miou=float(np.mean(ious)),
+                         n_heads=int(mask.sum())))
+    return pd.DataFrame(rows), head_iou
+
+
+def kinds_of(recs, top: int = 3) -> list[str]:
+    """The word kinds (concepts) of records with truth: ShapesWorld's colour, shape, size in that
+    order, else the ``top`` most frequent."""
+    import collections
+    n = collections.Counter(r.kind for r in recs if r.gt is not None)
+    if set(n) <= set(KINDS):
+        return [k for k in KINDS if k in n]
+    return [k for k, _ in n.most_common(top)]
+
+
+def example_records(recs, n: int) -> list:
+    """One word per image, alternating the two main word kinds (colour and shape on ShapesWorld)."""
+    kinds = kinds_of(recs)[:2]
+    seen, ex = set(), []
+    for r in recs:
+        if r.gt is not None and r.image not in seen and r.kind == kinds[len(ex) % len(kinds)]:
+            seen.add(r.image)
+            ex.append(r)
+    return ex[:n]
+
+
+def map_rows(recs, rel, images, params: dict, methods: list[str], title=None) -> list[dict]:
+    """For each record: the image, its truth and each method's normalised map (keys of
+    ``select.METHODS``, rows keyed by label), for ``plots.examples``."""
+    rows = []
+    for r in recs:
+        sets = head_sets(rel, r.kind, params, methods, params["seed"] + r.image)
+        size = images.shape[1:3]
+        row = dict(image=images[r.image], gt=r.gt if r.gt is not None else np.zeros(size, bool),
+                   title=title(r) if title else f"{r.word} ({r.kind}) in: {r.caption}")
+        row.update({METHODS[m]: normalize(mean_map(r.maps[s.index], s.weights), size).numpy() for m, s in sets.items()})
+        rows.append(row)
+    return rows
+
+
+def binding_items(recs, rel, params: dict, methods: list[str]) -> pd.DataFrame:
+    """Every colour word of a multi-object caption with its binding score under each method
+    (keys of ``select.METHODS``; colour maps from the colour heads, shape maps from the shape
+    heads) and whether the model drew the intended (colour, shape) object (``bound``, from the
+    analyzer)."""
+    sets = {kind: head_sets(rel, kind, params, methods, params["seed"]) for kind in ("color", "shape")}
+    agg = lambda r, s: mean_map(r.maps[s.index], s.weights)  # noqa: E731
+    by_img: dict[int, list] = {}
+    for r in recs:
+        by_img.setdefault(r.image, []).append(r)
+    items = []
+    for i, rs in by_img.items():
+        shapes = [r for r in rs if r.kind == "shape"]
+        for c in (r for r in rs if r.kind == "color" and r.n_objects > 1):
+            own = [s for s in shapes if s.obj == c.obj]
+            others = [s for s in shapes if s.obj != c.obj]
+            if not own or not others:
+                continue
+            item = dict(image=i, word=c.word, occurrence=c.occurrence, caption=c.caption, bound=bool(c.bound))
+            for m in methods:
+                cs, ss = sets["color"][m], sets["shape"][m]
+                item[m] = binding_score(agg(c, cs), agg(own[0], ss), [agg(o, ss) for o in others])
+            items.append(item)
+    return pd.DataFrame(items, columns=["image", "word", "occurrence", "caption", "bound", *methods])
+
+
+def load_polysemy(path: Path | None = None) -> list[dict]:
+    """The polysemous colour prompts (``data/polysemous-colours.yaml``), checked."""
+    import yaml
+    path = Path(path or paths.POLYSEMY)
+    items = yaml.safe_load(path.read_text())
+    need = ("prompt", "word", "intended", "competing")
+    if not isinstance(items, list) or not all(isinstance(i, dict) and all(isinstance(i.get(k), str) for k in need)
+                                              for i in items):
+        raise ValueError(f"{path}: expected a list of {{{', '.join(need)}}} entries")
+    return items
+
+
+def polysemy(pipe, rel, params: dict, n_prompts: int | None = None, n_seeds: int = 2):
+    """The misinterpretation case study on any model (the paper's and HRV's kind): each polysemous
+    colour word's map from DAAM's heads, from the top-k heads of its intended concept (Color) and of
+    its competing one (Plants, Fruits ...), per seed. Where the image shows the other reading, the
+    competing concept's heads should hold more of the word's attention.
+
+    Returns:
+        (table: one row per prompt and seed with each head set's attention mass on the word (mean
+        attention probability per pixel) and the competing share = competing / (intended + competing),
+        rows for ``plots.polysemy``: image and the min-max normalised maps).
+    """
+    from .capture import trace
+    items = load_polysemy()[: n_prompts or None]
+    unknown = sorted({c for it in items for c in (it["intended"], it["competing"])} - set(rel.concepts))
+    if unknown:
+        raise ValueError(f"{paths.POLYSEMY}: concepts {unknown} are not among the relevance's {rel.concepts}")
+    table, rows = [], []
+    for i, it in enumerate(items):
+        sets = {"DAAM": head_sets(rel, it["intended"], params, ["daam"])["daam"],
+                f"{it['intended']} heads": head_sets(rel, it["intended"], params, ["top"])["top"],
+                f"{it['competing']} heads": head_sets(rel, it["competing"], params, ["top"])["top"]}
+        for s in range(n_seeds):
+            with trace(pipe) as tc:
+                img = pipe(it["prompt"], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                           generator=generators(params, 1, start=1000 * i + s), output_type="np").images[0]
+            maps = {name: word_map(tc[0], it["word"], heads=h.heads, weights=h.weights) for name, h in sets.items()}
+            mass = {name: float(m.mean()) for name, m in maps.items()}
+            a, b = mass[f"{it['intended']} heads"], mass[f"{it['competing']} heads"]
+            table.append(dict(prompt=it["prompt"], word=it["word"], seed=s, intended=it["intended"],
+                              competing=it["competing"], mass_daam=mass["DAAM"], mass_intended=a, mass_competing=b,
+                              competing_share=b / (a + b) if a + b > 0 else float("nan")))
+            rows.append(dict(image=(img * 255).round().astype(np.uint8), title=f"'{it['word']}' in: {it['prompt']} (seed {s})",
+                             maps={name: normalize(m, img.shape[:2]).numpy() for name, m in maps.items()}))
+    return pd.DataFrame(table), rows
+
+
+def misbound_records(recs, bind: pd.DataFrame, n: int) -> list:
+    """The word records of the first ``n`` misbound colour words of :func:`binding_items` (chapter 05's
+    case studies)."""
+    at = {(r.image, r.kind, r.word, r.occurrence): r for r in recs}
+    return [at[(it.image, "color", it.word, it.occurrence)] for it in bind[~bind.bound].head(n).itertuples()]

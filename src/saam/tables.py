@@ -1,0 +1,118 @@
+"""Table 1 and its verdict: each method's mIoU on the same words, its paired difference to DAAM,
+and the binding diagnosis's AUROC; the head sets they score.
+
+Methods go by their keys (``select.METHODS``) everywhere; labels appear only in the tables.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .evaluate import auroc_ci, miou_table, score_records
+from .heads import layer_factors
+from .models import unet_config
+from .paired import paired_auroc, paired_table, verdict
+from .select import METHODS, head_set
+from .select import eligible as rule
+
+
+def eligible(params: dict, heads) -> np.ndarray:
+    """The heads a profile's methods may use: DAAM's rule on the profile's UNet (no mid block, no
+    layer at 1/8 of the latent resolution), with the mid block for the selective methods only if
+    ``include_mid``. The UNet's config is read once per run (``models.unet_config``)."""
+    return rule(heads, params["include_mid"], layer_factors(unet_config(params), {h.layer for h in heads}))
+
+
+def head_sets(rel, kind: str, params: dict, methods, seed: int = 0) -> dict:
+    """{method key: ``select.HeadSet``} for one word kind, with the profile's k and eligible heads."""
+    mask = eligible(params, rel.heads)
+    return {m: head_set(m, rel.heads, rel.row(kind), params["k"], mask=mask, seed=seed) for m in methods}
+
+
+def score(recs, rel, params: dict, ks=None, taus=None) -> pd.DataFrame:
+    """``evaluate.score_records`` with the profile's eligible heads, k (or ``ks``) and tau (or ``taus``)."""
+    return score_records(recs, rel, eligible(params, rel.heads), ks or [params["k"]], taus or [params["tau"]],
+                         params["seed"])
+
+
+TABLE1_COLUMNS = ["protocol", "method", "mIoU", "ci_low", "ci_high", "diff_daam", "diff_ci_low", "diff_ci_high",
+                  "p_wilcoxon", "better", "worse", "d_z", "draw_sd", "n_words", "n_missing"]
+
+
+def _with_paired(t: pd.DataFrame, df: pd.DataFrame, by_kind: bool, seed: int) -> pd.DataFrame:
+    """A mIoU table with each method's paired difference to DAAM on the same words (``saam.paired``)."""
+    keys = ["method", "kind", "k", "tau"] if by_kind else ["method", "k", "tau"]
+    pt = paired_table(df, by_kind, seed).rename(columns=dict(diff="diff_daam", ci_low="diff_ci_low", ci_high="diff_ci_high"))
+    return t.merge(pt[[*keys, "diff_daam", "diff_ci_low", "diff_ci_high", "p_wilcoxon", "better", "worse", "d_z"]], on=keys,
+                   how="left")
+
+
+def table1(scores: dict[str, pd.DataFrame], params: dict, by_kind: bool = False) -> pd.DataFrame:
+    """Table 1 over protocols: mIoU [CI] per method and its paired difference to DAAM [CI], Wilcoxon p and
+    the share of words each way; random-k over ``evaluate.RANDOM_DRAWS`` draws (``draw_sd``: its spread)."""
+    parts = []
+    for name, df in scores.items():
+        t = _with_paired(miou_table(df, by_kind, seed=params["seed"]), df, by_kind, params["seed"])
+        parts.append(t.assign(protocol=name))
+    tab = pd.concat(parts)
+    cols = TABLE1_COLUMNS[:2] + (["kind"] if by_kind else []) + TABLE1_COLUMNS[2:]
+    tab = tab[cols].copy()
+    if not by_kind:
+        tab["k"], tab["tau"], tab["include_mid"] = params["k"], params["tau"], params["include_mid"]
+    return tab.reset_index(drop=True)
+
+
+def paired_grid(recs, rel, params: dict, method: str = "top") -> pd.DataFrame:
+    """``method`` minus DAAM on the same words over the profile's whole k x tau grid."""
+    t = paired_table(score(recs, rel, params, ks=params["k_sweep"], taus=params["tau_sweep"]), seed=params["seed"])
+    return t[t.method == METHODS[method]].reset_index(drop=True)
+
+
+def table1_results(tab: pd.DataFrame, rel, params: dict, main: str) -> dict:
+    """The ``table1`` entry of results.json and the verdicts (``saam.paired.verdict``) of top-k and
+    bottom-k against DAAM on the primary protocol."""
+    g = tab[tab.protocol == main].set_index("method")
+    head = dict(protocol=main, k=params["k"], tau=params["tau"], include_mid=params["include_mid"],
+                n_words=int(g.n_words.iloc[0]), n_missing=int(g.n_missing.iloc[0]), n_heads=len(rel.heads),
+                n_eligible=int(eligible(params, rel.heads).sum()), concepts=params["concepts"])
+    for m in METHODS:
+        r = g.loc[METHODS[m]]
+        head[f"miou_{m}"], head[f"miou_{m}_ci"] = float(r.mIoU), [float(r.ci_low), float(r.ci_high)]
+        if m != "daam":
+            head[f"diff_{m}"] = dict(diff=float(r.diff_daam), ci=[float(r.diff_ci_low), float(r.diff_ci_high)],
+                                       p_wilcoxon=float(r.p_wilcoxon), better=float(r.better), worse=float(r.worse))
+    head["random_draw_sd"] = float(g.loc[METHODS["random"], "draw_sd"])
+    others = {name: t.set_index("method").mIoU for name, t in tab.groupby("protocol", sort=False) if name != main}
+    head["other_protocols"] = {name: {f"miou_{m}": float(r[METHODS[m]]) for m in ("daam", "top")}
+                               for name, r in others.items()}
+    what = f"{main}, k = {params['k']:g}, tau = {params['tau']}"
+    verdicts = {}
+    for key, m in (("table1", "top"), ("bottom", "bottom")):
+        r = g.loc[METHODS[m]]
+        row = dict(n=int(r.n_words), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high,
+                   p_wilcoxon=r.p_wilcoxon, better=r.better, worse=r.worse, d_z=r.d_z)
+        verdicts[key] = verdict(row, what, method=m)
+    return dict(table1=head, verdict=verdicts)
+
+
+def binding_table(bind: pd.DataFrame, params: dict, methods: list[str]) -> tuple[pd.DataFrame, dict | None]:
+    """AUROC [stratified CI] of each method's binding score for bound vs misbound colour words, its
+    paired difference to DAAM on the same items [paired CI], and the verdict for top-k (None without
+    both classes)."""
+    both = len(bind) > 0 and bind.bound.nunique() == 2
+    rows = []
+    for m in methods:
+        a, lo, hi = auroc_ci(bind[m], bind.bound, seed=params["seed"]) if both else (np.nan,) * 3
+        d = paired_auroc(bind, bind.bound, m, seed=params["seed"]) if both and m != "daam" else {}
+        rows.append(dict(method=METHODS[m], auroc=a, ci_low=lo, ci_high=hi, diff_daam=d.get("diff", np.nan),
+                         diff_ci_low=d.get("ci_low", np.nan), diff_ci_high=d.get("ci_high", np.nan),
+                         p_bootstrap=d.get("p_bootstrap", np.nan), n=len(bind),
+                         n_misbound=int((~bind.bound).sum())))
+    auc = pd.DataFrame(rows)
+    if not both or "top" not in methods:
+        return auc, None
+    r = auc.set_index("method").loc[METHODS["top"]]
+    return auc, verdict(dict(n=int(r.n), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high,
+                             p_bootstrap=r.p_bootstrap),
+                        f"binding diagnosis, {int(r.n)} colour words of which {int(r.n_misbound)} misbound",
+                        metric="AUROC")
