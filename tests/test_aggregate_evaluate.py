@@ -207,3 +207,15 @@ def test_readme_snippet_and_table_make_the_same_mask(hm):
     assert torch.equal(table, word_map(hm, "cat"))
     assert torch.equal(to_mask(table, hm.image_size), word_mask(hm, "cat"))
     assert mask_ious(table[None], gt)[0, 0] == iou(word_mask(hm, "cat").numpy(), gt)
+
+
+def test_auroc_is_sklearns_with_ties_and_resampled_at_once():
+    from sklearn.metrics import roc_auc_score
+    from saam.evaluate import auroc_resampled, stratified_resamples
+    rng = np.random.default_rng(3)
+    y = rng.random(60) < 0.3
+    s = np.round(rng.random(60) + 0.3 * y, 1)  # rounded: many ties
+    assert auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    idx = stratified_resamples(y, 50, seed=1)
+    assert (y[idx].sum(1) == y.sum()).all()  # every resample keeps both classes' counts
+    np.testing.assert_allclose(auroc_resampled(s, y, idx), [roc_auc_score(y[i], s[i]) for i in idx], atol=1e-12)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .evaluate import WORD, auroc, bootstrap_ci, per_word, stratified_resamples
+from .evaluate import WORD, auroc, auroc_resampled, bootstrap_ci, per_word, stratified_resamples
 from .select import METHODS
 
 BASE = "daam"
@@ -68,7 +68,8 @@ def paired_auroc(scores: pd.DataFrame, labels, method: str, base: str = BASE, n:
     point = auroc(a, y) - auroc(b, y)
     if np.isnan(point):
         return dict(n=len(y), diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_bootstrap=np.nan)
-    boots = np.array([auroc(a[i], y[i]) - auroc(b[i], y[i]) for i in stratified_resamples(y, n, seed)])
+    idx = stratified_resamples(y, n, seed)
+    boots = auroc_resampled(a, y, idx) - auroc_resampled(b, y, idx)
     p = min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
     return dict(n=len(y), diff=point, ci_low=float(np.quantile(boots, 0.025)), ci_high=float(np.quantile(boots, 0.975)),
                 p_bootstrap=float(p))
