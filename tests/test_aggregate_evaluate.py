@@ -196,12 +196,12 @@ def test_binding_items_carry_the_bound_flag():
 def test_readme_snippet_and_table_make_the_same_mask(hm):
     """The README's ``word_mask(hm, word)`` and Table 1's DAAM cell (per-head maps stored in a word
     record, ``mean_map`` over DAAM's heads, ``mask_ious``) go through one ``to_mask``: equal exactly."""
-    from saam.evaluate import _records_for, mask_ious
+    from saam.evaluate import mask_ious, records_of
     from saam.select import eligible, head_set
     heads = hm.heads()
     gt = np.zeros(hm.image_size, bool)
     gt[: hm.image_size[0] // 2] = True
-    rec = _records_for(hm, hm.prompt, [("cat", 0, "animal", 0, gt, None)], 0, heads, 1)[0]
+    rec = records_of(hm, hm.prompt, [("cat", 0, "animal", 0, gt, None)], 0, heads, 1)[0]
     daam = head_set("daam", heads, mask=eligible(heads, factors=hm.layer_factors))
     table = mean_map(rec.maps[daam.index])
     assert torch.equal(table, word_map(hm, "cat"))

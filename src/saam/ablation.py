@@ -35,7 +35,7 @@ def organism_properties(params: dict, model_path: Path) -> dict:
     for region in sinks.index:
         for c in sinks.columns:
             out[f"sink_{region}_{c}"] = float(sinks.loc[region, c])
-    rel = relevance(pipe, p, "hrv")
+    rel = relevance(pipe, dict(p, concepts="hrv"))
     for r in concentration_table(rel, list(KINDS), seed=p["seed"]).itertuples():
         out[f"conc_{r.concept.lower()}"], out[f"conc_{r.concept.lower()}_ci"] = r.top_share, [r.ci_low, r.ci_high]
         out[f"spec_{r.concept.lower()}"], out[f"spec_{r.concept.lower()}_ci"] = r.spec, [r.spec_ci_low, r.spec_ci_high]

@@ -84,10 +84,10 @@ def _show_inline(png: bytes) -> None:
 def load(profile: str | None = None, overrides: str | dict | None = None) -> dict:
     """A profile's parameters (``saam.profiles.load``); a real model's also check that its weights
     are there, so a run stops before any chapter writes anything if they are not."""
-    from .models import model_path
     from .profiles import load as load_profile
     p = load_profile(profile, overrides)
     if p["model"] != "shapesworld":
+        from .models import model_path  # imports torch: only where weights are to be checked
         model_path(p)
     return p
 

@@ -5,8 +5,8 @@ mask, and every head's map of the word (``[heads, h, w]`` at latent size). Any h
 then a weighted mean over the first axis, so DAAM, top-k, bottom-k, random-k and soft are
 scored on exactly the same captured attention.
 
-- Generation protocol (DAAM's COCO-Gen style): generate from a caption; the analyzer finds the
-  generated objects; a colour word's truth is the union of objects of that colour, a shape
+- Generation protocol (DAAM's COCO-Gen style; ``steps.generation_run`` runs it): generate from a
+  caption; the analyzer finds the generated objects (:func:`generated_words`); a colour word's truth is the union of objects of that colour, a shape
   word's the union of objects of that shape, a size word's the union of objects of that size.
   A word with no such object is recorded as missing (``gt is None``), never silently dropped.
 - Real-image protocol: a rendered scene (exact masks) is encoded, noised to ``strength`` of the
@@ -205,7 +205,7 @@ def miou_table(df, by_kind: bool = True, seed: int = 0):
 
 # ---------------------------------------------------------------------------- protocols
 
-def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_objects: int,
+def records_of(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_objects: int,
                  cut: list | None = None) -> list[WordRecord]:
     """WordRecords of one traced image; ``words``: (word, occurrence, kind, obj, truth, bound) tuples.
     A word the text encoder's window cut off is skipped and appended to ``cut`` (counted, not fatal)."""
@@ -223,37 +223,20 @@ def _records_for(hm, caption: str, words, image_idx: int, heads: list[HeadId], n
     return out
 
 
-def generation_protocol(pipe, scenes, heads: list[HeadId], *, steps: int, guidance: float, seed: int,
-                        batch_size: int = 16, progress: bool = True, cache: tuple[str, dict] | None = None):
-    """Generate each scene's caption, trace it, and score words against the analyzer's masks.
-
-    Batches run through ``runs.run_batches`` (``cache``: cache each batch under that name and key).
-
-    Returns:
-        (records, images): word records and the (N, H, W, 3) uint8 images.
-    """
-    from .runs import run_batches
+def generated_words(scene, image: np.ndarray) -> tuple[list[tuple], list]:
+    """The generation protocol's truth for one generated image of a ShapesWorld scene: the
+    analyzer's detections, and for each caption word a (word, occurrence, kind, obj, truth, bound)
+    tuple for :func:`records_of` (truth: the union of detected objects with the word's attribute,
+    None if there is none; bound: whether the word's object was drawn with its colour and shape)."""
     from .shapes.analyzer import analyze
-
-    def batch(scenes, gens, start):
-        records, images = [], []
-        with trace(pipe) as tc:
-            out = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=gens, output_type="np").images
-        for j, (scene, hm, img) in enumerate(zip(scenes, tc, out)):
-            img = (img * 255).round().astype(np.uint8)
-            det = analyze(img)
-            words = []
-            for w in scene.words:
-                o = scene.objects[w.obj]
-                hits = [d.mask for d in det if getattr(d, w.kind) == getattr(o, w.kind)]
-                bound = any(d.color == o.color and d.shape == o.shape for d in det)
-                words.append((w.word, w.occurrence, w.kind, w.obj, np.any(hits, axis=0) if hits else None, bound))
-            records += _records_for(hm, scene.caption, words, start + j, heads, len(scene.objects))
-            images.append(img)
-        return records, np.stack(images)
-    parts = run_batches(scenes, batch_size, seed, batch, cache=cache, desc="generate+trace" if progress else None)
-    return [r for recs, _ in parts for r in recs], np.concatenate([im for _, im in parts])
+    det = analyze(image)
+    words = []
+    for w in scene.words:
+        o = scene.objects[w.obj]
+        hits = [d.mask for d in det if getattr(d, w.kind) == getattr(o, w.kind)]
+        bound = any(d.color == o.color and d.shape == o.shape for d in det)
+        words.append((w.word, w.occurrence, w.kind, w.obj, np.any(hits, axis=0) if hits else None, bound))
+    return words, det
 
 
 def img2img(pipe):
@@ -291,7 +274,7 @@ def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, st
                 generator=gens, output_type="latent")
         for j, (it, hm) in enumerate(zip(items, tc)):
             words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]
-            records += _records_for(hm, it.caption, words, start + j, heads, it.n_objects, cut)
+            records += records_of(hm, it.caption, words, start + j, heads, it.n_objects, cut)
         return dict(records=records, cut=[list(c) for c in cut])
     parts = run_batches(items, batch_size, seed, batch, cache=cache, desc=f"img2img@{strength}" if progress else None)
     cut = [c for p in parts for c in p["cut"]]

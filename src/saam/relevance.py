@@ -230,15 +230,21 @@ class VoteRecorder(Observer):
         for l in forward_order(lh):
             offs[l], o = o, o + lh[l]
         self.offset = offs
-        self.votes: dict[int, torch.Tensor] = {}      # step -> [heads, concepts]
+        self.votes: dict[int, torch.Tensor] = {}      # step -> [images of the current call, heads, concepts]
         self.timesteps: dict[int, int] = {}
-        self.batch_votes: torch.Tensor | None = None  # [images of the current call, heads, concepts]
         self._step = 0
+
+    def prepare(self, pipe, concepts: dict[str, list[str]], rngs: list[random.Random]) -> None:
+        """Before a pipeline call: the concepts' words encoded (once, and only when some batch runs)
+        and one random stream per image of the call (``runs.item_rngs``)."""
+        if self.words is None:
+            self.words = [encode_words(pipe, ws) for ws in concepts.values()]
+        self.rngs = rngs
 
     def start(self, n, latent, token_ids):
         if len(self.rngs) != n:
             raise RuntimeError(f"the vote recorder has {len(self.rngs)} random streams for {n} images")
-        self.batch_votes = torch.zeros(n, len(self.heads), len(self.words), dtype=torch.int32)
+        self.votes, self.timesteps, self._n = {}, {}, n
 
     def step(self, index, timestep):
         self._step = index
@@ -271,9 +277,29 @@ class VoteRecorder(Observer):
         per = (pr @ one) / one.sum(1, keepdim=True).clamp_min(1)  # mean over each word's tokens
         won = torch.nn.functional.one_hot(per.argmax(-1), c).cpu()  # [n, heads, concepts]
         lo, hi = self.offset[layer], self.offset[layer] + won.shape[1]
-        v = self.votes.setdefault(self._step, torch.zeros(len(self.heads), c, dtype=torch.long))
-        v[lo:hi] += won.sum(0)
-        self.batch_votes[:, lo:hi] += won.to(torch.int32)
+        v = self.votes.setdefault(self._step, torch.zeros(self._n, len(self.heads), c, dtype=torch.int16))
+        v[:, lo:hi] += won.to(torch.int16)
+
+    def take(self) -> dict:
+        """The votes of the pipeline call just made: ``votes`` [images, steps, heads, concepts] (int16)
+        and the ``timesteps`` of the steps; then starts afresh."""
+        order = sorted(self.votes)
+        out = dict(votes=torch.stack([self.votes[s] for s in order], 1).numpy(),
+                   timesteps=[self.timesteps[s] for s in order])
+        self.votes, self.timesteps = {}, {}
+        return out
+
+
+def from_votes(concepts: dict[str, list[str]], heads: list[HeadId], parts: list[dict], params: dict,
+               n: int | None = None) -> Relevance:
+    """A :class:`Relevance` from the ``VoteRecorder.take()`` of consecutive batches, over their first
+    ``n`` images (default all): votes per step summed over images, and per image over steps."""
+    votes = np.concatenate([p["votes"] for p in parts])[:n].astype(np.int64)  # [images, steps, heads, concepts]
+    if n is not None and len(votes) < n:
+        raise ValueError(f"{n} images' votes asked for, {len(votes)} recorded")
+    per_step = votes.sum(0)
+    return Relevance(list(concepts), heads, normalize_votes(per_step), per_step, parts[0]["timesteps"],
+                     dict(params, n_prompts=len(votes)), votes.sum(1))
 
 
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
@@ -299,22 +325,15 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
     rec = VoteRecorder(None, layers, start_token)
 
     def batch(prompts, gens, start):
-        if rec.words is None:  # encoded once, and only when some batch is not cached
-            rec.words = [encode_words(pipe, ws) for ws in concepts.values()]
-        rec.votes, rec.timesteps, rec.rngs = {}, {}, item_rngs(seed, start, len(prompts))
+        rec.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)))
         pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
              height=height, width=width, output_type="latent")
-        order = sorted(rec.votes)
-        return dict(votes=torch.stack([rec.votes[s] for s in order]).numpy(),
-                    timesteps=[rec.timesteps[s] for s in order], prompt_votes=rec.batch_votes.numpy())
+        return rec.take()
     with install(pipe, rec):
         parts = run_batches(prompts, batch_size, seed, batch, cache=cache,
                             desc="relevance" if progress else None)
-    votes = np.sum([p["votes"] for p in parts], axis=0)
-    params = dict(concepts=concepts, n_prompts=len(prompts), steps=steps, guidance=guidance, seed=seed,
-                  start_token=start_token)
-    return Relevance(list(concepts), rec.heads, normalize_votes(votes), votes, parts[0]["timesteps"], params,
-                     np.concatenate([p["prompt_votes"] for p in parts]))
+    return from_votes(concepts, rec.heads, parts, dict(concepts=concepts, steps=steps, guidance=guidance, seed=seed,
+                                                       start_token=start_token))
 
 
 # ------------------------------------------------------------------ HRV's published files

@@ -25,8 +25,6 @@ import os
 import random
 from typing import Callable, Sequence
 
-import torch
-
 from .cache import cached, digest
 
 
@@ -35,8 +33,10 @@ def item_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"saam:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def generators(seed: int, start: int, n: int) -> list[torch.Generator]:
-    """One seeded CPU generator per item ``start .. start + n - 1`` (the same images on any device)."""
+def generators(seed: int, start: int, n: int) -> list:
+    """One seeded CPU ``torch.Generator`` per item ``start .. start + n - 1`` (the same images on any
+    device)."""
+    import torch  # here, so that the notebook runner (which asks only for ``processes``) starts fast
     return [torch.Generator("cpu").manual_seed(item_seed(seed, start + i)) for i in range(n)]
 
 
@@ -53,6 +53,7 @@ def processes() -> tuple[int, int]:
 
 def _barrier() -> None:
     from accelerate import PartialState  # NCCL between GPUs, gloo between CPU processes
+    import torch
     PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 

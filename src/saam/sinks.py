@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .capture import HeadMaps
+from .headmaps import HeadMaps
 from .heads import HeadId, block_of
 
 CLASSES = ("start", "words", "end", "padding")

@@ -50,9 +50,10 @@ def eval_scenes(params: dict, split: str = "test", n: int | None = None, n_objec
 
 
 def relevance_prompts(params: dict) -> list[str]:
-    """Prompts the relevance pass generates: ShapesWorld captions from a seed stream disjoint
-    from the evaluation scenes, or, for a real model with evaluation data, the dataset's captions
-    after the ones evaluated (HRV used unrelated prompts; the dataset's are at hand offline)."""
+    """Prompts a real model's relevance pass generates (ShapesWorld's votes come from
+    :func:`generation_run`): with evaluation data, the dataset's captions after the ones evaluated
+    (HRV used unrelated prompts; the dataset's are at hand offline), else ShapesWorld captions from
+    a seed stream disjoint from the evaluation scenes."""
     from .shapes.world import sample_scene
     n = params.get("n_relevance_prompts") or 64
     folder = data_dir(params) if params["model"] != "shapesworld" else None
@@ -118,53 +119,110 @@ def analyzer_check(params: dict) -> dict:
                   lambda: analyzer_accuracy(n, params["seed"]))
 
 
-def relevance(pipe, params: dict, concepts: str | None = None):
-    """Head relevance for the profile's model.
+def unet_heads(pipe) -> list:
+    """Every cross-attention head of the pipeline's UNet, in HRV's order (what relevance rows and
+    word records index)."""
+    from .capture import cross_attention_layers
+    from .heads import head_ids
+    return head_ids({l: m.heads for l, m in cross_attention_layers(pipe.unet).items()})
 
+
+def generation_run(pipe, params: dict) -> list[dict]:
+    """One traced generation of the evaluation scenes feeding three observers at once
+    (ShapesWorld; cached per batch): each word's per-head maps against the analyzer's truth (the
+    generation protocol, ``evaluate.generated_words``), every head's relevance votes (HRV's
+    pseudo-context of the profile's concepts, drawn per image: ``relevance.VoteRecorder``) and its
+    attention budget on the analyzer's object and background pixels (``sinks``). Relevance looks
+    at no truth, so taking its votes from these generations leaves it what HRV's pass measures:
+    which concept's words each head attends to, over unrelated captions.
+
+    It covers the first max(``n_eval``, ``n_relevance_prompts``, ``n_sinks``) scenes, whichever
+    step asks first, so the three share every batch. Returns one dict per batch: ``records``,
+    ``images`` (uint8), ``budgets`` (one table per image), ``votes`` [images, steps, heads, concepts]
+    and ``timesteps``.
+    """
+    from .capture import cross_attention_layers, trace
+    from .evaluate import generated_words, records_of
+    from .relevance import VoteRecorder, load_concepts
+    from .runs import item_rngs
+    from .sinks import attention_budget
+    heads = unet_heads(pipe)
+    concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
+    votes = VoteRecorder(None, cross_attention_layers(pipe.unet), start_token=True)
+
+    def batch(scenes, gens, start):
+        votes.prepare(pipe, concepts, item_rngs(params["seed"], start, len(scenes)))
+        with trace(pipe, also=votes) as tc:
+            out = pipe([s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                       generator=gens, output_type="np").images
+        records, images, budgets = [], [], []
+        for j, (scene, hm, img) in enumerate(zip(scenes, tc, out)):
+            img = (img * 255).round().astype(np.uint8)
+            words, det = generated_words(scene, img)
+            records += records_of(hm, scene.caption, words, start + j, heads, len(scene.objects))
+            budgets.append(attention_budget(hm, np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)))
+            images.append(img)
+        return dict(records=records, images=np.stack(images), budgets=budgets, **votes.take())
+    k = dict(key(params, "seed", "steps", "guidance", code=("evaluate", "relevance", "sinks", "shapes.analyzer", "shapes.world")),
+             concepts=concepts, heads=digest([str(h) for h in heads]))
+    n = max(params["n_eval"], params["n_relevance_prompts"], params.get("n_sinks", 32))
+    return run_batches(eval_scenes(params, n=n), params.get("batch_size", 16), params["seed"], batch,
+                       cache=("generation", k), desc="generate+trace+votes")
+
+
+def relevance(pipe, params: dict):
+    """Head relevance for the profile's model, over the profile's ``concepts`` (``"hrv"``: HRV's 34,
+    ``"ours"``: ``data/concepts.yaml``).
+
+    ShapesWorld: the votes of the first ``n_relevance_prompts`` generations of :func:`generation_run`.
     Profiles that name HRV's published vectors (``hrv_vectors``, ``hrv_head_index``: sd14, sdxl)
-    get them, placed on this UNet's heads, exactly as the paper selected heads. Otherwise the
-    HRV pass runs (cached) with ``concepts`` (default: the profile's; ``"hrv"`` for HRV's 34,
-    ``"ours"`` for ``data/concepts.yaml``) over :func:`relevance_prompts`.
+    get them, placed on this UNet's heads, exactly as the paper selected heads. Other real models:
+    HRV's pass (``relevance.relevance_pass``, cached) over :func:`relevance_prompts`.
     """
     from .capture import cross_attention_layers
-    from .relevance import load_concepts, load_hrv, relevance_pass
-    if params.get("hrv_vectors") and params.get("hrv_head_index") and concepts in (None, "hrv"):
+    from .relevance import from_votes, load_concepts, load_hrv, relevance_pass
+    concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
+    run = dict(concepts=concepts, steps=params["steps"], guidance=params["guidance"], seed=params["seed"], start_token=True)
+    if params["model"] == "shapesworld":
+        n = params["n_relevance_prompts"]
+        return from_votes(concepts, unet_heads(pipe), generation_run(pipe, params), run, n)
+    if params.get("hrv_vectors") and params.get("hrv_head_index") and params.get("concepts", "hrv") == "hrv":
         lh = {l: m.heads for l, m in cross_attention_layers(pipe.unet).items()}
         root = lambda f: Path(f) if Path(f).is_absolute() else paths.ROOT / f  # noqa: E731
         return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
-    concepts = concepts or params.get("concepts", "hrv")
-    words = load_concepts("hrv" if concepts == "hrv" else None)
-    k = dict(key(params, "seed", "steps", "guidance", code=("relevance", "shapes.world")), concepts=words, start_token=True)
-    return relevance_pass(pipe, words, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
+    k = dict(key(params, "seed", "steps", "guidance", code=("relevance",)), concepts=concepts, start_token=True)
+    return relevance_pass(pipe, concepts, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
                           seed=params["seed"], batch_size=params.get("batch_size", 16), cache=("relevance", k))
 
 
 def sink_budget(pipe, params: dict, n: int | None = None):
-    """Attention budget (``saam.sinks``) of every head over ``n`` traced held-out generations;
-    on ShapesWorld object pixels are the analyzer's objects, elsewhere all pixels form one region.
-    Cached per batch (``runs.run_batches``). Returns (per-head table, summary)."""
+    """Attention budget (``saam.sinks``) of every head over ``n`` (default ``n_sinks``) traced
+    generations: on ShapesWorld the first of :func:`generation_run`'s (object pixels: the analyzer's
+    objects); elsewhere traced generations of held-out ShapesWorld captions of their own, all
+    pixels one region (cached). Returns (per-head table, summary)."""
+    from .sinks import budget_summary
+    n = n or params.get("n_sinks", 32)
+    if params["model"] == "shapesworld":
+        parts = [df for b in generation_run(pipe, params) for df in b["budgets"]][:n]
+    else:
+        parts = _budgets(pipe, params, n)
+    per_head = pd.concat(parts).groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
+    return per_head, budget_summary(per_head)
+
+
+def _budgets(pipe, params: dict, n: int) -> list[pd.DataFrame]:
     from .capture import trace
-    from .shapes.analyzer import analyze
-    from .sinks import attention_budget, budget_summary
+    from .sinks import attention_budget
 
     def batch(scenes, gens, start):
         with trace(pipe) as tc:
-            imgs = pipe([s.caption for s in scenes], num_inference_steps=params["steps"],
-                        guidance_scale=params["guidance"], generator=gens, output_type="np").images
-        parts = []
-        for hm, img in zip(tc, imgs):
-            mask = None
-            if params["model"] == "shapesworld":
-                det = analyze((img * 255).round().astype(np.uint8))
-                mask = np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)
-            parts.append(attention_budget(hm, mask))
-        return parts
-    scenes = eval_scenes(params, "test", n or params.get("n_sinks", 32), seed_offset=3_000_000)
-    k = key(params, "seed", "steps", "guidance", code=("sinks", "capture", "shapes.analyzer", "shapes.world"))
-    parts = [df for b in run_batches(scenes, 16, params["seed"], batch, cache=("sinks", k), desc="attention budget")
-             for df in b]
-    per_head = pd.concat(parts).groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
-    return per_head, budget_summary(per_head)
+            pipe([s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                 generator=gens, output_type="latent")
+        return [attention_budget(hm) for hm in tc]
+    scenes = eval_scenes(params, "test", n, seed_offset=3_000_000)
+    k = key(params, "seed", "steps", "guidance", code=("sinks", "capture", "shapes.world"))
+    return [df for b in run_batches(scenes, 16, params["seed"], batch, cache=("sinks", k), desc="attention budget")
+            for df in b]
 
 
 def records(pipe, params: dict, protocol: str, heads, strength: float | None = None):
@@ -173,14 +231,19 @@ def records(pipe, params: dict, protocol: str, heads, strength: float | None = N
     last two go through the same real-image protocol and scoring. Returns (records, images, notes):
     notes say what the dataset reader kept and dropped (None for the other protocols)."""
     from .datasets import read_coco, shapesworld_items
-    from .evaluate import generation_protocol, real_image_protocol
+    from .evaluate import real_image_protocol
+    if protocol == "generation":
+        if [str(h) for h in heads] != [str(h) for h in unet_heads(pipe)]:
+            raise ValueError("the generation protocol records every head of the UNet (steps.unet_heads)")
+        n = params["n_eval"]
+        parts = generation_run(pipe, params)
+        recs = [r for b in parts for r in b["records"] if r.image < n]
+        return recs, np.concatenate([b["images"] for b in parts])[:n], None
     k = dict(key(params, "seed", "steps", "guidance", "resolution",
                  code=("evaluate", "datasets", "shapes.world", "shapes.analyzer")),
              protocol=protocol, strength=strength, heads=digest([str(h) for h in heads]))
     run = dict(steps=params["steps"], guidance=params["guidance"], seed=params["seed"],
                batch_size=params.get("batch_size", 16))
-    if protocol == "generation":
-        return (*generation_protocol(pipe, eval_scenes(params), heads, cache=("records-gen", k), **run), None)
     if protocol == "real":
         return (*real_image_protocol(pipe, shapesworld_items(eval_scenes(params)), heads, strength=strength,
                                      cache=("records-real", k), **run), None)
