@@ -219,3 +219,25 @@ def test_auroc_is_sklearns_with_ties_and_resampled_at_once():
     idx = stratified_resamples(y, 50, seed=1)
     assert (y[idx].sum(1) == y.sum()).all()  # every resample keeps both classes' counts
     np.testing.assert_allclose(auroc_resampled(s, y, idx), [roc_auc_score(y[i], s[i]) for i in idx], atol=1e-12)
+
+
+def test_table_scores_are_the_snippets_masks(hm):
+    """Table 1's scoring (every method of a word at once, ``evaluate.score_records``) gives each
+    method the IoU of the mask the README's path makes from the same heads."""
+    from saam.evaluate import random_seed, records_of, score_records
+    from saam.relevance import Relevance
+    from saam.select import METHODS, eligible, head_set
+    heads = hm.heads()
+    gt = np.zeros(hm.image_size, bool)
+    gt[:, : hm.image_size[1] // 3] = True
+    rec = records_of(hm, hm.prompt, [("cat", 0, "animal", 0, gt, None)], 0, heads, 1)[0]
+    rel = Relevance(["animal"], heads, np.random.default_rng(0).random((1, len(heads))))
+    mask = eligible(heads, factors=hm.layer_factors)
+    df = score_records([rec], rel, mask, ks=[0.25, 0.5], taus=[0.3, 0.4], draws=3).set_index(["method", "k", "tau", "draw"]).iou
+    for m in ("daam", "top", "bottom", "soft", "random"):
+        for k in (0.25, 0.5):
+            for tau in (0.3, 0.4):
+                for d in range(3 if m == "random" else 1):
+                    s = head_set(m, heads, rel.row("animal"), k, mask=mask, seed=random_seed(0, 0, d))
+                    want = iou(word_mask(hm, "cat", heads=s.heads, weights=s.weights, tau=tau).numpy(), gt)
+                    assert df[METHODS[m], k, tau, d] == want, (m, k, tau, d)

@@ -4,8 +4,8 @@ import torch
 from conftest import run
 
 from saam.aggregate import word_map
-from saam.capture import (CaptureError, CaptureProcessor, MapRecorder, Observer, Tracker, attention_probs,
-                          cross_attention_layers, install, probs, trace)
+from saam.capture import (CaptureError, CaptureProcessor, MapRecorder, Observer, Tracker,
+                          cross_attention_layers, install, probs, project, trace)
 from saam.words import WordNotFound
 
 
@@ -13,7 +13,7 @@ def test_probs_match_default_attention_and_sum_to_one(sd1):
     name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
     hs = torch.randn(2, 64, attn.to_q.in_features)
     ctx = torch.randn(2, 77, attn.to_k.in_features)
-    p = attention_probs(attn, hs, ctx)
+    p = probs(attn, *project(attn, hs, ctx))
     assert p.shape == (2, attn.heads, 64, 77)
     torch.testing.assert_close(p.sum(-1), torch.ones(2, attn.heads, 64))
     # probabilities times values, through the output projection, is the module's own output
@@ -33,7 +33,7 @@ def test_processor_output_is_the_default_output(sd1):
     out = CaptureProcessor(attn.processor, name, tracker)(attn, hs, ctx)  # no hooks: projects again
     assert torch.equal(out, expected)
     assert rec._gen["sums"][name].shape == (2, attn.heads, 64, 77)  # [n, heads, pixels, tokens]
-    torch.testing.assert_close(rec._gen["sums"][name], attention_probs(attn, hs, ctx))
+    torch.testing.assert_close(rec._gen["sums"][name], probs(attn, *project(attn, hs, ctx)))
 
 
 def test_attention_mask_branch_drops_masked_tokens(sd1):

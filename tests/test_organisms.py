@@ -143,8 +143,7 @@ def test_variant_c_hides_padding_from_cross_attention(variant_c):
 
 
 def test_causal_encoder_start_token_is_constant(variant_c):
-    from saam.shapes.model import encode_text
-    e = encode_text(variant_c.text_encoder, variant_c.tokenizer, ["a red circle", "two green crosses"])
+    e = variant_c.encode_prompt(["a red circle", "two green crosses"], "cpu", 1, False)[0]  # as the pipeline encodes
     torch.testing.assert_close(e[0, 0], e[1, 0])
 
 

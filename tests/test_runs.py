@@ -72,36 +72,30 @@ def test_relevance_votes_do_not_depend_on_the_batch_size(sd1):
     assert not np.array_equal(other.prompt_votes, six.prompt_votes)  # the seed matters
 
 
-def test_one_traced_generation_feeds_records_votes_and_budget(tmp_path, monkeypatch):
-    """The joint run (``steps.generation_run``) gives what three separate runs give: images equal to
-    untraced ones, HRV's votes equal to a relevance pass over the same captions and seeds, and each
-    image's attention budget equal to its own trace's; chapters asking for fewer images share it."""
+def test_one_traced_generation_feeds_records_and_budget(tmp_path, monkeypatch):
+    """The joint run (``steps.generation_run``) gives what separate runs give: images equal to
+    untraced ones, word records equal to a plain trace's, and each image's attention budget equal to
+    its own trace's; the steps asking for fewer images share its batches."""
     from saam import chapter, models, steps
     from saam.capture import trace
     from saam.evaluate import generated_words, records_of
-    from saam.relevance import load_concepts, relevance_pass
     from saam.sinks import attention_budget
     monkeypatch.setattr(paths, "CACHE", tmp_path)
-    p = chapter.load("smoke", "steps=2 n_eval=4 n_relevance_prompts=3 n_sinks=2 batch_size=2 precision=fp32")
+    p = chapter.load("smoke", "steps=2 n_eval=4 n_sinks=2 batch_size=2 precision=fp32")
     pipe = models.load_model(p)
     scenes = steps.eval_scenes(p, n=4)
-    rel = steps.relevance(pipe, p)
-    alone = relevance_pass(pipe, load_concepts("hrv"), [s.caption for s in scenes[:3]], steps=2, guidance=p["guidance"],
-                           seed=p["seed"], batch_size=2, progress=False)
-    np.testing.assert_array_equal(rel.prompt_votes, alone.prompt_votes)
-    np.testing.assert_array_equal(rel.votes, alone.votes)
-    assert rel.heads == alone.heads == steps.unet_heads(pipe)
-    recs, images, _ = steps.records(pipe, p, "generation", rel.heads)
+    heads = steps.unet_heads(pipe)
+    per, summary = steps.sink_budget(pipe, p)  # asks for 2 images: makes the run's first batch
+    recs, images, _ = steps.records(pipe, p, "generation", heads)
     plain = pipe([s.caption for s in scenes], num_inference_steps=2, guidance_scale=p["guidance"],
                  generator=steps.generators(p, 4), output_type="np").images
     np.testing.assert_array_equal(images, (plain * 255).round().astype(np.uint8))
     with trace(pipe) as tc:
         pipe([s.caption for s in scenes[:2]], num_inference_steps=2, guidance_scale=p["guidance"],
              generator=steps.generators(p, 2), output_type="np")
-    per, summary = steps.sink_budget(pipe, p)
     for i in range(2):
         words, det = generated_words(scenes[i], images[i])
-        want = records_of(tc[i], scenes[i].caption, words, i, rel.heads, len(scenes[i].objects))
+        want = records_of(tc[i], scenes[i].caption, words, i, heads, len(scenes[i].objects))
         got = [r for r in recs if r.image == i]
         assert [r.word for r in got] == [r.word for r in want]
         assert all(np.array_equal(a.maps, b.maps) for a, b in zip(got, want))
@@ -110,4 +104,4 @@ def test_one_traced_generation_feeds_records_votes_and_budget(tmp_path, monkeypa
     alone_budget = pd.concat([attention_budget(tc[i], mask(i)) for i in range(2)])
     alone_budget = alone_budget.groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
     pd.testing.assert_frame_equal(per, alone_budget)
-    assert len(list((tmp_path / "generation").glob("*.json"))) == 2  # 4 images, batches of 2, made once for all three
+    assert len(list((tmp_path / "generation").glob("*.json"))) == 2  # 4 images, batches of 2, each made once

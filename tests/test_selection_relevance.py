@@ -4,7 +4,13 @@ import torch
 from conftest import run
 
 from saam.capture import cross_attention_layers
-from saam.heads import from_hrv_names, head_ids, hrv_name, order
+from saam.heads import block_of, forward_order, from_hrv_names, head_ids, order
+
+
+def hrv_name(head, layer_heads):
+    """HRV's name for a head, as its published head index writes it: "up, layer: 8, head: 3"."""
+    same = [l for l in forward_order(layer_heads) if block_of(l) == block_of(head.layer)]
+    return f"{block_of(head.layer)}, layer: {same.index(head.layer)}, head: {head.head}"
 from saam.relevance import Relevance, load_hrv, normalize_votes, relevance_pass
 from saam.select import bottom_k, eligible, head_set, random_k, resolve_k, soft_weights, top_k
 

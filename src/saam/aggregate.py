@@ -66,7 +66,8 @@ def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
 
 def mean_map(maps: torch.Tensor | np.ndarray, weights: Sequence[float] | np.ndarray | torch.Tensor | None = None
              ) -> torch.Tensor:
-    """The weighted mean over the first axis of ``[heads, h, w]`` maps (default: equal weights).
+    """The weighted mean over the first axis of ``[heads, h, w]`` maps (default: equal weights):
+    ``mean_maps`` with one row of weights.
 
     Returns:
         [h, w] float32 (not normalised).
@@ -79,7 +80,16 @@ def mean_map(maps: torch.Tensor | np.ndarray, weights: Sequence[float] | np.ndar
         raise ValueError(f"{len(m)} heads but weights of shape {tuple(w.shape)}")
     if (w < 0).any() or w.sum() <= 0:
         raise ValueError("weights must be non-negative with a positive sum")
-    return (m * w.view(-1, 1, 1)).sum(0) / w.sum()
+    return mean_maps(m, w[None])[0]
+
+
+def mean_maps(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Many weighted means of the same ``[heads, h, w]`` maps at once, one per row of ``weights``
+    [sets, heads] (a head set: its weights, 0 elsewhere): [sets, h, w], each formed exactly as a
+    single one is (the tables score every method of a word in one call): summed in float64, so the
+    float32 result does not depend on how many zero-weight heads a row carries."""
+    w = weights.double()
+    return ((w[:, :, None, None] * maps.double()[None]).sum(1) / w.sum(1)[:, None, None]).float()
 
 
 def aggregate(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],

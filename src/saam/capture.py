@@ -60,34 +60,6 @@ class Observer:
         """The pipeline call was interrupted before its last step (an exception): drop what it began."""
 
 
-class Observers(Observer):
-    """Several observers on one trace: each sees every call, in the order given (one traced
-    generation feeds the word maps, the relevance votes and the attention budget at once)."""
-
-    def __init__(self, *observers: Observer):
-        self.observers = observers
-
-    def start(self, n, latent, token_ids):
-        for o in self.observers:
-            o.start(n, latent, token_ids)
-
-    def step(self, index, timestep):
-        for o in self.observers:
-            o.step(index, timestep)
-
-    def observe(self, attn, layer, q, k, attention_mask):
-        for o in self.observers:
-            o.observe(attn, layer, q, k, attention_mask)
-
-    def finish(self):
-        for o in self.observers:
-            o.finish()
-
-    def abort(self):
-        for o in self.observers:
-            o.abort()
-
-
 class Tracker:
     """Shared state of one trace: which batch rows to record, the step, and the observer.
 
@@ -321,12 +293,6 @@ def probs(attn, q: torch.Tensor, k: torch.Tensor, attention_mask=None) -> torch.
     return scores.softmax(dim=-1)
 
 
-def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-attention probabilities of a diffusers ``Attention`` module, recomputed from
-    its own projections: [n, heads, pixels, tokens] (see :func:`probs`)."""
-    return probs(attn, *project(attn, hidden_states, context))
-
-
 class CaptureProcessor:
     """Wraps a module's original processor: same output; the projections it computed (kept by
     hooks on ``to_q`` / ``to_k``) go to the tracker's observer for the recorded rows."""
@@ -413,8 +379,7 @@ def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
 @contextmanager
 def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool = False,
           layers: list[str] | None = None, store_device: str | torch.device | None = None,
-          words: list[str] | None = None, dtype: torch.dtype = torch.float32,
-          also: Observer | None = None) -> Iterator[Trace]:
+          words: list[str] | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Trace]:
     """Record per-head cross-attention maps of every image the pipeline generates inside.
 
     Args:
@@ -432,8 +397,6 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
             ``aggregate.word_map`` works for them.
         dtype: the dtype results are stored in (``torch.float16`` halves the memory; the sums
             over steps are formed in float32 either way).
-        also: another observer of the same calls (``relevance.VoteRecorder``: relevance votes
-            from the generation that is traced), after the map recorder.
     Raises:
         TypeError: not a UNet pipeline. ValueError: no cross-attention, unknown layer or branch.
         CaptureError: a trace is already active on this pipeline.
@@ -443,7 +406,7 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     rec = MapRecorder(pipe, per_step, store_device, words, dtype)
-    with install(pipe, rec if also is None else Observers(rec, also), layers, branch=branch, cfg=cfg):
+    with install(pipe, rec, layers, branch=branch, cfg=cfg):
         yield Trace(rec)
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .aggregate import DAAM_TAU, mean_map, normalize, per_head_maps, to_mask
+from .aggregate import DAAM_TAU, mean_maps, normalize, per_head_maps, to_mask
 from .capture import trace
 from .heads import HeadId
 from .select import METHODS, head_set
@@ -51,18 +51,18 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float((pred & gt).sum() / union) if union else 1.0
 
 
-def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, alpha: float = 0.05,
-                 stat=np.mean) -> tuple[float, float, float]:
-    """(statistic, low, high): percentile bootstrap over items (``scipy.stats.bootstrap``)."""
+def bootstrap_ci(values: Sequence[float], n: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap of the mean over items (``scipy.stats.bootstrap``,
+    all resamples at once)."""
     from scipy.stats import bootstrap
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     if len(v) == 1 or np.all(v == v[0]):
-        return float(stat(v)), float(stat(v)), float(stat(v))
-    res = bootstrap((v,), stat, n_resamples=n, confidence_level=1 - alpha, method="percentile",
-                    random_state=np.random.default_rng(seed), vectorized=False)
-    return float(stat(v)), float(res.confidence_interval.low), float(res.confidence_interval.high)
+        return float(v.mean()), float(v.mean()), float(v.mean())
+    res = bootstrap((v,), np.mean, n_resamples=n, confidence_level=1 - alpha, method="percentile",
+                    random_state=np.random.default_rng(seed), vectorized=True, axis=-1)
+    return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
@@ -142,20 +142,24 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
     """
     import pandas as pd
     rows = []
+    n = len(rel.heads)
     for r in recs:
         row = rel.row(r.kind) if any(m in ("top", "bottom", "soft") for m in methods) else None
-        sets, maps = [], {}
+        sets, weights = [], {}
         for k in ks:
             for m in methods:
                 for d in range(draws if m == "random" else 1):
                     key = (m, None if m in ("daam", "soft") else k, d)  # DAAM and soft do not depend on k
-                    if key not in maps:
+                    if key not in weights:
                         s = head_set(m, rel.heads, row, k, mask=mask, seed=random_seed(seed, r.image, d))
-                        maps[key] = mean_map(r.maps[s.index], s.weights)
+                        w = np.zeros(n, np.float32)
+                        w[s.index] = 1.0 if s.weights is None else s.weights
+                        weights[key] = w
                     sets.append((m, k, key))
-        keys = list(maps)
+        keys = list(weights)
         scores = (np.full((len(keys), len(taus)), np.nan) if r.gt is None
-                  else mask_ious(torch.stack([maps[k] for k in keys]), r.gt, taus))
+                  else mask_ious(mean_maps(torch.as_tensor(r.maps), torch.as_tensor(np.stack(list(weights.values())))),
+                                 r.gt, taus))
         at = {key: i for i, key in enumerate(keys)}
         for j, tau in enumerate(taus):  # tau, then k, then method: the order tables list them in
             for m, k, key in sets:

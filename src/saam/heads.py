@@ -76,13 +76,6 @@ def head_ids(layer_heads: dict[str, int], convention: str = "hrv") -> list[HeadI
     return [HeadId(l, h) for l in order(layer_heads, convention) for h in range(layer_heads[l])]
 
 
-def hrv_name(head: HeadId, layer_heads: dict[str, int]) -> str:
-    """HRV's name for a head: ``"up, layer: 8, head: 3"`` (layer counts within its block)."""
-    b = block_of(head.layer)
-    same = [l for l in forward_order(layer_heads) if block_of(l) == b]
-    return f"{b}, layer: {same.index(head.layer)}, head: {head.head}"
-
-
 def parse_hrv_name(name: str) -> tuple[str, int, int]:
     m = re.fullmatch(r"\s*(down|mid|up),\s*layer:\s*(\d+),\s*head:\s*(\d+)\s*", str(name))
     if not m:

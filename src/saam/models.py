@@ -16,8 +16,6 @@ import torch
 from . import paths
 from .progress import quiet
 
-REAL_MODELS = {"sd14": "CompVis/stable-diffusion-v1-4", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-               "sd21": "stabilityai/stable-diffusion-2-1", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
 def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
@@ -98,7 +96,7 @@ def model_path(params: dict) -> Path:
     model = params["model"]
     path = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path")
     if not path or not (Path(path) / "model_index.json").exists():
-        ref = REAL_MODELS.get(model, model)
+        ref = params.get("model_id") or model  # the hub id the profile names (params/<profile>.yaml)
         raise FileNotFoundError(
             f"profile {params['profile']!r} needs the weights of {ref} as a local diffusers folder, and "
             f"none was found at {path!r}. On a machine with internet: `huggingface-cli download {ref} "
@@ -106,6 +104,16 @@ def model_path(params: dict) -> Path:
             "(a GPU is strongly advised).")
     check_model_folder(Path(path), model, params["profile"])
     return Path(path)
+
+
+def share_cores(device: str) -> None:
+    """On the CPU under ``accelerate launch`` (``make all PROCESSES=n``), each of the n processes
+    computes on its share of the cores (torch would otherwise start as many threads as there are
+    cores in every process, and the processes would fight over them)."""
+    from .runs import processes
+    world = processes()[1]
+    if device == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
 
 def cpu_has_bf16() -> bool:
@@ -141,6 +149,7 @@ def load_model(params: dict):
     :func:`precision`, progress bars off."""
     device, dtype = resolve_device(params.get("device", "auto"))
     path = model_path(params)
+    share_cores(device)
     with quiet():
         if params.get("model", "shapesworld") == "shapesworld":
             from .shapes.model import load_pipeline

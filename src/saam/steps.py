@@ -50,10 +50,9 @@ def eval_scenes(params: dict, split: str = "test", n: int | None = None, n_objec
 
 
 def relevance_prompts(params: dict) -> list[str]:
-    """Prompts a real model's relevance pass generates (ShapesWorld's votes come from
-    :func:`generation_run`): with evaluation data, the dataset's captions after the ones evaluated
-    (HRV used unrelated prompts; the dataset's are at hand offline), else ShapesWorld captions from
-    a seed stream disjoint from the evaluation scenes."""
+    """Prompts the relevance pass generates: ShapesWorld captions from a seed stream disjoint
+    from the evaluation scenes, or, for a real model with evaluation data, the dataset's captions
+    after the ones evaluated (HRV used unrelated prompts; the dataset's are at hand offline)."""
     from .shapes.world import sample_scene
     n = params.get("n_relevance_prompts") or 64
     folder = data_dir(params) if params["model"] != "shapesworld" else None
@@ -128,31 +127,25 @@ def unet_heads(pipe) -> list:
 
 
 def generation_run(pipe, params: dict) -> list[dict]:
-    """One traced generation of the evaluation scenes feeding three observers at once
-    (ShapesWorld; cached per batch): each word's per-head maps against the analyzer's truth (the
-    generation protocol, ``evaluate.generated_words``), every head's relevance votes (HRV's
-    pseudo-context of the profile's concepts, drawn per image: ``relevance.VoteRecorder``) and its
-    attention budget on the analyzer's object and background pixels (``sinks``). Relevance looks
-    at no truth, so taking its votes from these generations leaves it what HRV's pass measures:
-    which concept's words each head attends to, over unrelated captions.
+    """One traced generation of the evaluation scenes feeding two observers of it (ShapesWorld;
+    cached per batch): each word's per-head maps against the analyzer's truth (the generation
+    protocol, ``evaluate.generated_words``) and each head's attention budget on the analyzer's
+    object and background pixels (``sinks``). It covers the first max(``n_eval``, ``n_sinks``)
+    scenes, whichever step asks first, so the two share every batch.
 
-    It covers the first max(``n_eval``, ``n_relevance_prompts``, ``n_sinks``) scenes, whichever
-    step asks first, so the three share every batch. Returns one dict per batch: ``records``,
-    ``images`` (uint8), ``budgets`` (one table per image), ``votes`` [images, steps, heads, concepts]
-    and ``timesteps``.
+    Relevance is not taken from these generations: HRV measures it over prompts unrelated to what
+    is evaluated, and votes taken here (where every object is named with its colour) move the
+    colour concentration outside its CI over prompts; :func:`relevance` keeps its own prompts.
+
+    Returns one dict per batch: ``records``, ``images`` (uint8) and ``budgets`` (one table per image).
     """
-    from .capture import cross_attention_layers, trace
+    from .capture import trace
     from .evaluate import generated_words, records_of
-    from .relevance import VoteRecorder, load_concepts
-    from .runs import item_rngs
     from .sinks import attention_budget
     heads = unet_heads(pipe)
-    concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
-    votes = VoteRecorder(None, cross_attention_layers(pipe.unet), start_token=True)
 
     def batch(scenes, gens, start):
-        votes.prepare(pipe, concepts, item_rngs(params["seed"], start, len(scenes)))
-        with trace(pipe, also=votes) as tc:
+        with trace(pipe) as tc:
             out = pipe([s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
                        generator=gens, output_type="np").images
         records, images, budgets = [], [], []
@@ -162,35 +155,30 @@ def generation_run(pipe, params: dict) -> list[dict]:
             records += records_of(hm, scene.caption, words, start + j, heads, len(scene.objects))
             budgets.append(attention_budget(hm, np.any([d.mask for d in det], axis=0) if det else np.zeros(img.shape[:2], bool)))
             images.append(img)
-        return dict(records=records, images=np.stack(images), budgets=budgets, **votes.take())
-    k = dict(key(params, "seed", "steps", "guidance", code=("evaluate", "relevance", "sinks", "shapes.analyzer", "shapes.world")),
-             concepts=concepts, heads=digest([str(h) for h in heads]))
-    n = max(params["n_eval"], params["n_relevance_prompts"], params.get("n_sinks", 32))
+        return dict(records=records, images=np.stack(images), budgets=budgets)
+    k = dict(key(params, "seed", "steps", "guidance", code=("evaluate", "sinks", "shapes.analyzer", "shapes.world")),
+             heads=digest([str(h) for h in heads]))
+    n = max(params["n_eval"], params.get("n_sinks", 32))
     return run_batches(eval_scenes(params, n=n), params.get("batch_size", 16), params["seed"], batch,
-                       cache=("generation", k), desc="generate+trace+votes")
+                       cache=("generation", k), desc="generate+trace")
 
 
 def relevance(pipe, params: dict):
     """Head relevance for the profile's model, over the profile's ``concepts`` (``"hrv"``: HRV's 34,
     ``"ours"``: ``data/concepts.yaml``).
 
-    ShapesWorld: the votes of the first ``n_relevance_prompts`` generations of :func:`generation_run`.
     Profiles that name HRV's published vectors (``hrv_vectors``, ``hrv_head_index``: sd14, sdxl)
-    get them, placed on this UNet's heads, exactly as the paper selected heads. Other real models:
-    HRV's pass (``relevance.relevance_pass``, cached) over :func:`relevance_prompts`.
+    get them, placed on this UNet's heads, exactly as the paper selected heads. Otherwise HRV's
+    pass (``relevance.relevance_pass``, cached per batch) over :func:`relevance_prompts`.
     """
     from .capture import cross_attention_layers
-    from .relevance import from_votes, load_concepts, load_hrv, relevance_pass
-    concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
-    run = dict(concepts=concepts, steps=params["steps"], guidance=params["guidance"], seed=params["seed"], start_token=True)
-    if params["model"] == "shapesworld":
-        n = params["n_relevance_prompts"]
-        return from_votes(concepts, unet_heads(pipe), generation_run(pipe, params), run, n)
+    from .relevance import load_concepts, load_hrv, relevance_pass
     if params.get("hrv_vectors") and params.get("hrv_head_index") and params.get("concepts", "hrv") == "hrv":
         lh = {l: m.heads for l, m in cross_attention_layers(pipe.unet).items()}
         root = lambda f: Path(f) if Path(f).is_absolute() else paths.ROOT / f  # noqa: E731
         return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
-    k = dict(key(params, "seed", "steps", "guidance", code=("relevance",)), concepts=concepts, start_token=True)
+    concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
+    k = dict(key(params, "seed", "steps", "guidance", code=("relevance", "shapes.world")), concepts=concepts, start_token=True)
     return relevance_pass(pipe, concepts, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
                           seed=params["seed"], batch_size=params.get("batch_size", 16), cache=("relevance", k))
 

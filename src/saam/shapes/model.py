@@ -128,14 +128,6 @@ def build_scheduler(kind: str = "ddim"):
 
 
 @torch.no_grad()
-def encode_text(encoder, tokenizer, captions: list[str], device=None) -> torch.Tensor:
-    """Encode as StableDiffusionPipeline does: pad to 77, no attention mask, last hidden state."""
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
-    return encoder(ids.to(device or encoder.device))[0]
-
-
-@torch.no_grad()
 def center_latents(vae, mean: torch.Tensor, std: float) -> None:
     """Fold a per-channel latent mean into the VAE and set ``scaling_factor`` = 1/std.
 

@@ -236,11 +236,6 @@ def render(scene: Scene, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.n
     return arr, masks[0, : len(scene.objects)].numpy()
 
 
-def word_masks(scene: Scene, masks: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
-    """Ground-truth mask of every attribute word, keyed by (word, occurrence)."""
-    return {(w.word, w.occurrence): masks[w.obj] for w in scene.words}
-
-
 # ---------------------------------------------------------------- export as a COCO-format dataset
 
 def export_coco(folder, n: int, seed: int = 0, split: str = "test", overwrite: bool = False) -> None:
