@@ -26,10 +26,16 @@ def check(profile: str, overrides: str) -> None:
 
 
 def record(f: Path, name: str, start: float, end: float) -> None:
-    """Add a chapter's start and end (epoch seconds) to timings.json."""
-    t = json.loads(f.read_text()) if f.exists() else {}
-    t[name] = dict(start=start, end=end, seconds=end - start)
-    f.write_text(json.dumps(t, indent=1))
+    """Add a chapter's start and end (epoch seconds) to timings.json (under a lock: two chapters may
+    finish at once, as ``make all`` runs two at a time)."""
+    import fcntl
+    with open(f.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        t = json.loads(f.read_text()) if f.exists() else {}
+        t[name] = dict(start=start, end=end, seconds=end - start)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(t, indent=1))
+        os.replace(tmp, f)
 
 
 def timings_report(folder: Path) -> str:
