@@ -31,7 +31,9 @@ OUTDIR := build/$(PROFILE)$(if $(SETTAG),/$(SETTAG))
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 # PROCESSES=n: every chapter under `accelerate launch` on n processes (GPUs, or CPU processes), batches split between them
 RUN := $(if $(filter-out 1,$(PROCESSES)),$(BIN)/accelerate launch --multi_gpu --num_processes $(PROCESSES) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS),$(BIN)/python)
-SRC := $(shell find src -name '*.py') data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
+SRC := $(shell find src -name '*.py')
+DATA := data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
+DEPS := $(OUTDIR)/deps.mk
 
 .PHONY: help env all check test test-unit model fidelity bench gpu-bench report lab clean distclean
 
@@ -58,15 +60,24 @@ all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default pap
 	@if [ "$(PROFILE)" = paper ] && [ -z "$(SETTAG)" ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 
-# a notebook re-runs when it, its profile, the package or the model changed
-$(OUTDIR)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml $(SRC) | $(STAMP)
+# a notebook re-runs when it, its profile, the model or the package code it imports changed (its
+# import closure, lazy imports included: $(DEPS), written by the runner from the chapters' imports)
+$(OUTDIR)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml $(DATA) | $(STAMP)
 	@mkdir -p $(OUTDIR)
 	$(RUN) scripts/run_notebook.py $< $@ --profile $(PROFILE) --set "$(SET)"
 
-# in order, one at a time: each chapter reuses the batches earlier ones cached (06's organism D
-# those of 00-03; measured: 00 and 01 side by side on 2 cores took 46 s and 33 s against 23 s and
-# 16 s one after the other); explicit targets, since a pattern rule without a recipe cancels the rule above
-$(foreach i,$(shell seq 2 $(words $(EXECUTED))),$(eval $(word $(i),$(EXECUTED)): $(word $(shell expr $(i) - 1),$(EXECUTED))))
+$(DEPS): $(NOTEBOOKS) $(SRC) | $(STAMP)
+	@mkdir -p $(OUTDIR)
+	@$(BIN)/python scripts/run_notebook.py --deps $(OUTDIR) $(NOTEBOOKS) > $@.tmp && mv $@.tmp $@
+
+ifneq ($(filter all,$(MAKECMDGOALS)),)
+-include $(DEPS)
+endif
+
+# in order, one at a time (order-only: a chapter re-runs for its own reasons, not its predecessor's):
+# each chapter reuses the batches earlier ones cached (06's organism D those of 00-03; measured: 00
+# and 01 side by side on 2 cores took 46 s and 33 s against 23 s and 16 s one after the other)
+$(foreach i,$(shell seq 2 $(words $(EXECUTED))),$(eval $(word $(i),$(EXECUTED)): | $(word $(shell expr $(i) - 1),$(EXECUTED))))
 
 test: $(STAMP)  ## unit tests, then every notebook with the smoke profile (artefacts checked)
 	$(BIN)/python -m pytest -q tests

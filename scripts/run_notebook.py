@@ -25,6 +25,26 @@ def check(profile: str, overrides: str) -> None:
         raise SystemExit(f"error: {e}")
 
 
+def deps(outdir: str, notebooks: list[str]) -> str:
+    """Make rules: each executed chapter depends on the package modules it imports and what they
+    import in turn (``saam.cache.closure``), not on all of ``src``: editing the ablation re-runs
+    chapter 06 alone."""
+    import re
+    from saam.cache import PACKAGE, closure, module_file
+    rules = []
+    for nb in notebooks:
+        code = "\n".join("".join(c["source"]) for c in json.loads(Path(nb).read_text())["cells"] if c["cell_type"] == "code")
+        mods = set()
+        for m in re.finditer(r"from saam(?:\.([\w.]+))? import ([\w, ]+)", code):
+            if m.group(1):
+                mods.add(m.group(1))
+            else:
+                mods.update(n.strip() for n in m.group(2).split(",") if module_file(n.strip()).exists())
+        files = [module_file(x).relative_to(PACKAGE.parents[1]) for x in closure(*sorted(mods))]
+        rules.append(f"{outdir}/{Path(nb).name}: src/saam/__init__.py " + " ".join(map(str, files)))
+    return "\n".join(rules) + "\n"
+
+
 def record(f: Path, name: str, start: float, end: float) -> None:
     """Add a chapter's start and end (epoch seconds) to timings.json (under a lock: two chapters may
     finish at once, as ``make all`` runs two at a time)."""
@@ -57,6 +77,8 @@ def main() -> None:
     ap.add_argument("--profile", default="paper")
     ap.add_argument("--set", default="", help='one-run profile overrides, e.g. "steps=4 n_eval=6"')
     ap.add_argument("--timings")
+    ap.add_argument("more", nargs="*", help="with --deps: the rest of the notebooks")
+    ap.add_argument("--deps", metavar="OUTDIR", help="print make rules: OUTDIR's chapters on their import closures")
     ap.add_argument("--check", action="store_true", help="only validate the profile (and a real model's weights)")
     a = ap.parse_args()
     if a.check:
@@ -64,6 +86,9 @@ def main() -> None:
         return
     if a.timings:
         print(timings_report(Path(a.timings)))
+        return
+    if a.deps:
+        print(deps(a.deps, [a.src, *([a.dst] if a.dst else []), *a.more]), end="")
         return
     dst = Path(a.dst)
     from saam.runs import processes

@@ -132,3 +132,23 @@ def test_tables_identical_when_recomputed_from_scratch(tmp_path):
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
                                    capture_output=True, text=True).stdout)
     assert outs[0] == outs[1] and "DAAM" in outs[0]
+
+
+def test_pinned_smoke_table1(tmp_path, monkeypatch):
+    """As diffusers pins a slice of every pipeline's output: Table 1 of the smoke profile (organism D,
+    fp32 so that any CPU gives these numbers up to float noise), recorded when this test was written
+    (2026-11-29). A change in generation, capture, relevance, head selection, aggregation or scoring
+    that moves a method's mIoU fails here; a deliberate one updates the numbers and says why."""
+    from saam import chapter, models, paths, steps, tables
+    from saam.evaluate import miou_table
+    from saam.select import METHODS
+    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    p = chapter.load("smoke", "precision=fp32")
+    pipe = models.load_model(p)
+    rel = steps.relevance(pipe, p)
+    recs, _, _ = steps.records(pipe, p, "generation", rel.heads)
+    t = miou_table(tables.score(recs, rel, p), by_kind=False, seed=p["seed"]).set_index("method")
+    want = {"daam": 0.32397, "top": 0.283075, "bottom": 0.199651, "random": 0.245459, "soft": 0.260886}
+    assert len(recs) == 48 and int(t.n_words.iloc[0]) == 47
+    for m, v in want.items():
+        assert t.loc[METHODS[m], "mIoU"] == pytest.approx(v, abs=2e-3), m

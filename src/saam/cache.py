@@ -75,20 +75,30 @@ def _imports(module: str) -> frozenset[str]:
     return frozenset(out)
 
 
-def code_fingerprint(*modules: str) -> str:
-    """Hash of the source of ``modules`` and of every package module they import, transitively.
-
-    Editing any code a cached step ran invalidates it; editing code it never touches does not.
-    """
+def closure(*modules: str) -> list[str]:
+    """``modules`` and every package module they import, transitively (lazy imports included)."""
     seen, todo = set(), list(modules)
     while todo:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
             todo += _imports(m)
+    return sorted(seen)
+
+
+def module_file(module: str) -> Path:
+    """The source file of a package module (dotted, relative to the package)."""
+    return PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def code_fingerprint(*modules: str) -> str:
+    """Hash of the source of ``modules`` and of every package module they import, transitively.
+
+    Editing any code a cached step ran invalidates it; editing code it never touches does not.
+    """
     h = hashlib.sha256()
-    for m in sorted(seen):
-        h.update(m.encode() + PACKAGE.joinpath(*m.split(".")).with_suffix(".py").read_bytes())
+    for m in closure(*modules):
+        h.update(m.encode() + module_file(m).read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .headmaps import CaptureError, HeadMaps
 
@@ -39,6 +40,10 @@ class Observer:
 
     def start(self, n: int, latent: tuple[int, int], token_ids: list[list[int]] | None) -> None:
         """A new pipeline call: ``n`` recorded images of latent size ``latent``; the prompts' ids."""
+
+    def text_layout(self, prompts: list[str], segments: list[tuple[int, object, int]]) -> None:
+        """An MM-DiT call's text sequence, told before ``start``: the prompts as given, and the
+        (offset, tokenizer, length) of each text encoder's tokens in the sequence."""
 
     def step(self, index: int, timestep: int) -> None:
         """Denoising step ``index`` (0-based within the call) at scheduler ``timestep``."""
@@ -107,7 +112,11 @@ class Tracker:
     def on_unet(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        batch = sample.shape[0]
+        self.begin_call(sample.shape[0], tuple(sample.shape[-2:]), t)
+
+    def begin_call(self, batch: int, latent: tuple[int, int], t) -> None:
+        """A denoiser call on ``batch`` rows at latent size ``latent``: which rows to record; a new
+        pipeline call starts the observer afresh."""
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.cfg is None else self.cfg
         if cfg is None:
             raise CaptureError(f"cannot tell whether {type(self.pipe).__name__} uses classifier-free "
@@ -122,7 +131,7 @@ class Tracker:
         if self.n is None or self._fresh or self.n != n:
             self.finish()
             self.n, self.steps = n, 0
-            self.observer.start(n, tuple(sample.shape[-2:]), self.branch_ids(cfg))
+            self.observer.start(n, latent, self.branch_ids(cfg))
             self._fresh = False
         self.observer.step(self.steps, int(t.flatten()[0]) if torch.is_tensor(t) else int(t))
         self.steps += 1
@@ -154,6 +163,10 @@ class MapRecorder(Observer):
         self.words, self.dtype = (None if words is None else list(words)), dtype
         self.results: list[HeadMaps] = []
         self._gen: dict | None = None
+        self._layout: tuple[list[str], list] | None = None
+
+    def text_layout(self, prompts, segments):
+        self._layout = (list(prompts), list(segments))
 
     def kept_tokens(self, token_ids: list[list[int]] | None) -> tuple[list[int], list[list[int]]] | None:
         """Which positions to keep: (those of ``words`` (every occurrence) in any of the call's
@@ -228,12 +241,16 @@ class MapRecorder(Observer):
                 kept = g["keep"][1][pi]
                 cols = [g["keep"][0].index(p) for p in kept]
             prompt = tok.decode(pid, skip_special_tokens=True) if (pid and tok is not None) else None
+            segments = None
+            if self._layout is not None:  # an MM-DiT: the prompt as given, tokens of several encoders
+                prompt, segments = self._layout[0][pi], self._layout[1]
             per = ({l: spatial(torch.stack([s[i][..., cols] for s in v])).to(self.dtype)
                     for l, v in g["per_step"].items()} if self.per_step else None)
             self.results.append(HeadMaps(
                 maps={l: spatial(s[i][..., cols]).to("cpu", self.dtype) for l, s in g["sums"].items()},
                 steps=g["steps"], timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
-                latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per, tokens=kept))
+                latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per, tokens=kept,
+                segments=segments))
 
 
 def _grid(n: int, latent: tuple[int, int]) -> tuple[int, int]:
@@ -376,6 +393,193 @@ def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
     return cross
 
 
+# ------------------------------------------------------------------ MM-DiTs (SD3, SD3.5, Flux)
+
+def is_dit(pipe) -> bool:
+    """Whether ``pipe`` denoises with an MM-DiT (``pipe.transformer``: SD3 / SD3.5 / Flux) rather than a UNet."""
+    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+
+
+def joint_attention_layers(transformer) -> dict[str, object]:
+    """The joint-attention modules of an MM-DiT, where image queries meet text keys: SD3's joint
+    blocks (``transformer_blocks.i.attn``; SD3.5's extra ``attn2`` sees no text), Flux's
+    double-stream blocks and its single-stream blocks (``single_transformer_blocks.i.attn``)."""
+    return {name: m for name, m in transformer.named_modules()
+            if name.endswith(".attn") and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+
+
+def joint_queries_keys(attn, hidden_states, encoder_hidden_states, rotary, text_len: int):
+    """The image queries and all keys of a joint-attention call, formed as its processor forms them
+    (QK-normalisation and Flux's rotary embedding included), and where the text keys lie.
+
+    Returns:
+        (queries [n, heads, image tokens, d], keys [n, heads, all tokens, d], text: slice of the keys).
+    """
+    if type(attn).__name__ == "FluxAttention":
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+        q, k, _, eq, ek, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k = attn.norm_q(q.unflatten(-1, (-1, attn.head_dim))), attn.norm_k(k.unflatten(-1, (-1, attn.head_dim)))
+        if encoder_hidden_states is not None:  # double stream: [text; image]
+            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+            q, k, text_len = torch.cat([eq, q], 1), torch.cat([ek, k], 1), ek.shape[1]
+        if rotary is not None:  # single stream: the sequence is [text; image] already
+            q, k = apply_rotary_emb(q, rotary, sequence_dim=1), apply_rotary_emb(k, rotary, sequence_dim=1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return q[:, :, text_len:], k, slice(0, text_len)
+    if getattr(attn, "add_k_proj", None) is None or encoder_hidden_states is None:
+        raise CaptureError(f"{type(attn).__name__} is not a joint attention over image and text")
+    n, heads = hidden_states.shape[0], attn.heads
+
+    def split(x):
+        return x.view(n, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+    q, k, ek = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    return q, torch.cat([k, ek], 2), slice(k.shape[2], k.shape[2] + ek.shape[2])  # SD3: [image; text]
+
+
+def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice) -> torch.Tensor:
+    """Each image query's attention probability on each text key, the softmax taken over *all*
+    keys (image and text) as the joint attention takes it: [n, heads, image tokens, text tokens].
+
+    Computed by the fused attention kernel itself: attention of the queries on the keys with, as
+    values, the indicator of each text key (a text key's one-hot row, zero for image keys)."""
+    t = text.stop - text.start
+    v = torch.zeros(*k.shape[:3], t, dtype=q.dtype, device=q.device)
+    v[:, :, text] = torch.eye(t, dtype=q.dtype, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class JointCaptureProcessor:
+    """Wraps a joint-attention module's processor: the same output; the text probabilities of the
+    recorded rows go to the tracker's observer (``MapRecorder.add``)."""
+
+    def __init__(self, base, layer: str, tracker: "JointTracker"):
+        self.base, self.layer, self.tracker = base, layer, tracker
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 **kwargs):
+        if image_rotary_emb is not None:
+            kwargs["image_rotary_emb"] = image_rotary_emb
+        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        tr = self.tracker
+        if tr.rows is not None and tr.n is not None:
+            r = tr.rows
+            with torch.no_grad():
+                q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
+                                                else encoder_hidden_states[r], image_rotary_emb, tr.text_len)
+                tr.observer.add(self.layer, text_probs(q, k, text))
+        return out
+
+
+class JointTracker(Tracker):
+    """A :class:`Tracker` for an MM-DiT: a pre-hook on the transformer counts steps, finds the
+    conditional rows (SD3's classifier-free guidance; Flux's distilled guidance has none) and the
+    latent grid, and the prompts come from the pipeline's ``encode_prompt``."""
+
+    def __init__(self, pipe, observer, branch="cond", cfg=None):
+        super().__init__(pipe, observer, branch, cfg)
+        self.text_len = 0
+        self.prompts: list[str] | None = None
+        self._last_t = None
+
+    def on_encode(self, args, kwargs) -> None:
+        self.on_encode_prompt()
+        prompt = kwargs.get("prompt", args[0] if args else None)
+        others = [kwargs.get(k) for k in ("prompt_2", "prompt_3")]
+        if any(o is not None and o != prompt for o in others):
+            raise CaptureError("trace() aligns words with one prompt: give every text encoder the same prompt "
+                               "(leave prompt_2 / prompt_3 unset)")
+        self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+
+    def segments(self) -> list[tuple[int, object, int]]:
+        p = self.pipe
+        if type(p).__name__.startswith("Flux"):  # the sequence is T5's tokens alone (CLIP gives the pooled vector)
+            return [(0, p.tokenizer_2, self.text_len)]
+        clip = p.tokenizer.model_max_length  # SD3: CLIP-L/G's 77 tokens (feature-concatenated), then T5's
+        return [(0, p.tokenizer, clip)] + ([(clip, p.tokenizer_3, self.text_len - clip)]
+                                           if getattr(p, "tokenizer_3", None) is not None and self.text_len > clip else [])
+
+    def on_transformer(self, module, args, kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        t = kwargs.get("timestep")
+        ehs = kwargs.get("encoder_hidden_states")
+        self.text_len = ehs.shape[1]
+        if hs.ndim == 4:  # SD3: [n, channels, h, w] latents
+            latent = tuple(hs.shape[-2:])
+            cfg = None
+        else:  # Flux: packed 2 x 2 latent patches, placed by img_ids (row, column)
+            ids = kwargs["img_ids"]
+            latent = (2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1))
+            cfg = False
+        t0 = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if cfg is False and t0 == self._last_t:  # Flux's true CFG: a second call at the same step (negative prompt)
+            self.rows = None
+            return
+        self._last_t = t0
+        if self.cfg is None and cfg is not None:
+            self.cfg = cfg
+        if self._fresh and self.prompts is not None:
+            self.observer.text_layout(self.prompts, self.segments())
+        self.begin_call(hs.shape[0], latent, t)
+
+
+@contextmanager
+def install_joint(pipe, observer: Observer, layers: list[str] | None = None, *, branch: str = "cond",
+                  cfg: bool | None = None):
+    """``install`` for an MM-DiT pipeline: capture processors on its joint-attention modules, the
+    step hook on the transformer, the prompt and token hooks; all removed on exit."""
+    if branch != "cond":
+        raise ValueError("an MM-DiT trace records the prompt's branch only (branch='cond')")
+    tr_model = pipe.transformer
+    cross = joint_attention_layers(tr_model)
+    if not cross:
+        raise ValueError(f"{type(tr_model).__name__} has no joint-attention layers to trace")
+    if layers is not None:
+        unknown = set(layers) - set(cross)
+        if unknown:
+            raise ValueError(f"not joint-attention layers of this transformer: {sorted(unknown)}")
+        cross = {l: cross[l] for l in layers}
+    if getattr(tr_model, _ACTIVE, False):
+        raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
+    tracker = JointTracker(pipe, observer, branch, cfg)
+    original = tr_model.attn_processors
+    new = dict(original)
+    for name in cross:
+        new[name + ".processor"] = JointCaptureProcessor(original[name + ".processor"], name, tracker)
+    encode = pipe.encode_prompt
+    handles = []
+    setattr(tr_model, _ACTIVE, True)
+
+    def encode_prompt(*args, **kwargs):
+        tracker.on_encode(args, kwargs)
+        return encode(*args, **kwargs)
+    pipe.encode_prompt = encode_prompt
+    try:
+        tr_model.set_attn_processor(new)
+        handles.append(tr_model.register_forward_pre_hook(tracker.on_transformer, with_kwargs=True))
+        primary = pipe.text_encoder_2 if type(pipe).__name__.startswith("Flux") else pipe.text_encoder
+        handles.append(primary.register_forward_pre_hook(tracker.on_text_encoder, with_kwargs=True))
+        try:
+            yield cross
+        except BaseException:
+            tracker.close_after_error()
+            raise
+        tracker.finish()
+    finally:
+        del pipe.encode_prompt
+        for h in handles:
+            h.remove()
+        tr_model.set_attn_processor(original)
+        setattr(tr_model, _ACTIVE, False)
+
+
 @contextmanager
 def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool = False,
           layers: list[str] | None = None, store_device: str | torch.device | None = None,
@@ -406,7 +610,9 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
     rec = MapRecorder(pipe, per_step, store_device, words, dtype)
-    with install(pipe, rec, layers, branch=branch, cfg=cfg):
+    if is_dit(pipe) and words is not None:
+        raise ValueError("trace(words=...) is for UNet pipelines; an MM-DiT trace keeps every text token")
+    with (install_joint if is_dit(pipe) else install)(pipe, rec, layers, branch=branch, cfg=cfg):
         yield Trace(rec)
 
 

@@ -31,6 +31,9 @@ class HeadMaps:
         per_step: layer -> [steps, heads, tokens, h, w] when ``trace(per_step=True)``.
         tokens: the prompt positions the maps' token axis holds, when ``trace(words=...)`` kept
             only some (None: every position of the text-encoder input).
+        segments: an MM-DiT's text sequence, when it joins several encoders' tokens: (offset,
+            tokenizer, length) of each (SD3: CLIP at 0, T5 after CLIP's 77; Flux: T5 alone). A word's
+            positions are its tokens in every segment. None: one tokenizer from position 0.
     """
     maps: dict[str, torch.Tensor]
     steps: int
@@ -42,6 +45,7 @@ class HeadMaps:
     tokenizer: object = field(repr=False, default=None)
     per_step: dict[str, torch.Tensor] | None = field(repr=False, default=None)
     tokens: list[int] | None = None
+    segments: list[tuple[int, object, int]] | None = None
 
     def columns(self, positions) -> list[int]:
         """Where prompt token ``positions`` lie on the maps' token axis (the same unless the trace
@@ -72,6 +76,16 @@ class HeadMaps:
         from .words import WordNotFound, token_positions
         if self.prompt is None or self.tokenizer is None:
             raise CaptureError("this trace has no prompt text (was the prompt given as embeddings?)")
+        if self.segments:
+            out = []
+            for offset, tok, length in self.segments:
+                try:
+                    out += [offset + p for p in token_positions(self.prompt, word, tok, occurrence, max_length=length)]
+                except WordNotFound:  # e.g. cut off by one encoder's window but not the other's
+                    pass
+            if not out:
+                raise WordNotFound(f"{word!r} is in none of the text encoders' tokens of {self.prompt!r}")
+            return out
         try:
             return token_positions(self.prompt, word, self.tokenizer, occurrence)
         except WordNotFound as e:

@@ -1,7 +1,9 @@
 """Head ids, layer names and the orderings used by HRV and DAAM.
 
 A layer is a cross-attention module, named by its diffusers module path
-(``up_blocks.1.attentions.0.transformer_blocks.0.attn2``); a head is ``(layer, index)``.
+(``up_blocks.1.attentions.0.transformer_blocks.0.attn2``; in an MM-DiT a joint-attention module,
+``transformer_blocks.3.attn`` or Flux's single-stream ``single_transformer_blocks.5.attn``); a head
+is ``(layer, index)``.
 Those names are stable across diffusers releases and pipelines, unlike positional indices.
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, NamedTuple
 
-BLOCKS = ("down", "mid", "up")
+BLOCKS = ("down", "mid", "up", "transformer", "single")  # UNet blocks, then MM-DiT joint and single-stream blocks
 
 
 class HeadId(NamedTuple):
@@ -21,11 +23,12 @@ class HeadId(NamedTuple):
 
 
 def block_of(layer: str) -> str:
-    """'down', 'mid' or 'up' for a UNet module path."""
+    """'down', 'mid' or 'up' for a UNet module path; 'transformer' (SD3's joint blocks, Flux's
+    double-stream ones) or 'single' (Flux's single-stream blocks) for an MM-DiT's."""
     for b in BLOCKS:
         if layer.startswith(b):
             return b
-    raise ValueError(f"{layer!r} is not in a UNet down/mid/up block")
+    raise ValueError(f"{layer!r} is not in a UNet down/mid/up block nor an MM-DiT transformer block")
 
 
 def layer_factors(unet_config, layers: Iterable[str]) -> dict[str, int]:
@@ -52,7 +55,8 @@ def _numbers(layer: str) -> tuple[int, ...]:
 
 
 def forward_order(layers: Iterable[str]) -> list[str]:
-    """Layers in the UNet's forward order: down blocks, mid block, up blocks (HRV's order)."""
+    """Layers in forward order: down blocks, mid block, up blocks (HRV's order); an MM-DiT's blocks
+    in order, Flux's double-stream before its single-stream ones."""
     return sorted(layers, key=lambda n: (BLOCKS.index(block_of(n)), _numbers(n)))
 
 
@@ -67,7 +71,7 @@ def order(layers: Iterable[str], convention: str = "hrv") -> list[str]:
         return fwd
     if convention == "daam":
         rank = {"up": 0, "down": 1, "mid": 2}
-        return sorted(fwd, key=lambda n: rank[block_of(n)])  # stable: keeps forward order within
+        return sorted(fwd, key=lambda n: rank.get(block_of(n), 3))  # stable: keeps forward order within
     raise ValueError(f"unknown convention {convention!r}; use 'hrv' or 'daam'")
 
 

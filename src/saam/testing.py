@@ -155,6 +155,78 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0):
     raise ValueError(f"unknown tiny pipeline {kind!r}; use sd1, sd2, sdxl, sd14-layout or sdxl-layout")
 
 
+def t5_tokenizer(vocab_size: int = 2000, max_length: int = 64):
+    """A T5-style tokenizer built offline: a SentencePiece-like Unigram model (``tokenizers``) trained
+    in code on ShapesWorld captions and HRV's concept words, "</s>" appended, "<pad>" padding, as
+    ``T5TokenizerFast`` wraps it. Stands in for T5's own (which SD3 and Flux use) in the tiny pipelines."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+    from .relevance import load_concepts
+    from .shapes.world import sample_scene
+    corpus = [sample_scene(i, split="test").caption for i in range(3000)]
+    corpus += [w for ws in load_concepts("hrv").values() for w in ws]
+    corpus += ["a photo of a cat and a dog on a red sofa next to a green lamp in a wooden room",
+               "the man's car isn't red!!!", "a rose-colored vase"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def _t5_text(vocab: int, d_model: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+
+
+def _vae16(seed: int = 0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=1.5035).eval()
+
+
+def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0):
+    """A tiny random-weight MM-DiT pipeline, offline: ``sd3`` (Stable Diffusion 3: joint blocks over
+    CLIP-L + CLIP-G + T5 text, flow matching), ``sd35`` (SD 3.5's QK-normalisation and dual attention
+    in its first block) or ``flux`` (Flux: double-stream blocks, then single-stream blocks where text
+    and image share one sequence, rotary embeddings, distilled guidance). T5 is ``t5_tokenizer``'s."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    t5tok = t5_tokenizer()
+    t5 = _t5_text(len(t5tok), 64, seed + 2)
+    if kind in ("sd3", "sd35"):
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+        torch.manual_seed(seed)
+        extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if kind == "sd35" else {}
+        tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                                   num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+                                   pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, **extra).eval()
+        return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=_vae16(seed), text_encoder=_clip_text(32, projection=True, seed=seed),
+                                        tokenizer=clip_tokenizer(), text_encoder_2=_clip_text(32, projection=True, seed=seed + 1),
+                                        tokenizer_2=clip_tokenizer("!"), text_encoder_3=t5, tokenizer_3=t5tok)
+    if kind == "flux":
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+        torch.manual_seed(seed)
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                                    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32,
+                                    guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+        return FluxPipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=_vae16(seed),
+                            text_encoder=_clip_text(32, seed=seed), tokenizer=clip_tokenizer(), text_encoder_2=t5,
+                            tokenizer_2=t5tok)
+    raise ValueError(f"unknown tiny DiT pipeline {kind!r}; use sd3, sd35 or flux")
+
+
 # The released models' numbers (their model_index / unet / vae / text_encoder / scheduler configs).
 _SCALED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                steps_offset=1)

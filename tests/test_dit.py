@@ -1,0 +1,119 @@
+"""MM-DiTs (SD3, SD3.5, Flux): the trace of joint attention on tiny random-weight pipelines."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saam.aggregate import word_map
+from saam.capture import is_dit, joint_attention_layers, trace
+from saam.testing import tiny_dit_pipeline
+
+PROMPT = "a red circle next to a blue Square"
+RUN = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, max_sequence_length=32, output_type="latent")
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd35", "flux"])
+def dit(request):
+    pipe = tiny_dit_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return request.param, pipe
+
+
+def run(pipe, prompt=PROMPT, seed=0, **kw):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**RUN, **kw}).images
+
+
+@pytest.fixture(scope="module")
+def reference(dit):
+    """The joint softmax as the processors themselves form it: every attention call of an untraced
+    generation, its probabilities recomputed in float64 from the very queries and keys the
+    processor hands to scaled_dot_product_attention (rotary embedding and QK-norm applied)."""
+    kind, pipe = dit
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):  # diffusers calls it positionally (SD3) or by keyword (Flux's dispatcher)
+        q, k = (args + (None, None))[:2] if args else (kwargs["query"], kwargs["key"])
+        q, k = q if q is not None else kwargs["query"], k if k is not None else kwargs["key"]
+        scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+        calls.append(torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1))
+        return sdpa(*args, **kwargs)
+    F.scaled_dot_product_attention = spy
+    try:
+        latents = run(pipe)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return latents, calls
+
+
+def test_traced_images_equal_untraced_and_layers_are_the_joint_ones(dit):
+    kind, pipe = dit
+    assert is_dit(pipe)
+    plain = run(pipe)
+    with trace(pipe) as tc:
+        traced = run(pipe)
+    assert torch.equal(plain, traced)
+    layers = joint_attention_layers(pipe.transformer)
+    want = {"sd3": 3, "sd35": 3, "flux": 4}[kind]
+    assert len(layers) == want and set(tc[0].maps) == set(layers)
+    if kind == "flux":
+        assert sum(l.startswith("single_transformer_blocks.") for l in layers) == 2
+    # processors restored: a second untraced run is still identical
+    assert torch.equal(plain, run(pipe))
+
+
+def test_maps_are_the_processors_own_joint_softmax(dit, reference):
+    """Per-head maps = each image query's probability on each text token, the softmax over image
+    and text keys together, summed over steps (conditional rows only under guidance)."""
+    kind, pipe = dit
+    _, calls = reference
+    with trace(pipe) as tc:
+        run(pipe)
+    hm = tc[0]
+    layers = sorted(joint_attention_layers(pipe.transformer), key=lambda l: (l.startswith("single"), int(l.split(".")[1])))
+    text = hm.maps[layers[0]].shape[1]
+    n_img = hm.maps[layers[0]].shape[-1] * hm.maps[layers[0]].shape[-2]
+    joint = [c for c in calls if c.shape[-1] == n_img + text]  # text encoders' and SD3.5's image-only attn2 left out
+    assert len(joint) == len(layers) * hm.steps
+    for i, layer in enumerate(layers):
+        ref = 0
+        for s in range(hm.steps):
+            p = joint[s * len(layers) + i][-1]  # the prompt's row (SD3: [uncond; cond]; Flux: one row)
+            ref = ref + (p[:, text:, :text] if kind == "flux" else p[:, :n_img, n_img:])  # [heads, image, text]
+        got = hm.maps[layer].flatten(2).transpose(1, 2)  # [heads, pixels, text]
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_word_maps_on_a_dit(dit):
+    """A word's positions are its tokens in every encoder the sequence holds (SD3: CLIP's and T5's;
+    Flux: T5's), and its DAAM-style map is the mean over heads, layers and steps as on a UNet."""
+    kind, pipe = dit
+    with trace(pipe) as tc:
+        run(pipe)
+    hm = tc[0]
+    pos = hm.token_positions("Square")
+    if kind == "flux":
+        assert all(p < 32 for p in pos)
+    else:
+        assert any(p < 77 for p in pos) and any(p >= 77 for p in pos)  # CLIP's and T5's tokens
+    m = word_map(hm, "red")
+    assert m.shape == hm.latent_size and torch.isfinite(m).all() and m.sum() > 0
+    assert not torch.allclose(word_map(hm, "red"), word_map(hm, "blue"))
+    # the probabilities of one image query over all text tokens sum to less than one: image keys take the rest
+    total = sum(v.sum(1).mean(0) for v in hm.maps.values()) / (len(hm.maps) * hm.steps)  # [h, w]: mean over heads
+    assert (total < 1).all() and (total > 0).all()
+
+
+def test_dit_trace_refuses_what_it_cannot_do(dit):
+    kind, pipe = dit
+    with pytest.raises(ValueError, match="UNet pipelines"):
+        with trace(pipe, words=["red"]):
+            pass
+    with pytest.raises(ValueError, match="branch='cond'"):
+        with trace(pipe, branch="uncond"):
+            pass
+    with pytest.raises(Exception, match="same prompt"):
+        with trace(pipe):
+            run(pipe, prompt_2="something else")
+    plain = run(pipe)
+    with trace(pipe):  # everything was restored after the errors
+        pass
+    assert torch.equal(plain, run(pipe))
