@@ -28,7 +28,7 @@ th{background:#f3f3f3}img{max-width:100%}nav a{margin-right:1em}figure{margin:1e
 KEY_FIGURES = (("fig4-k-sweep", "mIoU against k: most relevant, least relevant and random heads vs DAAM"),
                ("fig6-organisms", "Head specialisation and Table 1 on each organism variant"),
                ("fig2-attention-sinks", "Where cross-attention goes: start token, words, end, padding"),
-               ("fig4-examples", "Word maps from all heads, the most and the least relevant heads"))
+               ("fig4-examples", "Word maps from DAAM's heads, the most and the least relevant heads"))
 
 
 def clean(nb):

@@ -134,7 +134,8 @@ def k_sweep(df: pd.DataFrame, daam: float | None = None, title: str = ""):
             ax.fill_between(g.k, g.mIoU - 2 * g.draw_sd, g.mIoU + 2 * g.draw_sd, facecolor="none", hatch="///",
                             edgecolor=line.get_color(), lw=0, label=f"{m}: +-2 SD over draws")
     if daam is not None:
-        ax.axhline(daam, color="k", ls="--", lw=1, label="DAAM (all heads)")
+        from .select import METHODS
+        ax.axhline(daam, color="k", ls="--", lw=1, label=METHODS["daam"])
     ax.set(xlabel="k (fraction of eligible heads)", ylabel="mIoU", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
