@@ -31,8 +31,8 @@ def reference(dit):
     calls, sdpa = [], F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):  # diffusers calls it positionally (SD3) or by keyword (Flux's dispatcher)
-        q, k = (args + (None, None))[:2] if args else (kwargs["query"], kwargs["key"])
-        q, k = q if q is not None else kwargs["query"], k if k is not None else kwargs["key"]
+        q = args[0] if args else kwargs["query"]
+        k = args[1] if len(args) > 1 else kwargs["key"]
         scale = kwargs.get("scale") or q.shape[-1] ** -0.5
         calls.append(torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1))
         return sdpa(*args, **kwargs)

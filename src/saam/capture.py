@@ -381,16 +381,58 @@ def check_pipeline(pipe):
     return unet
 
 
-def _select_layers(pipe, layers: list[str] | None) -> dict[str, object]:
-    cross = cross_attention_layers(check_pipeline(pipe))
-    if not cross:
-        raise ValueError(f"{type(pipe.unet).__name__} has no cross-attention layers to trace")
-    if layers is not None:
-        unknown = set(layers) - set(cross)
-        if unknown:
-            raise ValueError(f"not cross-attention layers of this UNet: {sorted(unknown)}")
-        cross = {l: cross[l] for l in layers}
-    return cross
+def _select_layers(model, available: dict[str, object], layers: list[str] | None, what: str) -> dict[str, object]:
+    """The traced layers: ``layers`` (checked against ``available``) or all of them."""
+    if not available:
+        raise ValueError(f"{type(model).__name__} has no {what} layers to trace")
+    if layers is None:
+        return available
+    unknown = set(layers) - set(available)
+    if unknown:
+        raise ValueError(f"not {what} layers of this {type(model).__name__}: {sorted(unknown)}")
+    return {l: available[l] for l in layers}
+
+
+@contextmanager
+def _installed(pipe, model, tracker, cross: dict[str, object], wrap, hooks, on_encode):
+    """The one install-and-remove sequence of every trace: ``wrap`` (a capture processor class) around
+    the processors of ``cross``, ``pipe.encode_prompt`` wrapped to call ``on_encode(args, kwargs)``
+    first, ``hooks`` ((module, hook, pre) triples) registered; all removed on exit, also after an
+    exception, when the tracker keeps every pipeline call that ran all its steps and drops an
+    interrupted one. Yields ``cross``."""
+    if getattr(model, _ACTIVE, False):
+        raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
+    original = model.attn_processors
+    new = dict(original)
+    for name in cross:
+        new[name + ".processor"] = wrap(original[name + ".processor"], name, tracker)
+    handles = []
+    setattr(model, _ACTIVE, True)
+    encode = getattr(pipe, "encode_prompt", None)
+    if callable(encode):
+        def encode_prompt(*args, **kwargs):
+            on_encode(args, kwargs)
+            return encode(*args, **kwargs)
+        pipe.encode_prompt = encode_prompt
+    try:
+        model.set_attn_processor(new)
+        for module, hook, pre in hooks:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True) if pre
+                           else module.register_forward_hook(hook))
+        try:
+            yield cross
+        except BaseException:
+            tracker.close_after_error()
+            raise
+        tracker.finish()
+    finally:
+        if callable(encode):
+            del pipe.encode_prompt
+        for h in handles:
+            h.remove()
+        model.set_attn_processor(original)
+        setattr(model, _ACTIVE, False)
+        tracker.proj.clear()
 
 
 # ------------------------------------------------------------------ MM-DiTs (SD3, SD3.5, Flux)
@@ -537,47 +579,13 @@ def install_joint(pipe, observer: Observer, layers: list[str] | None = None, *, 
     step hook on the transformer, the prompt and token hooks; all removed on exit."""
     if branch != "cond":
         raise ValueError("an MM-DiT trace records the prompt's branch only (branch='cond')")
-    tr_model = pipe.transformer
-    cross = joint_attention_layers(tr_model)
-    if not cross:
-        raise ValueError(f"{type(tr_model).__name__} has no joint-attention layers to trace")
-    if layers is not None:
-        unknown = set(layers) - set(cross)
-        if unknown:
-            raise ValueError(f"not joint-attention layers of this transformer: {sorted(unknown)}")
-        cross = {l: cross[l] for l in layers}
-    if getattr(tr_model, _ACTIVE, False):
-        raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
+    model = pipe.transformer
+    cross = _select_layers(model, joint_attention_layers(model), layers, "joint-attention")
     tracker = JointTracker(pipe, observer, branch, cfg)
-    original = tr_model.attn_processors
-    new = dict(original)
-    for name in cross:
-        new[name + ".processor"] = JointCaptureProcessor(original[name + ".processor"], name, tracker)
-    encode = pipe.encode_prompt
-    handles = []
-    setattr(tr_model, _ACTIVE, True)
-
-    def encode_prompt(*args, **kwargs):
-        tracker.on_encode(args, kwargs)
-        return encode(*args, **kwargs)
-    pipe.encode_prompt = encode_prompt
-    try:
-        tr_model.set_attn_processor(new)
-        handles.append(tr_model.register_forward_pre_hook(tracker.on_transformer, with_kwargs=True))
-        primary = pipe.text_encoder_2 if type(pipe).__name__.startswith("Flux") else pipe.text_encoder
-        handles.append(primary.register_forward_pre_hook(tracker.on_text_encoder, with_kwargs=True))
-        try:
-            yield cross
-        except BaseException:
-            tracker.close_after_error()
-            raise
-        tracker.finish()
-    finally:
-        del pipe.encode_prompt
-        for h in handles:
-            h.remove()
-        tr_model.set_attn_processor(original)
-        setattr(tr_model, _ACTIVE, False)
+    primary = pipe.text_encoder_2 if type(pipe).__name__.startswith("Flux") else pipe.text_encoder
+    hooks = [(model, tracker.on_transformer, True), (primary, tracker.on_text_encoder, True)]
+    with _installed(pipe, model, tracker, cross, JointCaptureProcessor, hooks, tracker.on_encode) as c:
+        yield c
 
 
 @contextmanager
@@ -629,42 +637,12 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     unet = check_pipeline(pipe)
-    cross = _select_layers(pipe, layers)
-    if getattr(unet, _ACTIVE, False):
-        raise CaptureError("a trace is already active on this pipeline; nested traces would double count")
+    cross = _select_layers(unet, cross_attention_layers(unet), layers, "cross-attention")
     tracker = Tracker(pipe, observer, branch, cfg)
-    original = unet.attn_processors
-    new = dict(original)
-    for name in cross:
-        new[name + ".processor"] = CaptureProcessor(original[name + ".processor"], name, tracker)
-    handles = []
-    setattr(unet, _ACTIVE, True)
-    encode = getattr(pipe, "encode_prompt", None)
-    if callable(encode):
-        def encode_prompt(*args, **kwargs):
-            tracker.on_encode_prompt()
-            return encode(*args, **kwargs)
-        pipe.encode_prompt = encode_prompt
-    try:
-        unet.set_attn_processor(new)
-        handles.append(unet.register_forward_pre_hook(tracker.on_unet, with_kwargs=True))
-        for name, mod in cross.items():
-            handles.append(mod.to_q.register_forward_hook(tracker.projection_hook(name, "q")))
-            handles.append(mod.to_k.register_forward_hook(tracker.projection_hook(name, "k")))
-        te = getattr(pipe, "text_encoder", None)
-        if te is not None:
-            handles.append(te.register_forward_pre_hook(tracker.on_text_encoder, with_kwargs=True))
-        try:
-            yield cross
-        except BaseException:
-            tracker.close_after_error()
-            raise
-        tracker.finish()
-    finally:
-        if callable(encode):
-            del pipe.encode_prompt
-        for h in handles:
-            h.remove()
-        unet.set_attn_processor(original)
-        setattr(unet, _ACTIVE, False)
-        tracker.proj.clear()
+    hooks = [(unet, tracker.on_unet, True)]
+    for name, mod in cross.items():
+        hooks += [(mod.to_q, tracker.projection_hook(name, "q"), False), (mod.to_k, tracker.projection_hook(name, "k"), False)]
+    if getattr(pipe, "text_encoder", None) is not None:
+        hooks.append((pipe.text_encoder, tracker.on_text_encoder, True))
+    with _installed(pipe, unet, tracker, cross, CaptureProcessor, hooks, lambda args, kwargs: tracker.on_encode_prompt()) as c:
+        yield c
