@@ -130,16 +130,20 @@ def variant_c():
 
 
 def test_variant_c_hides_padding_from_cross_attention(variant_c):
+    """Every step of every call gets its own prompts' padding mask (the mask is worked out once per
+    call and reused while the UNet sees the same text batch: a second call with other prompt
+    lengths must not inherit the first call's)."""
     pipe = variant_c
     assert pipe.text_encoder.config.is_decoder  # causal: the start token is prompt-independent
-    with trace(pipe) as tc:
-        pipe(["a red circle", "a large blue square and a pink cross"], num_images_per_prompt=2, num_inference_steps=2,
-             generator=torch.Generator().manual_seed(0), output_type="latent")
-    for hm in tc:
-        cls = token_classes(hm)
-        for m in hm.maps.values():
-            assert m[:, cls["padding"]].sum() == 0
-            assert m[:, cls["start"] + cls["words"]].sum() > 0
+    for prompts in (["a red circle", "a large blue square and a pink cross"], ["two large green crosses", "a cross"]):
+        with trace(pipe, per_step=True) as tc:
+            pipe(prompts, num_images_per_prompt=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                 output_type="latent")
+        for hm in tc:
+            cls = token_classes(hm)
+            for m in list(hm.maps.values()) + [s for steps in hm.per_step.values() for s in steps]:  # every step
+                assert m[:, cls["padding"]].sum() == 0
+                assert m[:, cls["start"] + cls["words"]].sum() > 0
 
 
 def test_causal_encoder_start_token_is_constant(variant_c):

@@ -105,3 +105,24 @@ def test_one_traced_generation_feeds_records_and_budget(tmp_path, monkeypatch):
     alone_budget = alone_budget.groupby(["head", "layer", "block", "region"], sort=False).mean().reset_index()
     pd.testing.assert_frame_equal(per, alone_budget)
     assert len(list((tmp_path / "generation").glob("*.json"))) == 2  # 4 images, batches of 2, each made once
+
+
+def test_bf16_weights_compute_what_autocast_computes():
+    """``models.autocast_bf16`` stores the UNet's linear and convolution weights in bfloat16 once;
+    autocast casts exactly those at every call, so the images are the same, bit for bit, as under
+    autocast with float32 weights (and not the float32 images: autocast is on)."""
+    from saam.models import _autocast, autocast_bf16
+    from saam.testing import tiny_pipeline
+    out = {}
+    for how in ("fp32", "autocast", "stored"):
+        pipe = tiny_pipeline("sd1")
+        pipe.set_progress_bar_config(disable=True)
+        if how == "autocast":
+            pipe.unet.forward = _autocast(pipe.unet.forward, torch.bfloat16)
+        elif how == "stored":
+            autocast_bf16(pipe.unet)
+            assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
+            assert all(m.weight.dtype == torch.float32 for m in pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm))
+        out[how] = pipe(["a red cat", "a dog"], num_inference_steps=3, guidance_scale=5.0,
+                        generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.equal(out["stored"], out["autocast"]) and not torch.equal(out["stored"], out["fp32"])

@@ -167,3 +167,19 @@ def test_no_unsafe_load_anywhere():
         assert "allow_pickle=True" not in text, f
         for call in re.findall(r"torch\.load\([^\n]*", text):
             assert "weights_only=True" in call, (f, call)
+
+
+def test_cached_concept_words_give_the_same_votes(sd1, tmp_path, monkeypatch):
+    """The encoded concept words, cached (float32 on disk) and read back, vote exactly as freshly
+    encoded ones; the second pass reads them and never encodes."""
+    import saam.relevance as R
+    from saam import paths
+    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    concepts = {"color": ["red", "blue"], "animal": ["cat", "dog", "bird"]}
+    kw = dict(steps=2, guidance=5.0, progress=False)
+    fresh = relevance_pass(sd1, concepts, ["a red cat", "a dog"], **kw)
+    first = relevance_pass(sd1, concepts, ["a red cat", "a dog"], words_cache=("words", {"t": 1}), **kw)
+    assert list((tmp_path / "words").glob("*.npz"))
+    monkeypatch.setattr(R, "encode_words", lambda *a: (_ for _ in ()).throw(AssertionError("encoded again")))
+    again = relevance_pass(sd1, concepts, ["a red cat", "a dog"], words_cache=("words", {"t": 1}), **kw)
+    assert np.array_equal(fresh.votes, first.votes) and np.array_equal(fresh.votes, again.votes)

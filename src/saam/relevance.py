@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from .cache import cached
 from .capture import Observer, check_pipeline, cross_attention_layers, install, keys, probs
 from .heads import HeadId, forward_order, from_hrv_names, head_ids
 from .words import token_positions
@@ -206,10 +207,10 @@ def encode_words(pipe, words: list[str]) -> list[tuple[torch.Tensor, torch.Tenso
     dev = pipe.unet.device
     emb = pipe.encode_prompt(prompt=words, device=dev, num_images_per_prompt=1,
                              do_classifier_free_guidance=False)[0]
-    out = []
+    dtype, out = pipe.unet.dtype, []  # (diffusers finds a model's dtype by walking its modules: once)
     for i, w in enumerate(words):
         pos = token_positions(w, w, pipe.tokenizer)
-        out.append((emb[i, :1].to(pipe.unet.dtype), emb[i, pos].to(pipe.unet.dtype)))
+        out.append((emb[i, :1].to(dtype), emb[i, pos].to(dtype)))
     return out
 
 
@@ -234,11 +235,18 @@ class VoteRecorder(Observer):
         self.timesteps: dict[int, int] = {}
         self._step = 0
 
-    def prepare(self, pipe, concepts: dict[str, list[str]], rngs: list[random.Random]) -> None:
-        """Before a pipeline call: the concepts' words encoded (once, and only when some batch runs)
-        and one random stream per image of the call (``runs.item_rngs``)."""
+    def prepare(self, pipe, concepts: dict[str, list[str]], rngs: list[random.Random],
+                cache: tuple[str, dict] | None = None) -> None:
+        """Before a pipeline call: the concepts' words encoded (once, and only when some batch runs;
+        cached under ``cache``, kept in float32, which holds any half-precision state exactly) and one
+        random stream per image of the call (``runs.item_rngs``)."""
         if self.words is None:
-            self.words = [encode_words(pipe, ws) for ws in concepts.values()]
+            def encode():
+                return [[(s.float().cpu().numpy(), t.float().cpu().numpy()) for s, t in encode_words(pipe, ws)]
+                        for ws in concepts.values()]
+            dtype = pipe.unet.dtype
+            self.words = [[(torch.as_tensor(s).to(dtype), torch.as_tensor(t).to(dtype)) for s, t in ws]
+                          for ws in (cached(*cache, encode) if cache else encode())]
         self.rngs = rngs
 
     def start(self, n, latent, token_ids):
@@ -250,24 +258,41 @@ class VoteRecorder(Observer):
         self._step = index
         self.timesteps[index] = timestep
 
+    def _bank(self, device, dtype) -> torch.Tensor:
+        """Every word's states in one table (row 0: zeros, the padding), on ``device`` in ``dtype``,
+        and ``self._rows[c][j]``: the rows of concept c's word j (start token first)."""
+        if getattr(self, "_banked", (None,))[0] is not self.words:
+            states, self._rows, n = [torch.zeros_like(self.words[0][0][0])], [], 1
+            for ws in self.words:
+                self._rows.append([])
+                for start, tokens in ws:
+                    states += [start, tokens]
+                    self._rows[-1].append(list(range(n, n + 1 + len(tokens))))
+                    n += 1 + len(tokens)
+            self._banked = (self.words, torch.cat(states), {})
+        on = self._banked[2]
+        if (device, dtype) not in on:
+            on[(device, dtype)] = self._banked[1].to(device, dtype)
+        return on[(device, dtype)]
+
     def context(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """One pseudo-context per image, drawn from its own stream: (states [n, L, dim] padded,
         concept of each position [n, L] (-1: padding), additive mask [n, L], start-token count)."""
-        c = len(self.words)
+        c, bank = len(self.words), self._bank(device, dtype)
         rows, segs = [], []
         for rng in self.rngs:
-            picks = [ws[rng.randrange(len(ws))] for ws in self.words]
-            start = [picks[0][0]] if self.start_token else []
-            rows.append(torch.cat(start + [t for _, t in picks]))
-            segs.append(torch.cat([torch.full((len(start),), c)] + [torch.full((len(t),), i) for i, (_, t) in enumerate(picks)]))
+            picks = [self._rows[i][rng.randrange(len(ws))] for i, ws in enumerate(self.words)]
+            rows.append(picks[0][:1] if self.start_token else [])
+            segs.append([c] * len(rows[-1]))
+            for i, r in enumerate(picks):
+                rows[-1] += r[1:]
+                segs[-1] += [i] * (len(r) - 1)
         L = max(len(r) for r in rows)
-        ctx = torch.zeros(len(rows), L, rows[0].shape[-1], dtype=dtype, device=device)
-        seg = torch.full((len(rows), L), -1, dtype=torch.long)
-        for i, (r, g) in enumerate(zip(rows, segs)):
-            ctx[i, :len(r)], seg[i, :len(g)] = r.to(device, dtype), g
+        index = torch.tensor([r + [0] * (L - len(r)) for r in rows])
+        seg = torch.tensor([g + [-1] * (L - len(g)) for g in segs])
         mask = torch.where(seg >= 0, 0.0, float("-inf"))
         seg = torch.where(seg == c, -1, seg)  # the start token takes attention but is never scored
-        return ctx, seg.to(device), mask.to(device), c
+        return bank[index.to(device)], seg.to(device), mask.to(device), c
 
     def observe(self, attn, layer, q, k, attention_mask) -> None:
         ctx, seg, mask, c = self.context(q.device, q.dtype)
@@ -305,7 +330,7 @@ def from_votes(concepts: dict[str, list[str]], heads: list[HeadId], parts: list[
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
                    guidance: float = 5.0, seed: int = 0, batch_size: int = 8, height: int | None = None,
                    width: int | None = None, start_token: bool = True, progress: bool = True,
-                   cache: tuple[str, dict] | None = None) -> Relevance:
+                   cache: tuple[str, dict] | None = None, words_cache: tuple[str, dict] | None = None) -> Relevance:
     """Count HRV votes over the generation of ``prompts`` and normalise them (see module doc).
 
     Args:
@@ -313,6 +338,8 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
         prompts: generation prompts, unrelated to the concepts (HRV: ImageNet classes, PromptHero).
         start_token: keep the first word's start token in the pseudo-context, as HRV's code does.
         cache: cache each batch's votes under this (name, key) (``saam.runs.run_batches``).
+        words_cache: cache the concepts' encoded words under this (name, key): its key must name the
+            text encoder(s) and tokenizer(s) (``models.text_fingerprint``) and the concepts.
     """
     from .runs import item_rngs, run_batches
     check_pipeline(pipe)
@@ -325,7 +352,7 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
     rec = VoteRecorder(None, layers, start_token)
 
     def batch(prompts, gens, start):
-        rec.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)))
+        rec.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)), words_cache)
         pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
              height=height, width=width, output_type="latent")
         return rec.take()

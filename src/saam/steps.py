@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import __version__, paths
 from .cache import cached, code_fingerprint, digest
-from .models import data_dir, model_fingerprint, precision
+from .models import data_dir, model_fingerprint, precision, text_fingerprint
 from .runs import generators as _generators
 from .runs import run_batches
 
@@ -179,8 +179,11 @@ def relevance(pipe, params: dict):
         return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
     concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
     k = dict(key(params, "seed", "steps", "guidance", code=("relevance", "shapes.world")), concepts=concepts, start_token=True)
+    words = dict(text=text_fingerprint(params), precision=precision(params), concepts=concepts,
+                 code=code_fingerprint("relevance"), version=__version__)
     return relevance_pass(pipe, concepts, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
-                          seed=params["seed"], batch_size=params.get("batch_size", 16), cache=("relevance", k))
+                          seed=params["seed"], batch_size=params.get("batch_size", 16), cache=("relevance", k),
+                          words_cache=("concept-words", words))
 
 
 def sink_budget(pipe, params: dict, n: int | None = None):
@@ -209,7 +212,8 @@ def _budgets(pipe, params: dict, n: int) -> list[pd.DataFrame]:
         return [attention_budget(hm) for hm in tc]
     scenes = eval_scenes(params, "test", n, seed_offset=3_000_000)
     k = key(params, "seed", "steps", "guidance", code=("sinks", "capture", "shapes.world"))
-    return [df for b in run_batches(scenes, 16, params["seed"], batch, cache=("sinks", k), desc="attention budget")
+    return [df for b in run_batches(scenes, params.get("batch_size", 16), params["seed"], batch, cache=("sinks", k),
+                                    desc="attention budget")
             for df in b]
 
 

@@ -220,17 +220,21 @@ class _PaddingMask:
     def __init__(self, pipe):
         self.pad = pipe.tokenizer.pad_token_id
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (mask, embeddings) of the latest calls
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (text batch, its mask) of the last UNet call
         pipe.text_encoder.register_forward_hook(self.on_text, with_kwargs=True)
         pipe.unet.register_forward_pre_hook(self.on_unet, with_kwargs=True)
 
     def on_text(self, module, args, kwargs, output):
         ids = args[0] if args else kwargs["input_ids"]
         self.calls = self.calls[-1:] + [(padding_mask(ids, self.pad), output[0].detach())]
+        self.last = None
 
     def on_unet(self, module, args, kwargs):
         ctx = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if ctx is None or kwargs.get("encoder_attention_mask") is not None:
             return None
+        if self.last is not None and ctx is self.last[0]:  # the same text batch as the last step's
+            return args, dict(kwargs, encoder_attention_mask=self.last[1])
         for parts in (self.calls[-2:][::-1], self.calls[-1:]):  # with guidance, then without
             n = sum(len(m) for m, _ in parts)
             if not parts or ctx.shape[0] % n:
@@ -238,8 +242,9 @@ class _PaddingMask:
             reps = ctx.shape[0] // n
             emb = torch.cat([e.repeat_interleave(reps, 0) for _, e in parts]).to(ctx)
             if emb.shape == ctx.shape and torch.allclose(emb, ctx, atol=1e-3):
-                mask = torch.cat([m.repeat_interleave(reps, 0) for m, _ in parts])
-                return args, dict(kwargs, encoder_attention_mask=mask.to(ctx.device))
+                mask = torch.cat([m.repeat_interleave(reps, 0) for m, _ in parts]).to(ctx.device)
+                self.last = (ctx, mask)  # held, so no other tensor can take this one's identity
+                return args, dict(kwargs, encoder_attention_mask=mask)
         raise RuntimeError("cannot match the UNet's text batch to the text encoder's latest calls; "
                            "a padding-masked model must be called with prompts, not precomputed embeddings")
 
