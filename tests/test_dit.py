@@ -117,3 +117,24 @@ def test_dit_trace_refuses_what_it_cannot_do(dit):
     with trace(pipe):  # everything was restored after the errors
         pass
     assert torch.equal(plain, run(pipe))
+
+
+def test_attention_budget_on_a_dit(dit):
+    """Token classes per text encoder's segment (SD3: CLIP's start token, words, end, padding, then
+    T5's, which has no start token; Flux: T5's alone), and the joint softmax's remainder on the
+    image's own tokens: every head's shares sum to 1."""
+    import numpy as np
+    from saam.sinks import attention_budget, classes, token_classes
+    kind, pipe = dit
+    with trace(pipe) as tc:
+        run(pipe)
+    hm = tc[0]
+    cls = token_classes(hm)
+    assert len(cls["start"]) == (0 if kind == "flux" else 1)
+    assert len(cls["end"]) == (1 if kind == "flux" else 2)  # one end token per encoder segment
+    n = next(iter(hm.maps.values())).shape[1]
+    assert sorted(p for ps in cls.values() for p in ps) == list(range(n))  # every text token has one class
+    b = attention_budget(hm)
+    assert classes(b)[-1] == "image"
+    np.testing.assert_allclose(b[classes(b)].sum(axis=1), 1.0, atol=1e-4)
+    assert (b.image > 0).all() and (b.words > 0).all()

@@ -86,10 +86,12 @@ def test_readme_snippet_runs_as_printed(tiny_sd14):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout"), ("sd15", "sd14-layout"),
-                                          ("sd21", "sd2")])
+                                          ("sd21", "sd2"), ("sd3", "sd3"), ("sd35", "sd35"), ("flux", "flux")])
 def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_path):
     """sd15 and sd21 run the HRV pass (HRV's 340 words, McDonald's included, through CLIP's real
-    vocabulary); sd21's tiny pipeline has SD v2.1's flags (v-prediction, upcast_attention)."""
+    vocabulary); sd21's tiny pipeline has SD v2.1's flags (v-prediction, upcast_attention); sd3,
+    sd35 and flux are MM-DiTs: the joint-attention trace, the concept stream's relevance, flow
+    matching, Flux's distilled guidance and its img2img sibling."""
     from saam.testing import save_tiny
     model = save_tiny(kind, tmp_path / "pipe")
     env = {k: v for k, v in os.environ.items() if k not in ("SAAM_FIGURES", "PROFILE")}

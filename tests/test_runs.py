@@ -84,7 +84,7 @@ def test_one_traced_generation_feeds_records_and_budget(tmp_path, monkeypatch):
     p = chapter.load("smoke", "steps=2 n_eval=4 n_sinks=2 batch_size=2 precision=fp32")
     pipe = models.load_model(p)
     scenes = steps.eval_scenes(p, n=4)
-    heads = steps.unet_heads(pipe)
+    heads = steps.denoiser_heads(pipe)
     per, summary = steps.sink_budget(pipe, p)  # asks for 2 images: makes the run's first batch
     recs, images, _ = steps.records(pipe, p, "generation", heads)
     plain = pipe([s.caption for s in scenes], num_inference_steps=2, guidance_scale=p["guidance"],

@@ -38,6 +38,8 @@ class Observer:
     ``finish`` when the next pipeline call starts or the trace closes.
     """
 
+    generation = True  # MM-DiTs: whether it is shown the generation's own attention (``add``), or only side calls
+
     def start(self, n: int, latent: tuple[int, int], token_ids: list[list[int]] | None) -> None:
         """A new pipeline call: ``n`` recorded images of latent size ``latent``; the prompts' ids."""
 
@@ -57,6 +59,9 @@ class Observer:
             attention_mask: [n, 1 or pixels, tokens] additive mask as the processor got it, or None.
         ``probs(attn, q, k, attention_mask)`` turns them into attention probabilities.
         """
+
+    def attach(self, tracker: "Tracker") -> None:
+        """The tracker that will call this observer (told once, when the trace is installed)."""
 
     def finish(self) -> None:
         """The pipeline call is over (or the trace closes)."""
@@ -84,6 +89,8 @@ class Tracker:
         self._calls: list[list[list[int]]] = []  # token ids of each text-encoder call of this prompt encoding
         self._fresh = False                      # a prompt was encoded since the last UNet call
         self.proj: dict[str, torch.Tensor] = {}
+        self.side_len: int | None = None          # MM-DiTs: a concept-stream side call is running (saam.stream)
+        observer.attach(self)
 
     def on_encode_prompt(self) -> None:
         """``pipe.encode_prompt`` starts: the text-encoder calls that follow are this encoding's."""
@@ -486,6 +493,17 @@ def joint_queries_keys(attn, hidden_states, encoder_hidden_states, rotary, text_
     return q, torch.cat([k, ek], 2), slice(k.shape[2], k.shape[2] + ek.shape[2])  # SD3: [image; text]
 
 
+def text_segments(pipe, text_len: int) -> list[tuple[int, object, int]]:
+    """Where each text encoder's tokens lie in an MM-DiT's text sequence of ``text_len`` tokens:
+    (offset, tokenizer, length) each. Flux: T5's alone (CLIP gives only the pooled vector); SD3:
+    CLIP-L/G's 77 (feature-concatenated), then T5's."""
+    if type(pipe).__name__.startswith("Flux"):
+        return [(0, pipe.tokenizer_2, text_len)]
+    clip = pipe.tokenizer.model_max_length
+    return [(0, pipe.tokenizer, clip)] + ([(clip, pipe.tokenizer_3, text_len - clip)]
+                                          if getattr(pipe, "tokenizer_3", None) is not None and text_len > clip else [])
+
+
 def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice) -> torch.Tensor:
     """Each image query's attention probability on each text key, the softmax taken over *all*
     keys (image and text) as the joint attention takes it: [n, heads, image tokens, text tokens].
@@ -511,12 +529,16 @@ class JointCaptureProcessor:
             kwargs["image_rotary_emb"] = image_rotary_emb
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         tr = self.tracker
-        if tr.rows is not None and tr.n is not None:
-            r = tr.rows
-            with torch.no_grad():
-                q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
-                                                else encoder_hidden_states[r], image_rotary_emb, tr.text_len)
-                tr.observer.add(self.layer, text_probs(q, k, text))
+        if tr.side_len is not None:  # a concept-stream side call (saam.stream): all its rows, the concepts as text
+            r, text_len = slice(None), tr.side_len
+        elif tr.rows is not None and tr.n is not None and tr.observer.generation:
+            r, text_len = tr.rows, tr.text_len
+        else:
+            return out
+        with torch.no_grad():
+            q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
+                                            else encoder_hidden_states[r], image_rotary_emb, text_len)
+            tr.observer.add(self.layer, text_probs(q, k, text))
         return out
 
 
@@ -540,13 +562,6 @@ class JointTracker(Tracker):
                                "(leave prompt_2 / prompt_3 unset)")
         self.prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
 
-    def segments(self) -> list[tuple[int, object, int]]:
-        p = self.pipe
-        if type(p).__name__.startswith("Flux"):  # the sequence is T5's tokens alone (CLIP gives the pooled vector)
-            return [(0, p.tokenizer_2, self.text_len)]
-        clip = p.tokenizer.model_max_length  # SD3: CLIP-L/G's 77 tokens (feature-concatenated), then T5's
-        return [(0, p.tokenizer, clip)] + ([(clip, p.tokenizer_3, self.text_len - clip)]
-                                           if getattr(p, "tokenizer_3", None) is not None and self.text_len > clip else [])
 
     def on_transformer(self, module, args, kwargs):
         hs = args[0] if args else kwargs["hidden_states"]
@@ -568,7 +583,7 @@ class JointTracker(Tracker):
         if self.cfg is None and cfg is not None:
             self.cfg = cfg
         if self._fresh and self.prompts is not None:
-            self.observer.text_layout(self.prompts, self.segments())
+            self.observer.text_layout(self.prompts, text_segments(self.pipe, self.text_len))
         self.begin_call(hs.shape[0], latent, t)
 
 

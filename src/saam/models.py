@@ -30,19 +30,35 @@ def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
     return device, (torch.float16 if device.startswith("cuda") else torch.float32)
 
 
-# the model family each real-model profile expects, told apart by the pipeline class and the UNet
-# config (SD 2.x: linear projections in its transformers; SD 1.x: convolutions), as at any width
-FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL"}
+# the model family each real-model profile expects, told apart by the pipeline class and the
+# denoiser's config (SD 2.x: linear projections in its transformers; SD 1.x: convolutions; SD3.5:
+# QK-normalisation, which SD3 has not), as at any width
+FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5",
+            "flux": "Flux"}
+# what each pipeline class needs besides its denoiser, VAE, first text encoder and scheduler
+COMPONENTS = {"StableDiffusionXLPipeline": ["text_encoder_2", "tokenizer_2"],
+              "StableDiffusion3Pipeline": ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"],
+              "FluxPipeline": ["text_encoder_2", "tokenizer_2"]}
 
 
-def model_family(index: dict, unet_config: dict) -> str:
-    """"SD v1.x", "SD v2.x", "SDXL" or the pipeline class name, from model_index.json and unet/config.json."""
+def model_family(index: dict, config: dict) -> str:
+    """"SD v1.x", "SD v2.x", "SDXL", "SD3", "SD3.5", "Flux" or the pipeline class name, from
+    model_index.json and the denoiser's config.json."""
     cls = index.get("_class_name")
     if cls == "StableDiffusionXLPipeline":
         return "SDXL"
     if cls == "StableDiffusionPipeline":
-        return "SD v2.x" if unet_config.get("use_linear_projection") else "SD v1.x"
+        return "SD v2.x" if config.get("use_linear_projection") else "SD v1.x"
+    if cls == "StableDiffusion3Pipeline":
+        return "SD3.5" if config.get("qk_norm") else "SD3"
+    if cls == "FluxPipeline":
+        return "Flux"
     return str(cls)
+
+
+def denoiser_name(index: dict) -> str:
+    """The denoiser's folder in a diffusers model folder: ``unet`` or (MM-DiTs) ``transformer``."""
+    return "transformer" if "transformer" in index else "unet"
 
 
 def check_model_folder(path: Path, model: str, profile: str) -> None:
@@ -55,8 +71,8 @@ def check_model_folder(path: Path, model: str, profile: str) -> None:
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{path / 'model_index.json'}: unreadable ({e})") from None
     family = FAMILIES.get(model)
-    need = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    need += ["text_encoder_2", "tokenizer_2"] if index.get("_class_name") == "StableDiffusionXLPipeline" else []
+    den = denoiser_name(index)
+    need = [den, "vae", "text_encoder", "tokenizer", "scheduler"] + COMPONENTS.get(index.get("_class_name"), [])
     problems = []
     for c in need:
         d = path / c
@@ -78,9 +94,9 @@ def check_model_folder(path: Path, model: str, profile: str) -> None:
     if family is None:
         return
     try:
-        got = model_family(index, json.loads((path / "unet" / "config.json").read_text()))
+        got = model_family(index, json.loads((path / den / "config.json").read_text()))
     except ValueError as e:
-        raise FileNotFoundError(f"{path / 'unet' / 'config.json'}: not valid JSON ({e})") from None
+        raise FileNotFoundError(f"{path / den / 'config.json'}: not valid JSON ({e})") from None
     if got != family:
         fits = [k for k, v in FAMILIES.items() if v == got]
         raise ValueError(f"profile {profile!r} expects {family}, but {path} holds {got}; use "
@@ -144,8 +160,13 @@ def _autocast(forward, dtype: torch.dtype):
     return run
 
 
+def denoiser(pipe):
+    """The pipeline's denoiser: its UNet, or (SD3, Flux) its transformer."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
 def autocast_bf16(unet) -> None:
-    """The UNet under ``torch.autocast`` in bfloat16 on the CPU, its linear and convolution weights
+    """The UNet (or MM-DiT) under ``torch.autocast`` in bfloat16 on the CPU, its linear and convolution weights
     stored in bfloat16 once: autocast casts exactly these to bfloat16 at every call (measured on
     organism D: 12,900 casts per 16-image, 30-step batch, 13 % of its time), so storing them so
     gives the same numbers, bit for bit (tested), without the casts. Norms stay in fp32."""
@@ -170,7 +191,7 @@ def load_model(params: dict):
             pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
             pipe = pipe.to(device)
     if precision(params) == "bf16":  # the UNet's matmuls and convolutions in bf16, its sums and softmax in fp32
-        autocast_bf16(pipe.unet)
+        autocast_bf16(denoiser(pipe))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -195,7 +216,7 @@ def _signature(folder: Path) -> tuple:
 @lru_cache(maxsize=None)
 def _config(folder: Path, signature: tuple) -> dict:
     import json
-    return json.loads((folder / "unet" / "config.json").read_text())
+    return json.loads((folder / denoiser_name(json.loads((folder / "model_index.json").read_text())) / "config.json").read_text())
 
 
 @lru_cache(maxsize=None)
@@ -204,8 +225,8 @@ def _fingerprint(folder: Path, signature: tuple) -> str:
     return fingerprint(folder)
 
 
-def unet_config(params: dict) -> dict:
-    """The profile's UNet config, read once per run (again only if the folder's files change)."""
+def denoiser_config(params: dict) -> dict:
+    """The profile's UNet (or MM-DiT) config, read once per run (again only if the folder's files change)."""
     folder = model_path(params)
     return _config(folder, _signature(folder))
 

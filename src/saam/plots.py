@@ -192,9 +192,11 @@ def attention_budget(budget: pd.DataFrame, title: str = ""):
     """Stacked shares of attention on start token / words / end / padding, per block and region.
 
     ``budget``: ``saam.sinks.attention_budget`` rows (one per head and region)."""
-    from .sinks import CLASSES
-    g = budget.groupby(["block", "region"], sort=False)[list(CLASSES)].mean()
-    g = g.reindex([(b, r) for b in ("down", "mid", "up") for r in ("object", "background") if (b, r) in g.index])
+    from .heads import BLOCKS
+    from .sinks import classes
+    CLASSES = classes(budget)
+    g = budget.groupby(["block", "region"], sort=False)[CLASSES].mean()
+    g = g.reindex([(b, r) for b in BLOCKS for r in ("object", "background", "all") if (b, r) in g.index])
     fig, ax = plt.subplots(figsize=(6, 3.2))
     left = np.zeros(len(g))
     labels = [f"{b} / {r}" for b, r in g.index]

@@ -45,6 +45,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
     "hrv_head_index": ((str, type(None)), False, False),
     "data_dir": ((str, type(None)), False, False),
     "data_split": ((str, type(None)), False, False),  # which annotation files of a folder holding several (e.g. val2017)
+    "relevance_variant": ((str,), False, False),  # MM-DiTs: stream | direct (saam.stream)
 }
 COUNTS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks", "n_examples", "batch_size", "steps")
 ABLATION_KEYS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks")

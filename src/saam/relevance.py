@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .cache import cached
-from .capture import Observer, check_pipeline, cross_attention_layers, install, keys, probs
+from .capture import Observer, check_pipeline, cross_attention_layers, install, is_dit, keys, probs
 from .heads import HeadId, forward_order, from_hrv_names, head_ids
 from .words import token_positions
 
@@ -330,7 +330,8 @@ def from_votes(concepts: dict[str, list[str]], heads: list[HeadId], parts: list[
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,
                    guidance: float = 5.0, seed: int = 0, batch_size: int = 8, height: int | None = None,
                    width: int | None = None, start_token: bool = True, progress: bool = True,
-                   cache: tuple[str, dict] | None = None, words_cache: tuple[str, dict] | None = None) -> Relevance:
+                   cache: tuple[str, dict] | None = None, words_cache: tuple[str, dict] | None = None,
+                   variant: str | None = None, max_sequence_length: int | None = None) -> Relevance:
     """Count HRV votes over the generation of ``prompts`` and normalise them (see module doc).
 
     Args:
@@ -340,8 +341,20 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
         cache: cache each batch's votes under this (name, key) (``saam.runs.run_batches``).
         words_cache: cache the concepts' encoded words under this (name, key): its key must name the
             text encoder(s) and tokenizer(s) (``models.text_fingerprint``) and the concepts.
+        variant: MM-DiTs (SD3, Flux) only: ``"stream"`` (default) or ``"direct"`` (``saam.stream``).
+        max_sequence_length: MM-DiTs only: T5's window, as the pipeline is called with it.
     """
     from .runs import item_rngs, run_batches
+    if is_dit(pipe):
+        from .stream import stream_votes
+        heads, parts = stream_votes(pipe, concepts, prompts, steps=steps, guidance=guidance, seed=seed,
+                                    batch_size=batch_size, variant=variant or "stream", height=height, width=width,
+                                    progress=progress, cache=cache, words_cache=words_cache,
+                                    max_sequence_length=max_sequence_length)
+        return from_votes(concepts, heads, parts, dict(concepts=concepts, steps=steps, guidance=guidance, seed=seed,
+                                                       variant=variant or "stream"))
+    if variant not in (None, "direct") or max_sequence_length is not None:
+        raise ValueError("variant and max_sequence_length are for MM-DiT pipelines; a UNet's pass is HRV's own")
     check_pipeline(pipe)
     if not isinstance(concepts, dict) or not concepts or not all(
             isinstance(ws, (list, tuple)) and ws and all(isinstance(w, str) and w.strip() for w in ws) for ws in concepts.values()):

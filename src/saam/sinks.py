@@ -27,12 +27,25 @@ def token_classes(hm: HeadMaps) -> dict[str, list[int]]:
         raise ValueError("the attention budget needs every token's map: trace without words=...")
     if hm.token_ids is None or hm.tokenizer is None:
         raise ValueError("token classes need the prompt's token ids (trace a pipeline call with a prompt)")
-    ids = list(hm.token_ids)
-    tok = hm.tokenizer
-    ends = {t for t in (tok.eos_token_id, tok.sep_token_id) if t is not None}
-    end = next((i for i in range(1, len(ids)) if ids[i] in ends), len(ids))
     n = next(iter(hm.maps.values())).shape[1]
-    return dict(start=[0], words=list(range(1, end)), end=[end] if end < n else [],
+    if not hm.segments:
+        return _classes(list(hm.token_ids), hm.tokenizer, n, start=True)  # CLIP's and BERT's ids open with one
+    out = {c: [] for c in CLASSES}  # an MM-DiT: each text encoder's tokens, at their place in the sequence
+    for offset, tok, length in hm.segments:
+        ids = tok(hm.prompt, padding="max_length", max_length=length, truncation=True).input_ids
+        opens = ids[0] in {getattr(tok, a, None) for a in ("bos_token_id", "cls_token_id")} - {None}
+        for c, pos in _classes(ids, tok, length, start=opens).items():
+            out[c] += [offset + p for p in pos]
+    return out
+
+
+def _classes(ids: list[int], tok, n: int, start: bool) -> dict[str, list[int]]:
+    """One tokenizer's classes over ``n`` positions; ``start``: whether the ids open with a start
+    token (CLIP, BERT; T5 has none)."""
+    s = int(start)
+    ends = {t for t in (tok.eos_token_id, tok.sep_token_id) if t is not None}
+    end = next((i for i in range(s, len(ids)) if ids[i] in ends), len(ids))
+    return dict(start=list(range(s)), words=list(range(s, end)), end=[end] if end < n else [],
                 padding=list(range(end + 1, n)))
 
 
@@ -45,7 +58,8 @@ def attention_budget(hm: HeadMaps, object_mask: np.ndarray | None = None) -> pd.
             no masks are known (one region, "all").
     Returns:
         One row per (head, region) with columns head, layer, block, region and one share per
-        class in :data:`CLASSES` (shares of a row sum to 1; NaN where the region is empty).
+        class in :data:`CLASSES` (shares of a row sum to 1; NaN where the region is empty); on an
+        MM-DiT one more, ``image``: the share its joint softmax gives the image's own tokens.
     """
     cls = token_classes(hm)
     known = object_mask is not None
@@ -59,11 +73,19 @@ def attention_budget(hm: HeadMaps, object_mask: np.ndarray | None = None) -> pd.
             tot = w.sum()
             share = (per_class * w).sum((-1, -2)) / (tot * hm.steps) if tot > 0 else torch.full(per_class.shape[:2], float("nan"))
             for h in range(m.shape[0]):
-                rows.append(dict(head=str(HeadId(layer, h)), layer=layer, block=block_of(layer),
-                                 region=region, **dict(zip(CLASSES, share[h].tolist()))))
+                row = dict(head=str(HeadId(layer, h)), layer=layer, block=block_of(layer), region=region,
+                           **dict(zip(CLASSES, share[h].tolist())))
+                if hm.segments is not None:  # an MM-DiT's joint softmax: what the text does not take, the image does
+                    row["image"] = 1.0 - float(share[h].sum())
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
 def budget_summary(budget: pd.DataFrame) -> pd.DataFrame:
     """Mean share per region and class over heads (and images): the model's sink at a glance."""
-    return budget.groupby("region", sort=False)[list(CLASSES)].mean()
+    return budget.groupby("region", sort=False)[classes(budget)].mean()
+
+
+def classes(budget: pd.DataFrame) -> list[str]:
+    """The token classes a budget table has: :data:`CLASSES`, and ``image`` for an MM-DiT."""
+    return list(CLASSES) + (["image"] if "image" in budget else [])

@@ -84,7 +84,9 @@ def primary_run(params: dict) -> tuple[str, str, float | None] | None:
 
 def native_size(pipe, params: dict) -> tuple[int, int]:
     """The image size evaluation runs at: the profile's ``resolution``, else the pipeline's own."""
-    r = params.get("resolution") or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    from .models import denoiser
+    size = getattr(pipe, "default_sample_size", None) or denoiser(pipe).config.sample_size  # Flux: the pipeline's
+    r = params.get("resolution") or size * pipe.vae_scale_factor
     return (r, r)
 
 
@@ -118,12 +120,13 @@ def analyzer_check(params: dict) -> dict:
                   lambda: analyzer_accuracy(n, params["seed"]))
 
 
-def unet_heads(pipe) -> list:
-    """Every cross-attention head of the pipeline's UNet, in HRV's order (what relevance rows and
-    word records index)."""
-    from .capture import cross_attention_layers
+def denoiser_heads(pipe) -> list:
+    """Every cross-attention head of the pipeline's UNet (an MM-DiT's joint-attention heads), in
+    HRV's order (what relevance rows and word records index)."""
+    from .capture import cross_attention_layers, is_dit, joint_attention_layers
     from .heads import head_ids
-    return head_ids({l: m.heads for l, m in cross_attention_layers(pipe.unet).items()})
+    layers = joint_attention_layers(pipe.transformer) if is_dit(pipe) else cross_attention_layers(pipe.unet)
+    return head_ids({l: m.heads for l, m in layers.items()})
 
 
 def generation_run(pipe, params: dict) -> list[dict]:
@@ -142,7 +145,7 @@ def generation_run(pipe, params: dict) -> list[dict]:
     from .capture import trace
     from .evaluate import generated_words, records_of
     from .sinks import attention_budget
-    heads = unet_heads(pipe)
+    heads = denoiser_heads(pipe)
 
     def batch(scenes, gens, start):
         with trace(pipe) as tc:
@@ -178,12 +181,13 @@ def relevance(pipe, params: dict):
         root = lambda f: Path(f) if Path(f).is_absolute() else paths.ROOT / f  # noqa: E731
         return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
     concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)
-    k = dict(key(params, "seed", "steps", "guidance", code=("relevance", "shapes.world")), concepts=concepts, start_token=True)
+    k = dict(key(params, "seed", "steps", "guidance", "relevance_variant", code=("relevance", "stream", "shapes.world")),
+             concepts=concepts, start_token=True)
     words = dict(text=text_fingerprint(params), precision=precision(params), concepts=concepts,
-                 code=code_fingerprint("relevance"), version=__version__)
+                 code=code_fingerprint("relevance", "stream"), version=__version__)
     return relevance_pass(pipe, concepts, relevance_prompts(params), steps=params["steps"], guidance=params["guidance"],
                           seed=params["seed"], batch_size=params.get("batch_size", 16), cache=("relevance", k),
-                          words_cache=("concept-words", words))
+                          words_cache=("concept-words", words), variant=params.get("relevance_variant"))
 
 
 def sink_budget(pipe, params: dict, n: int | None = None):
@@ -225,8 +229,8 @@ def records(pipe, params: dict, protocol: str, heads, strength: float | None = N
     from .datasets import read_coco, shapesworld_items
     from .evaluate import real_image_protocol
     if protocol == "generation":
-        if [str(h) for h in heads] != [str(h) for h in unet_heads(pipe)]:
-            raise ValueError("the generation protocol records every head of the UNet (steps.unet_heads)")
+        if [str(h) for h in heads] != [str(h) for h in denoiser_heads(pipe)]:
+            raise ValueError("the generation protocol records every head of the UNet (steps.denoiser_heads)")
         n = params["n_eval"]
         parts = generation_run(pipe, params)
         recs = [r for b in parts for r in b["records"] if r.image < n]

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .evaluate import auroc_ci, miou_table, score_records
 from .heads import layer_factors
-from .models import unet_config
+from .models import denoiser_config
 from .paired import paired_auroc, paired_table, verdict
 from .select import METHODS, head_set
 from .select import eligible as rule
@@ -19,8 +19,11 @@ from .select import eligible as rule
 def eligible(params: dict, heads) -> np.ndarray:
     """The heads a profile's methods may use: DAAM's rule on the profile's UNet (no mid block, no
     layer at 1/8 of the latent resolution), with the mid block for the selective methods only if
-    ``include_mid``. The UNet's config is read once per run (``models.unet_config``)."""
-    return rule(heads, params["include_mid"], layer_factors(unet_config(params), {h.layer for h in heads}))
+    ``include_mid``. The UNet's config is read once per run (``models.denoiser_config``). An MM-DiT
+    has neither a mid block nor downsampled layers (DAAM has no rule for it): every joint head."""
+    config = denoiser_config(params)
+    factors = layer_factors(config, {h.layer for h in heads}) if "down_block_types" in config else None
+    return rule(heads, params["include_mid"], factors)
 
 
 def head_sets(rel, kind: str, params: dict, methods, seed: int = 0) -> dict:

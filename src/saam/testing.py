@@ -344,7 +344,7 @@ def as_probs(hm_map: torch.Tensor) -> torch.Tensor:
 
 def save_tiny(kind: str, folder) -> Path:
     """Save a tiny pipeline as a diffusers folder (``from_pretrained`` loads it offline)."""
-    pipe = tiny_pipeline(kind)
+    pipe = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux") else tiny_pipeline(kind)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
@@ -354,7 +354,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Save a random-weight pipeline as a diffusers folder (offline)")
     sub = ap.add_subparsers(dest="size", required=True)
     tiny = sub.add_parser("tiny", help="toy width, SD's code path (seconds)")
-    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout"])
+    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout", "sd3", "sd35", "flux"])
     full = sub.add_parser("full-size", help="the released model's exact architecture (GBs)")
     full.add_argument("kind", choices=sorted(FULL_SIZE))
     full.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

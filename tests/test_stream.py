@@ -1,0 +1,94 @@
+"""Head relevance on MM-DiTs: the concept stream (saam.stream) on tiny SD3, SD3.5 and Flux pipelines."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from saam.capture import joint_attention_layers
+from saam.relevance import relevance_pass
+from saam.stream import StreamVoter, blocks, concept_stream, encode_stream_words
+from saam.testing import tiny_dit_pipeline
+
+PROMPT = "a red circle next to a blue square"
+RUN = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, max_sequence_length=32, output_type="latent")
+CONCEPTS = {"color": ["red", "blue", "green"], "shape": ["circle", "square"]}
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd35", "flux"])
+def dit(request):
+    pipe = tiny_dit_pipeline(request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return request.param, pipe
+
+
+def run(pipe, prompt=PROMPT, seed=0):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **RUN).images
+
+
+def test_the_concept_stream_leaves_the_generation_unchanged(dit):
+    """Bit for bit: the side calls read the image states and their image output is dropped. Every
+    head votes once per step for one concept."""
+    kind, pipe = dit
+    plain = run(pipe)
+    voter = StreamVoter(None, joint_attention_layers(pipe.transformer))
+    with concept_stream(pipe, voter):
+        voter.prepare(pipe, CONCEPTS, [random.Random(0)], max_sequence_length=32)
+        streamed = run(pipe)
+    assert torch.equal(plain, streamed)
+    assert torch.equal(plain, run(pipe))  # hooks and processors removed
+    votes = voter.take()["votes"]  # [images, steps, heads, concepts]
+    assert votes.shape == (1, 2, len(voter.heads), 2) and (votes.sum(-1) == 1).all()
+
+
+def test_the_stream_is_the_text_stream_when_it_carries_the_prompt(dit):
+    """Seeded with the prompt's own entering states, the concept stream's side calls reproduce the
+    generation's text stream at every block (the model's own block code; Flux's rotary positions
+    for the stream's tokens; SD3's last block ends the stream)."""
+    kind, pipe = dit
+    emb = pipe.encode_prompt(**dict(prompt=PROMPT, prompt_2=None, device="cpu", num_images_per_prompt=1,
+                                    max_sequence_length=32),
+                             **({} if kind == "flux" else dict(prompt_3=None, do_classifier_free_guidance=False)))[0]
+    own = pipe.transformer.context_embedder(emb)[0].detach()
+    real, bl = {}, blocks(pipe.transformer)
+    row = 0 if kind == "flux" else 1  # SD3 runs [negative; prompt] under guidance
+
+    def keep(name):
+        def hook(module, args, kwargs, out):
+            if out[0] is not None and not getattr(voter, "side", None):
+                real[name] = out[0][row].detach().clone()
+        return hook
+    voter = StreamVoter([[own]], joint_attention_layers(pipe.transformer), keep_states=True)
+    handles = [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in bl.items()]
+    try:
+        with concept_stream(pipe, voter):
+            voter.prepare(pipe, {"prompt": [PROMPT]}, [random.Random(0)])
+            run(pipe)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(voter.states[0]) == set(real) and len(real) >= len(bl) - 1
+    for name in real:
+        torch.testing.assert_close(voter.states[0][name], real[name], atol=1e-5, rtol=1e-4)
+
+
+def test_stream_relevance_on_a_dit(dit):
+    """relevance_pass on an MM-DiT: a Relevance over every joint head; votes per image do not depend
+    on the batch size; the direct variant (concepts enter every block afresh) votes as the stream
+    does at the first block, where both carry the encoder's states."""
+    kind, pipe = dit
+    prompts = ["a green square", "a red circle"]
+    kw = dict(steps=2, guidance=5.0, seed=0, height=32, width=32, max_sequence_length=32, progress=False)
+    rel = relevance_pass(pipe, CONCEPTS, prompts, batch_size=2, **kw)
+    one = relevance_pass(pipe, CONCEPTS, prompts, batch_size=1, **kw)
+    direct = relevance_pass(pipe, CONCEPTS, prompts, batch_size=2, variant="direct", **kw)
+    n = sum(m.heads for m in joint_attention_layers(pipe.transformer).values())
+    assert len(rel.heads) == n and rel.matrix.shape == (2, n)
+    assert (rel.prompt_votes.sum(-1) == 2).all()  # each head: one vote per step per prompt
+    assert np.array_equal(rel.prompt_votes, one.prompt_votes)
+    first = [i for i, h in enumerate(rel.heads) if h.layer == rel.heads[0].layer]
+    assert np.array_equal(rel.prompt_votes[:, first], direct.prompt_votes[:, first])
+    words = encode_stream_words(pipe, ["red", "circle"], max_sequence_length=32)
+    assert all(w.shape[-1] == pipe.transformer.inner_dim for w in words)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        relevance_pass(pipe, CONCEPTS, prompts, batch_size=2, variant="sideways", **kw)
