@@ -106,11 +106,59 @@ def main() -> None:
     print(f"capture:   traced/plain = {cap['overhead_ratio']:.3f} (target <= 1.05); "
           f"peak RSS overhead {cap['peak_rss_overhead_mb_by_steps']} MB by steps")
     print(f"relevance: pass/generation = {rel['overhead_ratio']:.3f} (target <= 1.5)")
+    dit = dit_capture()
+    (figures / "bench-dit.json").write_text(json.dumps(dit, indent=1))
+    for k, v in dit["models"].items():
+        print(f"MM-DiT capture ({k}): traced/plain = {v['overhead_ratio']:.3f} (target <= 1.05); "
+              f"concept stream / plain = {v['stream_ratio']:.2f}")
     sys.path.insert(0, str(Path(__file__).parent))
     from run_notebook import timings_report
     for profile in ("paper", "smoke"):
         if (paths.BUILD / profile / "timings.json").exists():
             print("last make all, " + timings_report(paths.BUILD / profile))
+
+
+# MM-DiTs whose blocks have the released models' widths (SD3 Medium: 24 heads of 64; Flux: heads of 128,
+# 12 of its 24), fewer of them, at 1,024 image tokens, random weights (none can be downloaded here)
+DIT_BENCH = {"sd3": dict(sample_size=64, num_layers=4, attention_head_dim=64, num_attention_heads=24,
+                         caption_projection_dim=1536, pos_embed_max_size=64),
+             "flux": dict(num_layers=2, num_single_layers=2, attention_head_dim=128, num_attention_heads=12,
+                          axes_dims_rope=(16, 56, 56))}
+
+
+def dit_capture(steps: int = 4, repeats: int = 5) -> dict:
+    """The trace's cost on MM-DiTs (traced / plain wall time of the same generation, median of
+    interleaved per-repeat ratios) and the concept stream's (relevance pass / plain)."""
+    from saam.capture import trace
+    from saam.relevance import relevance_pass
+    from saam.testing import tiny_dit_pipeline
+    out = {}
+    for kind, cfg in DIT_BENCH.items():
+        pipe = tiny_dit_pipeline(kind, **cfg)
+        pipe.set_progress_bar_config(disable=True)
+        run = dict(num_inference_steps=steps, guidance_scale=5.0, height=128, width=128, max_sequence_length=64,
+                   output_type="latent")
+        prompt = "a red circle next to a small blue square"
+
+        def plain():
+            pipe(prompt, generator=torch.Generator().manual_seed(0), **run)
+
+        def traced():
+            with trace(pipe):
+                plain()
+
+        def stream():
+            relevance_pass(pipe, {"color": ["red", "blue"], "shape": ["circle", "square"]}, [prompt], steps=steps,
+                           guidance=5.0, batch_size=1, height=128, width=128, max_sequence_length=64, progress=False)
+        plain(); traced()  # warm-up
+        times = {"plain": [], "traced": [], "stream": []}
+        for _ in range(repeats):
+            for name, fn in (("plain", plain), ("traced", traced), ("stream", stream)):
+                t = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t)
+        pair = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+        out[kind] = dict(overhead_ratio=pair("traced", "plain"), stream_ratio=pair("stream", "plain"),
+                         plain_s=statistics.median(times["plain"]), transformer=cfg, image_tokens=1024)
+    return dict(models=out, steps=steps, repeats=repeats, target_ratio=1.05, device="cpu", threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

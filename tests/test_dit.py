@@ -138,3 +138,24 @@ def test_attention_budget_on_a_dit(dit):
     assert classes(b)[-1] == "image"
     np.testing.assert_allclose(b[classes(b)].sum(axis=1), 1.0, atol=1e-4)
     assert (b.image > 0).all() and (b.words > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_the_trace_reads_the_kernels_own_queries_keys_and_normaliser(kind, monkeypatch):
+    """On the CPU the trace takes the queries, keys and log-sum-exp of the attention kernel the
+    processor runs (never projecting again), in float32 and under bf16 autocast alike, and the
+    traced images stay identical to untraced ones."""
+    import saam.capture as C
+    from saam.models import autocast_bf16
+    monkeypatch.setattr(C, "joint_queries_keys", lambda *a, **k: (_ for _ in ()).throw(AssertionError("projected again")))
+    monkeypatch.setattr(C, "text_probs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no log-sum-exp")))
+    for bf16 in (False, True):
+        pipe = tiny_dit_pipeline(kind)
+        pipe.set_progress_bar_config(disable=True)
+        if bf16:
+            autocast_bf16(pipe.transformer)
+        plain = run(pipe)
+        with trace(pipe) as tc:
+            traced = run(pipe)
+        assert torch.equal(plain, traced) and plain.dtype == torch.float32
+        assert all(torch.isfinite(m).all() and m.sum() > 0 for m in tc[0].maps.values())

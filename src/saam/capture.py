@@ -516,9 +516,46 @@ def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+@contextmanager
+def _sdpa_spy(seen: list):
+    """Inside: every ``F.scaled_dot_product_attention`` call hands its output back unchanged and
+    leaves (queries, keys, log-sum-exp over all keys or None, scale) in ``seen``. On the CPU, an
+    unmasked call runs the very kernel the function itself would (``_scaled_dot_product_flash_attention_for_cpu``,
+    with autocast's casts made first), which returns the log-sum-exp as well (tested: outputs
+    identical); elsewhere the function runs as it is and the log-sum-exp is left to the caller."""
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        s = scale if scale is not None else query.shape[-1] ** -0.5
+        plain = not kw or kw == {"enable_gqa": False}  # (Flux's dispatcher passes enable_gqa=False)
+        if query.device.type == "cpu" and attn_mask is None and not is_causal and dropout_p == 0.0 and plain \
+                and not torch.is_grad_enabled():
+            if torch.is_autocast_enabled("cpu"):  # what autocast does to this function's float32 inputs
+                low = torch.get_autocast_dtype("cpu")
+                query, key, value = (x.to(low) if x.dtype == torch.float32 else x for x in (query, key, value))
+            if query.dtype == key.dtype == value.dtype:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                                       scale=scale)
+                seen.append((query, key, lse, s))
+                return out
+        seen.append((query, key, None, s))
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+    F.scaled_dot_product_attention = spy
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 class JointCaptureProcessor:
     """Wraps a joint-attention module's processor: the same output; the text probabilities of the
-    recorded rows go to the tracker's observer (``MapRecorder.add``)."""
+    recorded rows go to the tracker's observer (``MapRecorder.add``).
+
+    The probabilities come from the queries and keys the processor hands to its attention kernel
+    (after QK-normalisation and Flux's rotary embedding), caught there (:func:`_sdpa_spy`): on the
+    CPU with the kernel's own log-sum-exp, so only the image-to-text logits are formed again;
+    elsewhere by one more fused attention (:func:`text_probs`). A processor that calls no such
+    kernel (or several) gets its queries and keys projected again (:func:`joint_queries_keys`)."""
 
     def __init__(self, base, layer: str, tracker: "JointTracker"):
         self.base, self.layer, self.tracker = base, layer, tracker
@@ -527,18 +564,33 @@ class JointCaptureProcessor:
                  **kwargs):
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         tr = self.tracker
         if tr.side_len is not None:  # a concept-stream side call (saam.stream): all its rows, the concepts as text
             r, text_len = slice(None), tr.side_len
         elif tr.rows is not None and tr.n is not None and tr.observer.generation:
             r, text_len = tr.rows, tr.text_len
         else:
-            return out
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        seen: list = []
+        with _sdpa_spy(seen):
+            out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         with torch.no_grad():
-            q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
-                                            else encoder_hidden_states[r], image_rotary_emb, text_len)
-            tr.observer.add(self.layer, text_probs(q, k, text))
+            if len(seen) == 1:
+                q, k, lse, scale = seen[0]
+                t = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else text_len
+                text = slice(0, t) if type(attn).__name__ == "FluxAttention" else slice(k.shape[2] - t, k.shape[2])
+                image = slice(t, None) if text.start == 0 else slice(0, text.start)
+                q, k = q[r], k[r]
+                if lse is None:
+                    p = text_probs(q[:, :, image], k, text)
+                else:  # the joint softmax on the text keys: exp(logit - log-sum-exp over all keys)
+                    logits = (q[:, :, image].float() @ k[:, :, text].float().transpose(-1, -2)) * scale
+                    p = torch.exp(logits - lse[r][:, :, image, None].float())
+            else:
+                q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
+                                                else encoder_hidden_states[r], image_rotary_emb, text_len)
+                p = text_probs(q, k, text)
+            tr.observer.add(self.layer, p)
         return out
 
 

@@ -196,11 +196,12 @@ def _vae16(seed: int = 0):
                          shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
-def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0):
+def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
     """A tiny random-weight MM-DiT pipeline, offline: ``sd3`` (Stable Diffusion 3: joint blocks over
     CLIP-L + CLIP-G + T5 text, flow matching), ``sd35`` (SD 3.5's QK-normalisation and dual attention
     in its first block) or ``flux`` (Flux: double-stream blocks, then single-stream blocks where text
-    and image share one sequence, rotary embeddings, distilled guidance). T5 is ``t5_tokenizer``'s."""
+    and image share one sequence, rotary embeddings, distilled guidance). T5 is ``t5_tokenizer``'s.
+    ``transformer``: its config overridden (``make bench`` widens it to the released models' blocks)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     t5tok = t5_tokenizer()
     t5 = _t5_text(len(t5tok), 64, seed + 2)
@@ -208,9 +209,10 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0):
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
         torch.manual_seed(seed)
         extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if kind == "sd35" else {}
-        tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
-                                   num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
-                                   pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, **extra).eval()
+        cfg = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+                   joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                   pos_embed_max_size=16, **extra)
+        tr = SD3Transformer2DModel(**{**cfg, **transformer}).eval()
         return StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                         vae=_vae16(seed), text_encoder=_clip_text(32, projection=True, seed=seed),
                                         tokenizer=clip_tokenizer(), text_encoder_2=_clip_text(32, projection=True, seed=seed + 1),
@@ -218,9 +220,10 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0):
     if kind == "flux":
         from diffusers import FluxPipeline, FluxTransformer2DModel
         torch.manual_seed(seed)
-        tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                                    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32,
-                                    guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+        cfg = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                   num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                   axes_dims_rope=(2, 2, 4))
+        tr = FluxTransformer2DModel(**{**cfg, **transformer}).eval()
         return FluxPipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=_vae16(seed),
                             text_encoder=_clip_text(32, seed=seed), tokenizer=clip_tokenizer(), text_encoder_2=t5,
                             tokenizer_2=t5tok)
