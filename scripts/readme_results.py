@@ -22,6 +22,7 @@ def artefact_map() -> str:
                           + (" (SD profiles only)" if n in c.real_only else "") for n in c.produces)
         rows.append(f"| {names} | `notebooks/{c.notebook}.ipynb` | {'ShapesWorld' if c.shapesworld_only else 'all'} |")
     rows.append("| `bench-capture.json`, `bench-relevance.json` | `scripts/bench.py` (`make bench`) | ShapesWorld |")
+    rows.append("| `bench-dit.json` | `scripts/bench.py` (`make bench`) | SD3- and Flux-width MM-DiT blocks |")
     rows.append("| `bench-fullsize.json` | `scripts/fullsize.py` (`make bench`) | SD v1.4 / v2.1 / SDXL architectures |")
     rows.append("| `bench-gpu.json` | `scripts/gpu_bench.py` (`make gpu-bench`, a CUDA GPU) | SD v1.4 / SDXL architectures |")
     return "\n".join(rows)
@@ -112,6 +113,15 @@ def block(res: dict | None = None) -> str:
                   f"memory {c['trace_stored_mb_by_steps']['10']:.1f} MB at 10 steps and "
                   f"{c['trace_stored_mb_by_steps']['40']:.1f} MB at 40 (flat in steps); relevance pass "
                   f"{r['overhead_ratio']:.3f}x the same generations (target 1.5)."]
+    bd = FIG / "bench-dit.json"
+    if bd.exists():  # written by `make bench`
+        d = json.loads(bd.read_text())
+        names = {"sd3": "SD3 (24 heads of 64)", "flux": "Flux (12 heads of 128)"}
+        lines += ["", f"MM-DiTs (`make bench`, `figures/bench-dit.json`; blocks of the released widths, random weights, "
+                  f"1,024 image tokens, {d['steps']} steps, median of {d['repeats']} paired repeats): "
+                  + "; ".join(f"{names.get(k, k)}: trace {v['overhead_ratio']:.3f}x plain generation (target "
+                              f"{d['target_ratio']}), concept-stream relevance {v['stream_ratio']:.2f}x"
+                              for k, v in d["models"].items()) + "."]
     fs = FIG / "bench-fullsize.json"
     if fs.exists():  # written by `make bench` (scripts/fullsize.py)
         f = json.loads(fs.read_text())
