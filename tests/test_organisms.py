@@ -21,6 +21,8 @@ def test_profiles_validate_keys_types_and_overrides():
         profiles.load("smoke", {"k": "0.25"})
     with pytest.raises(profiles.ProfileError, match="not key=value"):
         profiles.load("smoke", "steps")
+    with pytest.raises(profiles.ProfileError, match="relevance_variant must be stream or direct, got 'strem'"):
+        profiles.load("sd3", "relevance_variant=strem")
     with pytest.raises(profiles.ProfileError, match="known profiles: .*smoke"):
         profiles.load("nope")
 

@@ -105,6 +105,8 @@ def validate(p: dict, source: str) -> dict:
         raise ProfileError(f"{source}: device must be auto, cpu or cuda, got {p['device']!r}")
     if p.get("precision", "auto") not in ("auto", "fp32", "bf16"):
         raise ProfileError(f"{source}: precision must be auto, fp32 or bf16, got {p['precision']!r}")
+    if p.get("relevance_variant", "stream") not in ("stream", "direct"):  # saam.stream.VARIANTS
+        raise ProfileError(f"{source}: relevance_variant must be stream or direct, got {p['relevance_variant']!r}")
     return {**DEFAULTS, **p}
 
 
