@@ -128,10 +128,11 @@ def test_mask_ious_batched_equal_one_at_a_time():
 
 def test_scoring_and_miou_table_on_hand_made_records():
     from saam.evaluate import RANDOM_DRAWS, miou_table, per_head_iou, score_records
-    from saam.select import METHODS
+    from saam.select import METHODS, NOT_HEAD_SETS
     recs, rel = _records(), _relevance([1.0, 1.0, 0.0, 0.0])  # the top heads are relevant to colour
     df = score_records(recs, rel, np.ones(4, bool), ks=[2], taus=[0.4])
-    rows_per_word = len(METHODS) - 1 + RANDOM_DRAWS  # random-k: one row per draw
+    sets = len(METHODS) - len(NOT_HEAD_SETS)  # UNet records carry no output-space map: that method is absent
+    rows_per_word = sets - 1 + RANDOM_DRAWS  # random-k: one row per draw
     assert len(df) == 3 * rows_per_word and df.missing.sum() == rows_per_word
     assert df[df.missing].iou.isna().all() and df[~df.missing].iou.notna().all()
     iou_of = df[df.draw == 0].set_index(["image", "method"]).iou
@@ -150,7 +151,7 @@ def test_scoring_and_miou_table_on_hand_made_records():
     assert tab.loc[METHODS["random"], "draw_sd"] == pytest.approx(rnd.groupby("draw").iou.mean().std(ddof=1))
     assert np.isnan(tab.loc[METHODS["top"], "draw_sd"])
     sweep = miou_table(score_records(recs, rel, np.ones(4, bool), ks=[1, 2, 4], taus=[0.4]), by_kind=False)
-    assert len(sweep) == 3 * len(METHODS)
+    assert len(sweep) == 3 * sets
     assert sweep[sweep.method == METHODS["daam"]].mIoU.nunique() == 1
     # single heads: head 0 localises the red circle, head 1 the blue square, heads 2 and 3 nothing
     per = per_head_iou(recs, "color", 0.4)

@@ -28,20 +28,22 @@ def reference(dit):
     generation, its probabilities recomputed in float64 from the very queries and keys the
     processor hands to scaled_dot_product_attention (rotary embedding and QK-norm applied)."""
     kind, pipe = dit
-    calls, sdpa = [], F.scaled_dot_product_attention
+    calls, outs, sdpa = [], [], F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):  # diffusers calls it positionally (SD3) or by keyword (Flux's dispatcher)
         q = args[0] if args else kwargs["query"]
         k = args[1] if len(args) > 1 else kwargs["key"]
+        v = args[2] if len(args) > 2 else kwargs["value"]
         scale = kwargs.get("scale") or q.shape[-1] ** -0.5
         calls.append(torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1))
+        outs.append(calls[-1] @ v.double())  # the attention output of every token, per head
         return sdpa(*args, **kwargs)
     F.scaled_dot_product_attention = spy
     try:
         latents = run(pipe)
     finally:
         F.scaled_dot_product_attention = sdpa
-    return latents, calls
+    return latents, calls, outs
 
 
 def test_traced_images_equal_untraced_and_layers_are_the_joint_ones(dit):
@@ -64,7 +66,7 @@ def test_maps_are_the_processors_own_joint_softmax(dit, reference):
     """Per-head maps = each image query's probability on each text token, the softmax over image
     and text keys together, summed over steps (conditional rows only under guidance)."""
     kind, pipe = dit
-    _, calls = reference
+    _, calls, _ = reference
     with trace(pipe) as tc:
         run(pipe)
     hm = tc[0]
@@ -159,3 +161,51 @@ def test_the_trace_reads_the_kernels_own_queries_keys_and_normaliser(kind, monke
             traced = run(pipe)
         assert torch.equal(plain, traced) and plain.dtype == torch.float32
         assert all(torch.isfinite(m).all() and m.sum() > 0 for m in tc[0].maps.values())
+
+
+def test_output_space_maps_are_conceptattentions(dit, reference):
+    """ConceptAttention's output space, with the prompt's words as its concepts: at each joint layer
+    and step, each image token's softmax over the prompt's word tokens of the products of its
+    attention output (every head's, before the output projection) with theirs, summed over steps and
+    0 at other positions; checked against outputs recomputed in float64 from the kernel's own
+    queries, keys and values. ``output_map`` averages a word's tokens, the layers and the steps, and
+    Table 1 scores it as one more method (``evaluate.score_records``)."""
+    import numpy as np
+    from saam.aggregate import output_map
+    from saam.evaluate import WordRecord, score_records
+    from saam.select import METHODS
+    from saam.words import segment_classes
+    kind, pipe = dit
+    _, calls, outs = reference
+    with trace(pipe) as tc:
+        run(pipe)
+    hm = tc[0]
+    layers = sorted(joint_attention_layers(pipe.transformer), key=lambda l: (l.startswith("single"), int(l.split(".")[1])))
+    text = hm.maps[layers[0]].shape[1]
+    n_img = hm.maps[layers[0]].shape[-1] * hm.maps[layers[0]].shape[-2]
+    joint = [o for c, o in zip(calls, outs) if c.shape[-1] == n_img + text]
+    words = torch.zeros(text, dtype=torch.bool)
+    words[segment_classes(hm.prompt, hm.segments)["words"]] = True
+    for i, layer in enumerate(layers):
+        ref = 0
+        for s in range(hm.steps):
+            o = joint[s * len(layers) + i][-1]  # the prompt's row: [heads, sequence, d]
+            img, txt = (o[:, text:], o[:, :text]) if kind == "flux" else (o[:, :n_img], o[:, n_img:])
+            ref = ref + torch.softmax(torch.einsum("hid,htd->it", img, txt).masked_fill(~words, float("-inf")), -1)
+        got = hm.outputs[layer].flatten(1).T  # [pixels, text]
+        torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-5)
+        assert (got[:, ~words] == 0).all()
+    red = output_map(hm, "red")
+    assert red.shape == hm.latent_size and not torch.allclose(red, output_map(hm, "blue"))
+    gt = np.zeros(hm.image_size, bool)
+    gt[: hm.image_size[0] // 2] = True
+    heads = hm.heads()
+    rec = WordRecord(0, PROMPT, "red", 0, "color", 0, gt, np.stack([word_map(hm, "red", heads=[h]).numpy() for h in heads]),
+                     output=red.numpy())
+    rel = type("R", (), dict(heads=heads, row=lambda self, kind: np.arange(len(heads), dtype=float)))()
+    df = score_records([rec], rel, np.ones(len(heads), bool), [0.25], [0.4])
+    assert METHODS["output"] in set(df.method)
+    got = df[df.method == METHODS["output"]].iou.iloc[0]
+    from saam.aggregate import to_mask
+    m = to_mask(red, hm.image_size, 0.4).numpy()
+    assert got == (m & gt).sum() / (m | gt).sum()

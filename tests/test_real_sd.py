@@ -103,8 +103,10 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     assert len(list(out.glob("[0-9][0-9]-*.ipynb"))) == len(list((ROOT / "notebooks").glob("[0-9][0-9]-*.ipynb")))
     import pandas as pd
     t1 = pd.read_csv(out / "figures" / "tab1-miou.csv")
-    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 5 and (t1.n_words > 0).all()
     from saam.select import METHODS
+    dit = profile in ("sd3", "sd35", "flux")  # ConceptAttention's output-space maps: one more method on MM-DiTs
+    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 5 + dit and (t1.n_words > 0).all()
+    assert (METHODS["output"] in set(t1.method)) == dit
     assert t1.diff_daam.isna().tolist() == [m == METHODS["daam"] for m in t1.method]  # paired to DAAM
     poly = pd.read_csv(out / "figures" / "tab5-polysemy.csv")  # chapter 05's case study on SD profiles
     assert len(poly) == 2 * 2 and poly.competing_share.between(0, 1).all()

@@ -129,6 +129,19 @@ def word_map(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, wei
     return aggregate(hm, hm.token_positions(word, occurrence), daam_heads(hm) if heads is None else heads, weights)
 
 
+def output_map(hm: HeadMaps, word: str, occurrence: int | str = 0) -> torch.Tensor:
+    """ConceptAttention's map of a word on an MM-DiT, at latent size [h, w] (upsampled as
+    :func:`per_head_maps` upsamples): its share of each pixel's output-space softmax over the
+    prompt's word tokens (``HeadMaps.outputs``), averaged over its tokens, the joint layers and the
+    steps. Not a head set: every head's output enters the products (ConceptAttention's
+    construction, with the prompt's words as its concepts)."""
+    if not hm.outputs:
+        raise ValueError("output-space maps come from an MM-DiT trace (SD3, Flux); this trace has none")
+    cols = hm.columns(hm.token_positions(word, occurrence))
+    maps = torch.stack([m[cols].float().mean(0) for m in hm.outputs.values()])  # the joint layers share one grid
+    return upsample((maps.mean(0) / max(hm.steps, 1))[None], tuple(hm.latent_size))[0]
+
+
 def word_mask(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, weights=None,
               tau: float = DAAM_TAU, occurrence: int | str = 0) -> torch.Tensor:
     """The word's mask at image size (DAAM's heads when ``heads`` is None): ``to_mask(word_map(...))``."""

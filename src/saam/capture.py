@@ -39,6 +39,7 @@ class Observer:
     """
 
     generation = True  # MM-DiTs: whether it is shown the generation's own attention (``add``), or only side calls
+    outputs = False    # MM-DiTs: whether it wants the attention outputs' image-text products (``add_output``)
 
     def start(self, n: int, latent: tuple[int, int], token_ids: list[list[int]] | None) -> None:
         """A new pipeline call: ``n`` recorded images of latent size ``latent``; the prompts' ids."""
@@ -59,6 +60,10 @@ class Observer:
             attention_mask: [n, 1 or pixels, tokens] additive mask as the processor got it, or None.
         ``probs(attn, q, k, attention_mask)`` turns them into attention probabilities.
         """
+
+    def add_output(self, layer: str, logits: torch.Tensor) -> None:
+        """MM-DiTs, when ``outputs``: [n, image tokens, text tokens] dot products of the attention's
+        per-token outputs (every head's, before the output projection), recorded rows only."""
 
     def attach(self, tracker: "Tracker") -> None:
         """The tracker that will call this observer (told once, when the trace is installed)."""
@@ -162,7 +167,13 @@ class Tracker:
 
 
 class MapRecorder(Observer):
-    """Sums each layer's attention probabilities per (image, head, token, pixel): :class:`HeadMaps`."""
+    """Sums each layer's attention probabilities per (image, head, token, pixel): :class:`HeadMaps`.
+
+    On an MM-DiT also ConceptAttention's output-space shares per (image, token, pixel): at each
+    joint layer and step, the softmax over the prompt's word tokens of the dot products between each
+    image token's attention output and theirs (``HeadMaps.outputs``; ``aggregate.output_map``)."""
+
+    outputs = True
 
     def __init__(self, pipe, per_step: bool = False, store_device=None, words: list[str] | None = None,
                  dtype: torch.dtype = torch.float32):
@@ -197,7 +208,18 @@ class MapRecorder(Observer):
 
     def start(self, n, latent, token_ids):
         self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={}, ids=token_ids,
-                         keep=self.kept_tokens(token_ids))
+                         keep=self.kept_tokens(token_ids), outs={}, words=None)
+        if self._layout is not None:  # an MM-DiT: which positions of each image's text sequence are words
+            from .words import segment_classes
+            prompts, segments = self._layout
+            length = sum(s[2] for s in segments)
+            masks = []
+            for pr in prompts:
+                m = torch.zeros(length, dtype=torch.bool)
+                m[segment_classes(pr, segments)["words"]] = True
+                masks.append(m)
+            per = max(1, n // len(prompts))
+            self._gen["words"] = torch.stack([masks[min(i // per, len(masks) - 1)] for i in range(n)])
 
     def step(self, index, timestep):
         self._gen["steps"] += 1
@@ -222,6 +244,20 @@ class MapRecorder(Observer):
             g["sums"][layer] = p.clone()
         if self.per_step:
             g["per_step"].setdefault(layer, []).append(p.to("cpu", copy=True))
+
+    def add_output(self, layer: str, logits: torch.Tensor) -> None:
+        """The softmax over each image's word tokens (other positions get 0), summed over steps."""
+        g = self._gen
+        words = g["words"]
+        if words is None or words.shape[1] != logits.shape[-1]:
+            return
+        w = words.to(logits.device)[:, None, :]
+        s = torch.softmax(logits.masked_fill(~w, float("-inf")), -1).nan_to_num(0.0)  # a prompt without words: 0
+        s = s.to(self.store_device or s.device, torch.float32)
+        if layer in g["outs"]:
+            g["outs"][layer] += s
+        else:
+            g["outs"][layer] = s.clone()
 
     def abort(self) -> None:
         self._gen = None
@@ -257,7 +293,8 @@ class MapRecorder(Observer):
                 maps={l: spatial(s[i][..., cols]).to("cpu", self.dtype) for l, s in g["sums"].items()},
                 steps=g["steps"], timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
                 latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per, tokens=kept,
-                segments=segments))
+                segments=segments,
+                outputs={l: spatial(s[i]).to("cpu", self.dtype) for l, s in g["outs"].items()} or None))
 
 
 def _grid(n: int, latent: tuple[int, int]) -> tuple[int, int]:
@@ -519,7 +556,7 @@ def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice) -> torch.Tensor:
 @contextmanager
 def _sdpa_spy(seen: list):
     """Inside: every ``F.scaled_dot_product_attention`` call hands its output back unchanged and
-    leaves (queries, keys, log-sum-exp over all keys or None, scale) in ``seen``. On the CPU, an
+    leaves (queries, keys, log-sum-exp over all keys or None, scale, output) in ``seen``. On the CPU, an
     unmasked call runs the very kernel the function itself would (``_scaled_dot_product_flash_attention_for_cpu``,
     with autocast's casts made first), which returns the log-sum-exp as well (tested: outputs
     identical); elsewhere the function runs as it is and the log-sum-exp is left to the caller."""
@@ -536,10 +573,11 @@ def _sdpa_spy(seen: list):
             if query.dtype == key.dtype == value.dtype:
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
                                                                                        scale=scale)
-                seen.append((query, key, lse, s))
+                seen.append((query, key, lse, s, out))
                 return out
-        seen.append((query, key, None, s))
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        out = original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        seen.append((query, key, None, s, out))
+        return out
     F.scaled_dot_product_attention = spy
     try:
         yield
@@ -575,8 +613,9 @@ class JointCaptureProcessor:
         with _sdpa_spy(seen):
             out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         with torch.no_grad():
+            outputs = None
             if len(seen) == 1:
-                q, k, lse, scale = seen[0]
+                q, k, lse, scale, o = seen[0]
                 t = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else text_len
                 text = slice(0, t) if type(attn).__name__ == "FluxAttention" else slice(k.shape[2] - t, k.shape[2])
                 image = slice(t, None) if text.start == 0 else slice(0, text.start)
@@ -586,11 +625,16 @@ class JointCaptureProcessor:
                 else:  # the joint softmax on the text keys: exp(logit - log-sum-exp over all keys)
                     logits = (q[:, :, image].float() @ k[:, :, text].float().transpose(-1, -2)) * scale
                     p = torch.exp(logits - lse[r][:, :, image, None].float())
+                if tr.observer.outputs:  # ConceptAttention's output space: image outputs . text outputs, all heads
+                    o = o[r].float()
+                    outputs = torch.einsum("nhid,nhtd->nit", o[:, :, image], o[:, :, text])
             else:
                 q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
                                                 else encoder_hidden_states[r], image_rotary_emb, text_len)
                 p = text_probs(q, k, text)
             tr.observer.add(self.layer, p)
+            if outputs is not None:
+                tr.observer.add_output(self.layer, outputs)
         return out
 
 

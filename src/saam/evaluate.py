@@ -22,10 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .aggregate import DAAM_TAU, mean_maps, normalize, per_head_maps, to_mask
+from .aggregate import DAAM_TAU, mean_maps, normalize, output_map, per_head_maps, to_mask
 from .capture import trace
 from .heads import HeadId
-from .select import METHODS, head_set
+from .select import METHODS, NOT_HEAD_SETS, head_set
 from .words import WordNotFound
 
 
@@ -41,6 +41,7 @@ class WordRecord:
     maps: np.ndarray               # [heads, h, w] float32, per-head maps at latent size (as word_map forms them)
     n_objects: int = 1
     bound: bool | None = None      # generation protocol: intended (colour, shape) object drawn?
+    output: np.ndarray | None = None  # MM-DiTs: ConceptAttention's output-space map [h, w] (aggregate.output_map)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -141,6 +142,8 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
     draw d seeded with :func:`random_seed`; the other methods have one row, draw 0), masked by
     ``aggregate.to_mask``. Words whose object is missing are kept with NaN IoU. ``method`` holds
     the method's label (``select.METHODS``); :func:`per_word` averages random-k's draws.
+    ``output`` (ConceptAttention's output-space map, not a head set) is scored where the records
+    carry it (MM-DiTs) and left out where they do not.
     """
     import pandas as pd
     rows = []
@@ -159,15 +162,21 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
         sets, weights = [], {}
         for k in ks:
             for m in methods:
+                if m in NOT_HEAD_SETS:
+                    if r.output is not None:
+                        sets.append((m, k, (m, None, 0)))
+                    continue
                 for d in range(draws if m == "random" else 1):
                     key = (m, None if m in ("daam", "soft") else k, d)  # DAAM and soft do not depend on k
                     if key not in weights:
                         weights[key] = weights_of(m, k, d, r)
                     sets.append((m, k, key))
         keys = list(weights)
-        scores = (np.full((len(keys), len(taus)), np.nan) if r.gt is None
-                  else mask_ious(mean_maps(torch.as_tensor(r.maps), torch.as_tensor(np.stack(list(weights.values())))),
-                                 r.gt, taus))
+        stack = mean_maps(torch.as_tensor(r.maps), torch.as_tensor(np.stack(list(weights.values()))))
+        if r.output is not None and any(m in NOT_HEAD_SETS for m, _, _ in sets):
+            keys.append(("output", None, 0))
+            stack = torch.cat([stack, torch.as_tensor(r.output, dtype=stack.dtype)[None]])
+        scores = np.full((len(keys), len(taus)), np.nan) if r.gt is None else mask_ious(stack, r.gt, taus)
         at = {key: i for i, key in enumerate(keys)}
         for j, tau in enumerate(taus):  # tau, then k, then method: the order tables list them in
             for m, k, key in sets:
@@ -232,7 +241,8 @@ def records_of(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_o
             cut.append((image_idx, word))
             continue
         maps = per_head_maps(hm, pos, heads).numpy()
-        out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound))
+        space = output_map(hm, word, occurrence).numpy() if hm.outputs else None
+        out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound, space))
     return out
 
 

@@ -34,6 +34,9 @@ class HeadMaps:
         segments: an MM-DiT's text sequence, when it joins several encoders' tokens: (offset,
             tokenizer, length) of each (SD3: CLIP at 0, T5 after CLIP's 77; Flux: T5 alone). A word's
             positions are its tokens in every segment. None: one tokenizer from position 0.
+        outputs: an MM-DiT's ConceptAttention output-space shares, layer -> [tokens, h, w] summed over
+            steps: each pixel's softmax over the prompt's word tokens of the products of its
+            attention output with theirs (0 at other positions). None for UNets.
     """
     maps: dict[str, torch.Tensor]
     steps: int
@@ -46,6 +49,7 @@ class HeadMaps:
     per_step: dict[str, torch.Tensor] | None = field(repr=False, default=None)
     tokens: list[int] | None = None
     segments: list[tuple[int, object, int]] | None = None
+    outputs: dict[str, torch.Tensor] | None = field(repr=False, default=None)
 
     def columns(self, positions) -> list[int]:
         """Where prompt token ``positions`` lie on the maps' token axis (the same unless the trace
@@ -62,7 +66,7 @@ class HeadMaps:
     @property
     def nbytes(self) -> int:
         """Memory of the maps (and per-step maps) in bytes."""
-        return sum(m.numel() * m.element_size() for d in (self.maps, self.per_step or {}) for m in d.values())
+        return sum(m.numel() * m.element_size() for d in (self.maps, self.per_step or {}, self.outputs or {}) for m in d.values())
 
     @property
     def layer_heads(self) -> dict[str, int]:

@@ -15,7 +15,9 @@ from .heads import HeadId, block_of
 
 # every aggregation method: key (used in code) -> label (used in tables and figures), defined once
 METHODS = {"daam": "DAAM (its heads)", "top": "top-k (selective)", "bottom": "bottom-k",
-           "random": "random-k", "soft": "soft (relevance-weighted)"}
+           "random": "random-k", "soft": "soft (relevance-weighted)", "output": "ConceptAttention (output space)"}
+# methods that are not head sets: scored from the records' own maps (MM-DiTs only; absent elsewhere)
+NOT_HEAD_SETS = ("output",)
 # DAAM's own head rule (daam 0.2.0): its locator never hooks the mid block, and it drops every
 # layer whose maps are at 1/8 of the latent resolution
 DAAM_SKIPS_FACTOR = 8
@@ -118,6 +120,9 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
                          "from a Relevance over the same heads (Relevance.row on this UNet's heads)")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method in NOT_HEAD_SETS:
+        raise ValueError(f"{method!r} is not a head set: it is scored from the output-space maps an MM-DiT trace "
+                         "records (aggregate.output_map)")
     weights = None
     if method == "daam":
         idx = np.flatnonzero(mask & np.array([block_of(h.layer) != "mid" for h in heads], bool))

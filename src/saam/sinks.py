@@ -16,37 +16,22 @@ import torch.nn.functional as F
 
 from .headmaps import HeadMaps
 from .heads import HeadId, block_of
+from .words import CLASSES, classes_of, segment_classes
 
-CLASSES = ("start", "words", "end", "padding")
 
 
 def token_classes(hm: HeadMaps) -> dict[str, list[int]]:
     """Token positions of the prompt by class: the start token, the prompt's words, the end token
-    (CLIP's first end-of-text, BERT's [SEP]) and the padding after it."""
+    (CLIP's first end-of-text, BERT's [SEP], T5's </s>) and the padding after it; on an MM-DiT, each
+    text encoder's segment so (``words.segment_classes``)."""
     if hm.tokens is not None:
         raise ValueError("the attention budget needs every token's map: trace without words=...")
     if hm.token_ids is None or hm.tokenizer is None:
         raise ValueError("token classes need the prompt's token ids (trace a pipeline call with a prompt)")
+    if hm.segments:
+        return segment_classes(hm.prompt, hm.segments)
     n = next(iter(hm.maps.values())).shape[1]
-    if not hm.segments:
-        return _classes(list(hm.token_ids), hm.tokenizer, n, start=True)  # CLIP's and BERT's ids open with one
-    out = {c: [] for c in CLASSES}  # an MM-DiT: each text encoder's tokens, at their place in the sequence
-    for offset, tok, length in hm.segments:
-        ids = tok(hm.prompt, padding="max_length", max_length=length, truncation=True).input_ids
-        opens = ids[0] in {getattr(tok, a, None) for a in ("bos_token_id", "cls_token_id")} - {None}
-        for c, pos in _classes(ids, tok, length, start=opens).items():
-            out[c] += [offset + p for p in pos]
-    return out
-
-
-def _classes(ids: list[int], tok, n: int, start: bool) -> dict[str, list[int]]:
-    """One tokenizer's classes over ``n`` positions; ``start``: whether the ids open with a start
-    token (CLIP, BERT; T5 has none)."""
-    s = int(start)
-    ends = {t for t in (tok.eos_token_id, tok.sep_token_id) if t is not None}
-    end = next((i for i in range(s, len(ids)) if ids[i] in ends), len(ids))
-    return dict(start=list(range(s)), words=list(range(s, end)), end=[end] if end < n else [],
-                padding=list(range(end + 1, n)))
+    return classes_of(list(hm.token_ids), hm.tokenizer, n, start=True)  # CLIP's and BERT's ids open with one
 
 
 def attention_budget(hm: HeadMaps, object_mask: np.ndarray | None = None) -> pd.DataFrame:

@@ -78,7 +78,7 @@ def table1_results(tab: pd.DataFrame, rel, params: dict, main: str) -> dict:
     head = dict(protocol=main, k=params["k"], tau=params["tau"], include_mid=params["include_mid"],
                 n_words=int(g.n_words.iloc[0]), n_missing=int(g.n_missing.iloc[0]), n_heads=len(rel.heads),
                 n_eligible=int(eligible(params, rel.heads).sum()), concepts=params["concepts"])
-    for m in METHODS:
+    for m in [m for m in METHODS if METHODS[m] in g.index]:  # ConceptAttention's on MM-DiTs only
         r = g.loc[METHODS[m]]
         head[f"miou_{m}"], head[f"miou_{m}_ci"] = float(r.mIoU), [float(r.ci_low), float(r.ci_high)]
         if m != "daam":

@@ -101,3 +101,28 @@ def token_positions(prompt: str, word: str, tokenizer, occurrence: int | str = 0
         raise WordNotFound(f"{word!r} lies beyond the text encoder's {limit}-token window "
                            f"(token {max(pos)}) and was truncated away")
     return pos
+
+
+CLASSES = ("start", "words", "end", "padding")  # what each position of a text-encoder input holds
+
+
+def classes_of(ids: list[int], tok, n: int, start: bool) -> dict[str, list[int]]:
+    """One tokenizer's ids over ``n`` positions by class; ``start``: whether they open with a start
+    token (CLIP, BERT; T5 has none). The end token is the first end-of-text / [SEP]."""
+    s = int(start)
+    ends = {t for t in (tok.eos_token_id, tok.sep_token_id) if t is not None}
+    end = next((i for i in range(s, len(ids)) if ids[i] in ends), len(ids))
+    return dict(start=list(range(s)), words=list(range(s, end)), end=[end] if end < n else [],
+                padding=list(range(end + 1, n)))
+
+
+def segment_classes(prompt: str, segments: list[tuple[int, object, int]]) -> dict[str, list[int]]:
+    """An MM-DiT's text sequence by class: each encoder's segment (offset, tokenizer, length)
+    tokenized as the pipeline pads it, its classes placed at the segment's offset."""
+    out: dict[str, list[int]] = {c: [] for c in CLASSES}
+    for offset, tok, length in segments:
+        ids = tok(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+        opens = ids[0] in {getattr(tok, a, None) for a in ("bos_token_id", "cls_token_id")} - {None}
+        for c, pos in classes_of(ids, tok, length, start=opens).items():
+            out[c] += [offset + p for p in pos]
+    return out
