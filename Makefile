@@ -85,8 +85,11 @@ test: $(STAMP)  ## unit tests, then every notebook with the smoke profile (artef
 test-unit: $(STAMP)  ## unit tests only (no notebooks)
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
-model: $(STAMP)  ## retrain organism VARIANT (A: from scratch, GPU ~20 min; B/C/D: fine-tuned from A, GPU ~9 min; resumable)
-ifeq ($(VARIANT),A)
+model: $(STAMP)  ## retrain organism VARIANT (A: from scratch, GPU ~20 min; B/C/D: fine-tuned from A, GPU ~9 min; mmdit: an SD3-style MM-DiT; resumable)
+ifeq ($(VARIANT),mmdit)
+	$(BIN)/python -m saam.shapes.dit train --run data/runs/mmdit --init data/shapesworld-model --steps 20000 --batch 256
+	$(BIN)/python -m saam.shapes.dit assemble --run data/runs/mmdit --init data/shapesworld-model --out data/variants/mmdit
+else ifeq ($(VARIANT),A)
 	$(BIN)/python -m saam.shapes.train vae --run data/runs/model --steps 6000 --batch 64
 	$(BIN)/python -m saam.shapes.train unet --run data/runs/model --steps 7600 --batch 256
 	$(BIN)/python -m saam.shapes.train assemble --run data/runs/model --out data/shapesworld-model

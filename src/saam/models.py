@@ -192,8 +192,12 @@ def load_model(params: dict):
     share_cores(device)
     with quiet():
         if params.get("model", "shapesworld") == "shapesworld":
-            from .shapes.model import load_pipeline
-            pipe = load_pipeline(path, device=device)  # fp32: the organism is small
+            from .shapes.model import load_pipeline, variant_of
+            if variant_of(path)["variant"] == "mmdit":  # the MM-DiT organism (saam.shapes.dit)
+                from .shapes.dit import load
+                pipe = load(path, device=device)
+            else:
+                pipe = load_pipeline(path, device=device)  # fp32: the organism is small
         else:
             from diffusers import DiffusionPipeline
             pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)

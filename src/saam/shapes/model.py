@@ -41,6 +41,9 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+MMDIT_ABOUT = "MM-DiT: SD3's joint-attention transformer (6 blocks, 4 heads of 32), flow matching, causal text encoder"
+
+
 def variant_folder(name: str) -> Path:
     """Where a variant's model folder lives: A is the originally trained ``data/shapesworld-model``,
     the others ``data/variants/<name>`` (fine-tuned from A; ``make model VARIANT=<name>``)."""
@@ -55,6 +58,8 @@ def variant_of(path) -> dict:
     f = Path(path) / "saam.json"
     v = json.loads(f.read_text()) if f.exists() else {"variant": "A"}
     name = v.get("variant", "A")
+    if name == "mmdit":  # the MM-DiT organism (saam.shapes.dit): a causal encoder, no padding mask
+        return dict(causal_text=True, mask_padding=False, heads=4, about=MMDIT_ABOUT, variant=name)
     if name not in VARIANTS:
         raise ValueError(f"{f}: unknown variant {name!r}; known: {sorted(VARIANTS)}")
     return dict(VARIANTS[name], variant=name)
@@ -189,6 +194,8 @@ def load_pipeline(path: str | Path | None = None, device: str = "cpu", dtype=tor
     path = Path(path) if path is not None else paths.MODEL_DIR
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(f"no ShapesWorld pipeline at {path}; run 'make model' to train one")
+    if variant_of(path)["variant"] == "mmdit":
+        raise ValueError(f"{path} holds the MM-DiT organism: load it with saam.shapes.dit.load (models.load_model does)")
     # quiet: diffusers expects CLIP (we use BERT on purpose), BERT's unused pooler is not stored
     with quiet():
         from diffusers import StableDiffusionPipeline
