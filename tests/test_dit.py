@@ -46,6 +46,22 @@ def reference(dit):
     return latents, calls, outs
 
 
+def traced_joint_calls(pipe, reference):
+    """A traced run of ``run(pipe)`` and the reference's joint-attention calls in forward order:
+    (HeadMaps, layers, text tokens, image tokens, their probabilities, their outputs); the text
+    encoders' and SD3.5's image-only attn2 calls are left out."""
+    from saam.heads import forward_order
+    _, calls, outs = reference
+    with trace(pipe) as tc:
+        run(pipe)
+    hm = tc[0]
+    layers = forward_order(joint_attention_layers(pipe.transformer))
+    text = hm.maps[layers[0]].shape[1]
+    n_img = hm.maps[layers[0]].shape[-1] * hm.maps[layers[0]].shape[-2]
+    joint = [(c, o) for c, o in zip(calls, outs) if c.shape[-1] == n_img + text]
+    return hm, layers, text, n_img, [c for c, _ in joint], [o for _, o in joint]
+
+
 def test_traced_images_equal_untraced_and_layers_are_the_joint_ones(dit):
     kind, pipe = dit
     assert is_dit(pipe)
@@ -66,14 +82,7 @@ def test_maps_are_the_processors_own_joint_softmax(dit, reference):
     """Per-head maps = each image query's probability on each text token, the softmax over image
     and text keys together, summed over steps (conditional rows only under guidance)."""
     kind, pipe = dit
-    _, calls, _ = reference
-    with trace(pipe) as tc:
-        run(pipe)
-    hm = tc[0]
-    layers = sorted(joint_attention_layers(pipe.transformer), key=lambda l: (l.startswith("single"), int(l.split(".")[1])))
-    text = hm.maps[layers[0]].shape[1]
-    n_img = hm.maps[layers[0]].shape[-1] * hm.maps[layers[0]].shape[-2]
-    joint = [c for c in calls if c.shape[-1] == n_img + text]  # text encoders' and SD3.5's image-only attn2 left out
+    hm, layers, text, n_img, joint, _ = traced_joint_calls(pipe, reference)
     assert len(joint) == len(layers) * hm.steps
     for i, layer in enumerate(layers):
         ref = 0
@@ -176,14 +185,7 @@ def test_output_space_maps_are_conceptattentions(dit, reference):
     from saam.select import METHODS
     from saam.words import segment_classes
     kind, pipe = dit
-    _, calls, outs = reference
-    with trace(pipe) as tc:
-        run(pipe)
-    hm = tc[0]
-    layers = sorted(joint_attention_layers(pipe.transformer), key=lambda l: (l.startswith("single"), int(l.split(".")[1])))
-    text = hm.maps[layers[0]].shape[1]
-    n_img = hm.maps[layers[0]].shape[-1] * hm.maps[layers[0]].shape[-2]
-    joint = [o for c, o in zip(calls, outs) if c.shape[-1] == n_img + text]
+    hm, layers, text, n_img, _, joint = traced_joint_calls(pipe, reference)
     words = torch.zeros(text, dtype=torch.bool)
     words[segment_classes(hm.prompt, hm.segments)["words"]] = True
     for i, layer in enumerate(layers):
