@@ -29,13 +29,18 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 SETTAG := $(if $(strip $(SET)),set-$(shell printf '%s' '$(SET)' | sha256sum | cut -c1-10))
 OUTDIR := build/$(PROFILE)$(if $(SETTAG),/$(SETTAG))
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
+# the chapters allocate through tcmalloc where the system has it (Debian/Ubuntu: libtcmalloc-minimal4;
+# TCMALLOC= turns it off): glibc's malloc hands the UNet's large activations back to the kernel and
+# page-faults them in again at every call; tcmalloc keeps them: fewer faults, faster batches, the same
+# numbers (`make bench`, figures/bench-allocator.json, measures both side by side)
+TCMALLOC ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4))
 # PROCESSES=n: every chapter under `accelerate launch` on n processes (GPUs, or CPU processes), batches split between them
-RUN := $(if $(filter-out 1,$(PROCESSES)),$(BIN)/accelerate launch --multi_gpu --num_processes $(PROCESSES) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS),$(BIN)/python)
+RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(if $(filter-out 1,$(PROCESSES)),$(BIN)/accelerate launch --multi_gpu --num_processes $(PROCESSES) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCELERATE_ARGS),$(BIN)/python)
 SRC := $(shell find src -name '*.py')
 DATA := data/concepts.yaml $(wildcard data/shapesworld-model/*/*.json data/variants/*/*/*.json)
 DEPS := $(OUTDIR)/deps.mk
 
-.PHONY: help env all check test test-unit model fidelity bench gpu-bench report lab clean distclean
+.PHONY: help env all check test test-unit model fidelity bench gpu-bench report lab clean distclean print-tcmalloc
 
 check: $(STAMP)  # the profile, overrides and (real models) weights, checked before any chapter runs
 	@$(BIN)/python scripts/run_notebook.py --check --profile $(PROFILE) --set "$(SET)"
@@ -113,6 +118,9 @@ report: $(STAMP)  ## HTML report from the executed notebooks -> build/<profile>/
 
 lab: $(STAMP)  ## JupyterLab on notebooks/ with the project's kernel (edit `profile` in a chapter's first cell)
 	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+print-tcmalloc:  # the allocator the chapters preload (scripts/bench.py compares it with glibc's)
+	@echo $(TCMALLOC)
 
 clean:  ## remove build products and caches (never the model, inputs or committed figures)
 	rm -rf build data/cache .pytest_cache

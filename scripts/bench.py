@@ -2,8 +2,11 @@
 and the per-notebook times of the last `make all` (build/<profile>/timings.json).
 
 Writes figures/bench-capture.json (overhead_ratio = traced / plain wall time, median of
-interleaved repeats; peak RSS overhead at two step counts, to show memory is flat in steps) and
-figures/bench-relevance.json (relevance pass / plain generation of the same prompts).
+interleaved repeats; peak RSS overhead at two step counts, to show memory is flat in steps),
+figures/bench-relevance.json (relevance pass / plain generation of the same prompts),
+figures/bench-dit.json (the same on MM-DiTs) and figures/bench-allocator.json (the paper profile's
+batch under glibc's malloc and under tcmalloc, which `make all` preloads where the system has it).
+`python scripts/bench.py allocator` runs the last one alone.
 """
 import json
 from pathlib import Path
@@ -49,6 +52,55 @@ def child(mode: str, steps: int) -> None:
         stored = sum(m.numel() * m.element_size() for hm in tc for m in hm.maps.values())
     done.set(); th.join()
     print(json.dumps(dict(added_mb=(top[0] - base) / 2**20, stored_mb=stored / 2**20)))
+
+
+def batch_child() -> None:
+    """One paper-profile batch (32 images, 10 steps; warm-up, then 3 timed) in a fresh process: its
+    times, the page faults it took, and a hash of its latents (equal under either allocator)."""
+    import hashlib
+    import resource
+    from saam import chapter, steps
+    from saam.models import load_model
+    p = chapter.load("paper")
+    pipe = load_model(p)
+    caps = [s.caption for s in steps.eval_scenes(p, "test", 32)]
+
+    def run():
+        return pipe(caps, num_inference_steps=10, guidance_scale=p["guidance"], generator=steps.generators(p, 32),
+                    output_type="latent").images
+    run()
+    faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []
+    for _ in range(3):
+        t = time.perf_counter(); lat = run(); times.append(time.perf_counter() - t)
+    print(json.dumps(dict(s=statistics.median(times), faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+                          latents=hashlib.sha256(lat.float().numpy().tobytes()).hexdigest()[:16])))
+
+
+def allocator(repeats: int = 4) -> dict | None:
+    """glibc's malloc against tcmalloc (the Makefile's TCMALLOC) on the same batch, one fresh process
+    each, alternating; the median of per-repeat time ratios. None where the system has no tcmalloc."""
+    lib = subprocess.run(["make", "-s", "--no-print-directory", "-f", "Makefile", "print-tcmalloc"], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[1]).stdout.strip()
+    if not lib:
+        print("allocator: no tcmalloc on this system (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+        return None
+    runs = {"glibc": [], "tcmalloc": []}
+    for _ in range(repeats):
+        for name, pre in (("glibc", ""), ("tcmalloc", lib)):
+            env = dict(os.environ, LD_PRELOAD=pre)
+            out = subprocess.run([sys.executable, __file__, "--batch"], check=True, capture_output=True, text=True,
+                                 env=env).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    ratio = statistics.median(a["s"] / b["s"] for a, b in zip(runs["glibc"], runs["tcmalloc"]))
+    same = len({r["latents"] for v in runs.values() for r in v}) == 1
+    res = dict(glibc_over_tcmalloc=ratio, same_latents=same, library=lib, repeats=repeats,
+               batch="paper profile, 32 images, 10 steps, median of 3 per process",
+               glibc_s=[r["s"] for r in runs["glibc"]], tcmalloc_s=[r["s"] for r in runs["tcmalloc"]],
+               glibc_faults=statistics.median(r["faults"] for r in runs["glibc"]),
+               tcmalloc_faults=statistics.median(r["faults"] for r in runs["tcmalloc"]))
+    print(f"allocator: glibc / tcmalloc time = {ratio:.3f}; page faults per 3 batches {res['glibc_faults']:,.0f} "
+          f"against {res['tcmalloc_faults']:,.0f}; latents identical: {same}")
+    return res
 
 
 def peak(mode: str, steps: int) -> dict:
@@ -111,6 +163,9 @@ def main() -> None:
     for k, v in dit["models"].items():
         print(f"MM-DiT capture ({k}): traced/plain = {v['overhead_ratio']:.3f} (target <= 1.05); "
               f"concept stream / plain = {v['stream_ratio']:.2f}")
+    alloc = allocator()
+    if alloc:
+        (figures / "bench-allocator.json").write_text(json.dumps(alloc, indent=1))
     sys.path.insert(0, str(Path(__file__).parent))
     from run_notebook import timings_report
     for profile in ("paper", "smoke"):
@@ -164,5 +219,12 @@ def dit_capture(steps: int = 4, repeats: int = 5) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--batch":
+        batch_child()
+    elif len(sys.argv) > 1 and sys.argv[1] == "allocator":
+        from saam import paths
+        res = allocator()
+        if res:
+            (paths.figures_dir("paper") / "bench-allocator.json").write_text(json.dumps(res, indent=1))
     else:
         main()

@@ -110,10 +110,11 @@ def test_one_traced_generation_feeds_records_and_budget(tmp_path, monkeypatch):
 def test_bf16_weights_compute_what_autocast_computes():
     """``models.autocast_bf16`` stores the UNet's linear and convolution weights in bfloat16 once;
     autocast casts exactly those at every call, so the images are the same, bit for bit, as under
-    autocast with float32 weights (and not the float32 images: autocast is on)."""
+    autocast with float32 weights (and not the float32 images: autocast is on). The text states are
+    cast once per call too (shown failing once with a float16 cast there)."""
     from saam.models import _autocast, autocast_bf16
     from saam.testing import tiny_pipeline
-    out = {}
+    out, kinds = {}, {}
     for how in ("fp32", "autocast", "stored"):
         pipe = tiny_pipeline("sd1")
         pipe.set_progress_bar_config(disable=True)
@@ -123,6 +124,12 @@ def test_bf16_weights_compute_what_autocast_computes():
             autocast_bf16(pipe.unet)
             assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
             assert all(m.weight.dtype == torch.float32 for m in pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm))
+        seen = []  # what the first cross-attention's key projection is handed
+        to_k = next(m for n, m in pipe.unet.named_modules() if n.endswith("attn2")).to_k
+        to_k.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
         out[how] = pipe(["a red cat", "a dog"], num_inference_steps=3, guidance_scale=5.0,
                         generator=torch.Generator().manual_seed(0), output_type="latent").images
+        kinds[how] = set(seen)
     assert torch.equal(out["stored"], out["autocast"]) and not torch.equal(out["stored"], out["fp32"])
+    # the text states are cast once per call ("stored"), not by autocast at every projection
+    assert kinds == {"fp32": {torch.float32}, "autocast": {torch.float32}, "stored": {torch.bfloat16}}
