@@ -151,7 +151,19 @@ def specialisation(matrix_row: np.ndarray) -> float:
         return float("nan")
     q = r / r.sum()
     q = q[q > 0]
-    return float(1 + (q * np.log(q)).sum() / np.log(len(r)))
+    return float(1 + (q * _log(q)).sum() / np.log(len(r)))
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    """``np.log(x)`` computed on 64-byte aligned copies: numpy's vectorised log rounds some last
+    bits differently depending on where its arrays start in memory, so the memory allocator
+    (glibc's, or the tcmalloc ``make all`` preloads) would otherwise decide them (tested)."""
+    buf = np.empty(2 * x.size + 16, np.float64)
+    i = (-buf.ctypes.data % 64) // 8
+    j = i + x.size + (-x.size % 8)
+    a, out = buf[i:i + x.size], buf[j:j + x.size]
+    a[:] = x
+    return np.log(a, out=out).copy()
 
 
 def concentration_table(rel: "Relevance", concepts: list[str] | None = None, top: float = 0.25,
