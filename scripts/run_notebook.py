@@ -70,6 +70,17 @@ def timings_report(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def destination(dst: Path, rank: int) -> tuple[Path, Path | None]:
+    """Where process ``rank``'s executed chapter goes, and its figures folder (None: the profile's).
+    Under `accelerate launch` the other processes share the batches and only rank 0's outputs land;
+    the others write beside it, under ``rank<r>/``: absolute paths, since the kernel runs in
+    ``notebooks/`` (a relative one once put rank 1's figures under ``notebooks/build/``)."""
+    if not rank:
+        return dst, None
+    dst = dst.resolve().parent / f"rank{rank}" / dst.name
+    return dst, dst.parent / "figures"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src", nargs="?")
@@ -90,20 +101,22 @@ def main() -> None:
     if a.deps:
         print(deps(a.deps, [a.src, *([a.dst] if a.dst else []), *a.more]), end="")
         return
-    dst = Path(a.dst)
     from saam.runs import processes
     rank = processes()[0]
-    if rank:  # under `accelerate launch`: the other processes share the batches; only rank 0's outputs land
-        dst = dst.parent / f"rank{rank}" / dst.name
-        os.environ["SAAM_FIGURES"] = str(dst.parent / "figures")
+    dst, figures = destination(Path(a.dst), rank)
+    if figures is not None:
+        os.environ["SAAM_FIGURES"] = str(figures)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
     import papermill as pm
     check(a.profile, a.set)
+    # the kernel is stopped at once after its last cell (whose outputs have all arrived and whose files
+    # are written: every write in a cell is synchronous); a graceful shutdown waited 2.4 s per chapter
+    # for the interpreter to tear down torch
     pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile, overrides=a.set),
                         kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
-                        report_mode=False)
+                        report_mode=False, shutdown_kernel="immediate")
     os.replace(tmp, dst)  # only a finished notebook counts as built
     if not rank:
         record(dst.parent / "timings.json", dst.stem, t0, time.time())

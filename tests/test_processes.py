@@ -34,3 +34,16 @@ def test_two_processes_give_what_one_gives(tmp_path):
     assert n1 == n2 and n1
     assert one["records"] > 0 and one["votes"] == two["votes"] and one["maps"] == two["maps"]
     assert one["table"] == two["table"]
+
+
+def test_other_ranks_write_beside_the_chapter_not_under_notebooks(monkeypatch, tmp_path):
+    """Under `accelerate launch` rank 1's chapter and figures go to ``<outdir>/rank1/``, an absolute
+    path: the kernel runs in ``notebooks/``, where a relative one once landed (``notebooks/build/``)."""
+    sys.path.insert(0, str(paths.ROOT / "scripts"))
+    from pathlib import Path
+    from run_notebook import destination
+    monkeypatch.chdir(tmp_path)
+    chapter = Path("build/paper/03-miou.ipynb")
+    assert destination(chapter, 0) == (chapter, None)
+    dst, figures = destination(chapter, 1)
+    assert dst == tmp_path / "build/paper/rank1/03-miou.ipynb" and figures == tmp_path / "build/paper/rank1/figures"
