@@ -185,8 +185,9 @@ def autocast_bf16(unet) -> None:
     organism D: 12,900 casts per 16-image, 30-step batch, 13 % of its time), so storing them so
     gives the same numbers, bit for bit (tested), without the casts. Norms stay in fp32.
 
-    Likewise a UNet's text states: in a UNet whose cross-attention reads them only through its key
-    and value projections (no ``norm_cross``, no ``encoder_hid_proj``), autocast cast them to
+    Likewise a UNet's text states: in a UNet that reads them only through its cross-attention key
+    and value projections (no ``norm_cross``, added key/value projections, ``encoder_hid_proj`` or
+    "text" addition embedding, each of which would see them in float32), autocast cast them to
     bfloat16 at each of those (22 casts per step on the organism, 3 % of its time); they are cast
     once per call instead, the same numbers (tested)."""
     dit = not hasattr(unet, "up_blocks")

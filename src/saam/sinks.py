@@ -19,7 +19,6 @@ from .heads import HeadId, block_of
 from .words import CLASSES, classes_of, segment_classes
 
 
-
 def token_classes(hm: HeadMaps) -> dict[str, list[int]]:
     """Token positions of the prompt by class: the start token, the prompt's words, the end token
     (CLIP's first end-of-text, BERT's [SEP], T5's </s>) and the padding after it; on an MM-DiT, each

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -150,17 +149,11 @@ def load(path: Path, device: str = "cpu"):
     return pipe.to(device)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train(run: Path, init: Path, minutes: float, steps: int, batch: int, lr: float, seed: int, warmup: int = 500,
           p_uncond: float = 0.1, workers: int | None = None) -> int:
     """Flow-matching training of the transformer (resumes from ``<run>/mmdit.pt``); returns the step reached."""
     from diffusers import AutoencoderKL
-    from .train import _SceneStream, _log
+    from .train import _SceneStream, _log, _save_atomic, warmup_cosine
     from .world import render_from_params
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = AutoencoderKL.from_pretrained(Path(init) / "vae", local_files_only=True).float().to(dev).eval().requires_grad_(False)
@@ -193,7 +186,7 @@ def train(run: Path, init: Path, minutes: float, steps: int, batch: int, lr: flo
         t = torch.sigmoid(torch.randn(len(x0), generator=gen, device=dev))  # logit-normal, as SD3
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = warmup_cosine(step, lr, warmup, steps)
         with torch.autocast(**amp):
             pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=ctx, pooled_projections=pooled,
                       return_dict=False)[0]

@@ -68,6 +68,12 @@ class _SceneStream(torch.utils.data.IterableDataset):
             yield step, ids, render_params([sc.objects for sc in scenes])
 
 
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps, then a cosine from ``lr``
+    down to a tenth of it at ``steps`` (the UNet organisms' and the MM-DiT's schedule)."""
+    return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def _log(run: Path, stage: str, row: dict) -> None:
     with open(run / f"{stage}-log.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -201,8 +207,7 @@ def train_unet(run: Path, minutes: float, steps: int, batch: int, lr: float, see
         a = acp[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
         for g in opt.param_groups:
-            warm = min(1.0, (step + 1) / warmup)
-            g["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = warmup_cosine(step, lr, warmup, steps)
         with torch.autocast(**amp):
             pred = unet(noisy, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
         loss = F.mse_loss(pred.float(), noise)
