@@ -20,13 +20,22 @@ export PYTHONUNBUFFERED := 1
 export TOKENIZERS_PARALLELISM := false
 
 PROFILES := $(basename $(notdir $(wildcard params/*.yaml)))
-ifeq ($(filter $(PROFILE),$(PROFILES)),)
-$(error no profile '$(PROFILE)' (params/$(PROFILE).yaml); known profiles: $(PROFILES))
+# PROFILE must be exactly one known name (it reaches the shell unquoted); its raw text, never expanded
+ifneq ($(filter $(value PROFILE),$(PROFILES)),$(value PROFILE))
+$(error no profile '$(value PROFILE)' (params/<name>.yaml); known profiles: $(PROFILES))
 endif
+# SET reaches the programs as data, never as shell code: its raw text (make expands no $(...) in it),
+# single-quoted for the shell with each ' written as '\'' (tests/test_inputs.py passes quotes, $(),
+# backticks and semicolons and checks that no command runs)
+SET_RAW := $(value SET)
+# nor through the environment: make exports command-line variables to every recipe, expanding them first
+unexport SET
+SETQ := '$(subst ','\'',$(SET_RAW))'
+
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 # a run with overrides has folders of its own (saam.paths.overrides_tag forms the same name), so it
 # re-runs every chapter and never overwrites a plain run's outputs or the committed figures/
-SETTAG := $(if $(strip $(SET)),set-$(shell printf '%s' '$(SET)' | sha256sum | cut -c1-10))
+SETTAG := $(if $(strip $(SET_RAW)),set-$(shell printf '%s' $(SETQ) | sha256sum | cut -c1-10))
 OUTDIR := build/$(PROFILE)$(if $(SETTAG),/$(SETTAG))
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 # the chapters allocate through tcmalloc where the system has it (Debian/Ubuntu: libtcmalloc-minimal4;
@@ -43,7 +52,7 @@ DEPS := $(OUTDIR)/deps.mk
 .PHONY: help env all check test test-unit model fidelity bench gpu-bench report lab clean distclean print-tcmalloc
 
 check: $(STAMP)  # the profile, overrides and (real models) weights, checked before any chapter runs
-	@$(BIN)/python scripts/run_notebook.py --check --profile $(PROFILE) --set "$(SET)"
+	@$(BIN)/python scripts/run_notebook.py --check --profile $(PROFILE) --set $(SETQ)
 
 help:  ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -69,7 +78,7 @@ all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default pap
 # import closure, lazy imports included: $(DEPS), written by the runner from the chapters' imports)
 $(OUTDIR)/%.ipynb: notebooks/%.ipynb params/$(PROFILE).yaml $(DATA) | $(STAMP)
 	@mkdir -p $(OUTDIR)
-	$(RUN) scripts/run_notebook.py $< $@ --profile $(PROFILE) --set "$(SET)"
+	$(RUN) scripts/run_notebook.py $< $@ --profile $(PROFILE) --set $(SETQ)
 
 $(DEPS): $(NOTEBOOKS) $(SRC) | $(STAMP)
 	@mkdir -p $(OUTDIR)
@@ -114,7 +123,7 @@ gpu-bench: $(STAMP)  ## on a CUDA machine: fp16 SD v1.4 / SDXL traced/plain, ima
 	$(BIN)/python scripts/gpu_bench.py
 
 report: $(STAMP)  ## HTML report from the executed notebooks -> build/<profile>/report/index.html
-	$(BIN)/python scripts/report.py --profile $(PROFILE) --set "$(SET)"
+	$(BIN)/python scripts/report.py --profile $(PROFILE) --set $(SETQ)
 
 lab: $(STAMP)  ## JupyterLab on notebooks/ with the project's kernel (edit `profile` in a chapter's first cell)
 	$(BIN)/jupyter lab --notebook-dir=notebooks

@@ -16,13 +16,22 @@ import time
 from pathlib import Path
 
 
-def check(profile: str, overrides: str) -> None:
-    """A bad profile or override, or missing weights, stop here, before any kernel starts."""
+def check(profile: str, overrides: str, say: bool = False) -> None:
+    """A bad profile or override, or missing weights, stop here, before any kernel starts; with
+    ``say`` (``make check``) the run's size is printed, and a warning where it is past an hour."""
     from saam.chapter import load
     try:
-        load(profile, overrides)
+        p = load(profile, overrides)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
+    if say:
+        from saam.models import precision, resolve_device
+        from saam.profiles import estimate
+        device = resolve_device(p.get("device", "auto"))[0]
+        line, warn = estimate(p, precision(p), "cpu" if device == "cpu" else "cuda")
+        print(line)
+        if warn:
+            print(warn, file=sys.stderr)
 
 
 def deps(outdir: str, notebooks: list[str]) -> str:
@@ -93,7 +102,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="only validate the profile (and a real model's weights)")
     a = ap.parse_args()
     if a.check:
-        check(a.profile, a.set)
+        check(a.profile, a.set, say=True)
         return
     if a.timings:
         print(timings_report(Path(a.timings)))

@@ -22,6 +22,9 @@ def main(out: str) -> None:
     recs, _, _ = steps.records(pipe, p, "generation", rel.heads)
     table = miou_table(tables.score(recs, rel, p))
     maps = hashlib.sha256(b"".join(np.ascontiguousarray(r.maps).tobytes() for r in recs)).hexdigest()
+    from saam.runs import GENERATED
+    with open(f"{out}.rank{processes()[0]}", "w") as f:  # the batches this process generated, counted
+        json.dump(GENERATED, f)
     if processes()[0] == 0:
         with open(out, "w") as f:
             json.dump(dict(votes=rel.prompt_votes.tolist(), records=len(recs), maps=maps,

@@ -202,3 +202,155 @@ def test_a_caption_longer_than_the_window_skips_the_cut_word_with_a_count(sd1, c
                                   progress=False)
     assert [(r.image, r.word) for r in recs] == [(0, "dog"), (1, "cat")]
     assert "1 caption word(s) lay beyond the text encoder's window and were skipped" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ round three (issue 29)
+
+def test_cfg_forced_against_the_pipeline_is_refused_and_honoured_where_it_agrees(sd1):
+    """guidance_scale=1 runs no negative half: cfg=True would label the second prompt's rows as the
+    first's. Refused; where the pipeline agrees, forcing it gives what following it gives."""
+    import torch
+    from conftest import run
+    from saam.capture import CaptureError, trace
+    with pytest.raises(CaptureError, match=r"trace\(cfg=True\) contradicts StableDiffusionPipeline, which runs this call without"):
+        with trace(sd1, cfg=True):
+            run(sd1, ["a red cat", "a blue dog"], guidance_scale=1.0)
+    with pytest.raises(CaptureError, match=r"trace\(cfg=False\) contradicts .* with classifier-free guidance"):
+        with trace(sd1, cfg=False):
+            run(sd1, ["a red cat", "a blue dog"], guidance_scale=5.0)
+    with trace(sd1) as follow:
+        run(sd1, ["a red cat", "a blue dog"], guidance_scale=1.0)
+    with trace(sd1, cfg=False) as forced:
+        run(sd1, ["a red cat", "a blue dog"], guidance_scale=1.0)
+    assert [h.prompt for h in forced] == ["a red cat", "a blue dog"] == [h.prompt for h in follow]
+    assert all(torch.equal(a.maps[l], b.maps[l]) for a, b in zip(follow, forced) for l in a.maps)
+
+
+def test_flux_true_cfg_labels_the_maps_with_the_prompt_and_they_are_its_own():
+    """FLUX.1 with true_cfg_scale > 1 and a negative prompt encodes and runs the negative prompt in
+    calls of its own: the maps are the prompt's (at the first step, where both runs see the same
+    latents, identical to a run without the negative prompt)."""
+    import torch
+    from saam.aggregate import word_map
+    from saam.capture import trace
+    from saam.testing import tiny_dit_pipeline
+    pipe = tiny_dit_pipeline("flux")
+    pipe.set_progress_bar_config(disable=True)
+    run = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=32, output_type="latent")
+    with trace(pipe, per_step=True) as neg:
+        pipe("a red cat", negative_prompt="a blue dog", true_cfg_scale=4.0, generator=torch.Generator().manual_seed(0), **run)
+    with trace(pipe, per_step=True) as plain:
+        pipe("a red cat", generator=torch.Generator().manual_seed(0), **run)
+    assert len(neg) == 1 and neg[0].prompt == "a red cat" and neg[0].steps == 2
+    assert word_map(neg[0], "cat").ndim == 2
+    assert all(torch.equal(neg[0].per_step[l][0], plain[0].per_step[l][0]) for l in plain[0].maps)
+    assert not all(torch.equal(neg[0].per_step[l][1], plain[0].per_step[l][1]) for l in plain[0].maps)  # CFG acted
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method", ["top", "bottom", "soft", "daam", "random"])
+def test_non_finite_relevance_names_the_concept_and_the_head(method, bad):
+    from saam.heads import HeadId
+    from saam.select import head_set
+    heads = [HeadId("down_blocks.0.attn2", h) for h in range(4)] + [HeadId("up_blocks.1.attn2", h) for h in range(4)]
+    row = np.linspace(0.1, 1.9, 8)
+    row[5] = bad
+    with pytest.raises(ValueError, match=r"relevance row of concept 'Color' is (nan|inf|-inf) at head up_blocks.1.attn2\[1\].*must be finite"):
+        head_set(method, heads, row, 0.5, concept="Color")
+    row[5] = 1.0
+    assert len(head_set(method, heads, row, 0.5, concept="Color").index)  # finite: as before
+
+
+def test_trace_with_no_layers_lists_the_layer_names(sd1):
+    from saam.capture import cross_attention_layers, trace
+    for layers in ([], (), "down_blocks.0.attentions.0.transformer_blocks.0.attn2"):
+        with pytest.raises(ValueError, match="one or more cross-attention layer names.*down_blocks"):
+            with trace(sd1, layers=layers):
+                pass
+    names = sorted(cross_attention_layers(sd1.unet))
+    with pytest.raises(ValueError) as e:
+        with trace(sd1, layers=[]):
+            pass
+    assert all(n in str(e.value) for n in names)
+
+
+def test_duplicate_image_ids_are_reported_as_duplicates(tmp_path):
+    two = [dict(id=1, file_name="a.png", height=20, width=30), dict(id=1, file_name="b.png", height=20, width=30)]
+    with pytest.raises(DatasetError, match=r"images\[1\] repeats id 1 of images\[0\]; ids must be unique"):
+        read_coco(_dataset(tmp_path / "img", images=two))
+    anns = [dict(id=7, image_id=1, category_id=1, segmentation=POLY, area=100, bbox=[0, 0, 10, 10], iscrowd=0)] * 2
+    with pytest.raises(DatasetError, match=r"annotations\[1\] repeats id 7"):
+        read_coco(_dataset(tmp_path / "ann", anns=anns))
+
+
+HOSTILE = ['steps=4" ; touch {m} ; echo "', "steps=4' ; touch {m} ; echo '", "steps=$(touch {m})", "steps=`touch {m}`",
+           "steps=4;touch {m}", "steps=$(shell touch {m})", "steps=4 $$(touch {m})", "steps=4\\'; touch {m} #"]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_set_reaches_the_program_as_data_never_through_a_shell(tmp_path, text):
+    """Quotes, $(), backticks, semicolons (and make's own $(shell ...)) in SET run no command: make
+    check sees them as the override text, and the folder make names is the one the package names."""
+    from saam import paths
+    marker = tmp_path / "ran"
+    value = text.format(m=marker)
+    for target in (["check"], ["-n", "all"]):
+        r = subprocess.run(["make", *target, "PROFILE=smoke", f"SET={value}"], cwd=paths.ROOT, capture_output=True, text=True)
+        assert not marker.exists(), (value, r.stdout, r.stderr)
+    assert f"build/smoke/{paths.overrides_tag(value)}/00-shapesworld-model.ipynb" in r.stdout
+    r = subprocess.run(["make", "check", "PROFILE=smoke", f"SET={value}"], cwd=paths.ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "error:" in r.stderr and not marker.exists()
+
+
+def test_a_profile_name_is_one_known_word(tmp_path):
+    from saam import paths
+    marker = tmp_path / "ran"
+    r = subprocess.run(["make", "check", f"PROFILE=smoke ; touch {marker}"], cwd=paths.ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "no profile 'smoke ; touch" in r.stderr and not marker.exists()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model_path=/nonexistent", "no ShapesWorld organism at /nonexistent"),
+    ("variants=[Z]", "variants: unknown variant 'Z'; known: \\['A', 'B', 'C', 'D'\\]"),
+    ("k_sweep=[0.25,0.25]", "k_sweep lists 0.25 more than once"),
+    ("tau_sweep=[0.3,0.4,0.3]", "tau_sweep lists 0.3 more than once"),
+    ("variants=[A,A]", "variants lists A more than once")])
+def test_make_check_refuses_what_cannot_run(override, match):
+    from saam import paths
+    r = subprocess.run(["make", "check", "PROFILE=smoke", f"SET={override}"], cwd=paths.ROOT, capture_output=True, text=True)
+    assert r.returncode != 0, r.stdout
+    import re
+    assert re.search(match, r.stderr), r.stderr
+
+
+def test_make_check_estimates_the_run_and_warns_past_an_hour():
+    from saam import paths
+    from saam.profiles import estimate, load as load_profile, run_size
+    small = load_profile("smoke")
+    big = load_profile("smoke", "steps=100000")
+    assert sum(run_size(big).values()) == sum(run_size(small).values()) // 8 * 100000  # linear in the steps
+    assert estimate(small, "bf16", "cpu")[1] is None
+    line, warn = estimate(big, "fp32", "cpu")
+    assert "9,800,000 image-steps" in line and "more than an hour" in warn
+    assert "memory grows" in estimate(load_profile("smoke", "n_eval=500 batch_size=1000"), "bf16", "cpu")[1]
+    assert "batch_size 1,000,000 is more than any pass holds" in estimate(load_profile("smoke", "batch_size=1000000"), "bf16", "cpu")[0]
+    assert estimate(big, "fp16", "cuda")[1] is None  # no rate measured on a GPU: the size alone
+    r = subprocess.run(["make", "check", "PROFILE=smoke", "SET=steps=100000"], cwd=paths.ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "image-steps" in r.stdout and "more than an hour" in r.stderr
+
+
+def test_a_folder_whose_denoiser_and_text_encoder_disagree_in_width(tmp_path):
+    """An SD1 folder whose UNet expects another text width than its encoder gives fails in make
+    check, naming both numbers (it used to fail later, inside diffusers, with a shape error)."""
+    from saam.models import check_model_folder
+    from saam.testing import save_tiny
+    for kind, profile, den, key in (("sd1", "sd14", "unet", "cross_attention_dim"), ("sdxl", "sdxl", "unet", "cross_attention_dim"),
+                                    ("sd3", "sd3", "transformer", "joint_attention_dim"), ("flux", "flux", "transformer", "joint_attention_dim")):
+        folder = save_tiny(kind, tmp_path / kind)
+        check_model_folder(folder, profile, profile)
+        f = folder / den / "config.json"
+        cfg = json.loads(f.read_text())
+        cfg[key] = (cfg[key][0] if isinstance(cfg[key], list) else cfg[key]) + 8
+        f.write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=f"{den}/config.json has {key} .* but .* is .*different models"):
+            check_model_folder(folder, profile, profile)

@@ -34,6 +34,24 @@ def test_two_processes_give_what_one_gives(tmp_path):
     assert n1 == n2 and n1
     assert one["records"] > 0 and one["votes"] == two["votes"] and one["maps"] == two["maps"]
     assert one["table"] == two["table"]
+    # counted, not inferred from equal outputs: each process generated only its share of the batches
+    alone = json.loads((tmp_path / "one.json.rank0").read_text())
+    r0, r1 = (json.loads((tmp_path / f"two.json.rank{r}").read_text()) for r in (0, 1))
+    assert alone and set(r0) | set(r1) == set(alone)
+    for name, n in alone.items():
+        assert r0.get(name, 0) + r1.get(name, 0) == n, name  # no batch made twice
+        assert r0.get(name, 0) >= r1.get(name, 0) >= 1, (name, r0, r1)  # rank r makes batches r, r + 2, ...
+
+
+def test_a_process_outside_its_group_is_refused():
+    """RANK / WORLD_SIZE say rank 1 of 2, but the group it joined is one process: it would redo rank
+    0's batches and write rank 0's outputs; refused before any work."""
+    from types import SimpleNamespace
+    from saam.runs import check_group
+    check_group(SimpleNamespace(process_index=1, num_processes=2), 1, 2)
+    for state in (SimpleNamespace(process_index=0, num_processes=1), SimpleNamespace(process_index=0, num_processes=2)):
+        with pytest.raises(RuntimeError, match="would duplicate another rank's work"):
+            check_group(state, 1, 2)
 
 
 def test_other_ranks_write_beside_the_chapter_not_under_notebooks(monkeypatch, tmp_path):

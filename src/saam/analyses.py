@@ -45,7 +45,8 @@ def relevance_vs_localisation(recs, rel, params: dict):
     for c, v in head_iou.items():
         if not len(v):
             continue
-        oracle = head_set("top", rel.heads, v, params["k"], mask=mask)
+        # a head whose IoU is undefined on every word (NaN) ranks last, as it did before the finite check
+        oracle = head_set("top", rel.heads, np.where(np.isnan(v), -1.0, v), params["k"], mask=mask)
         words = [r for r in recs if r.kind == c and r.gt is not None]
         ious = [mask_ious(mean_map(r.maps[oracle.index])[None], r.gt, [params["tau"]])[0, 0] for r in words]
         rows.append(dict(concept=c, spearman_rho=float(spearmanr(rel.row(c)[mask], v[mask]).statistic),

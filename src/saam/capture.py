@@ -129,7 +129,14 @@ class Tracker:
     def begin_call(self, batch: int, latent: tuple[int, int], t) -> None:
         """A denoiser call on ``batch`` rows at latent size ``latent``: which rows to record; a new
         pipeline call starts the observer afresh."""
-        cfg = getattr(self.pipe, "do_classifier_free_guidance", None) if self.cfg is None else self.cfg
+        own = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if self.cfg is not None and own is not None and bool(own) != self.cfg:
+            raise CaptureError(
+                f"trace(cfg={self.cfg}) contradicts {type(self.pipe).__name__}, which runs this call "
+                + ("with" if own else "without") + " classifier-free guidance (its batch of " + str(batch) + " rows is "
+                + ("[negative; prompt]" if own else "the prompts alone, no negative half")
+                + "): leave cfg=None to follow the pipeline, or change guidance_scale")
+        cfg = own if self.cfg is None else self.cfg
         if cfg is None:
             raise CaptureError(f"cannot tell whether {type(self.pipe).__name__} uses classifier-free "
                                "guidance; pass trace(pipe, cfg=True/False)")
@@ -431,6 +438,9 @@ def _select_layers(model, available: dict[str, object], layers: list[str] | None
         raise ValueError(f"{type(model).__name__} has no {what} layers to trace")
     if layers is None:
         return available
+    if isinstance(layers, str) or not len(layers):
+        raise ValueError(f"layers={layers!r}: give a list of one or more {what} layer names of this "
+                         f"{type(model).__name__}, or None for all: {sorted(available)}")
     unknown = set(layers) - set(available)
     if unknown:
         raise ValueError(f"not {what} layers of this {type(model).__name__}: {sorted(unknown)}")
@@ -650,6 +660,10 @@ class JointTracker(Tracker):
         self._last_t = None
 
     def on_encode(self, args, kwargs) -> None:
+        if self._fresh and self.prompts is not None:
+            # a second encoding before the first denoiser call: FLUX.1's true CFG encodes the negative
+            # prompt with a call of its own; the recorded branch stays the prompt's (its ids came first)
+            return
         self.on_encode_prompt()
         prompt = kwargs.get("prompt", args[0] if args else None)
         others = [kwargs.get(k) for k in ("prompt_2", "prompt_3")]
@@ -663,7 +677,6 @@ class JointTracker(Tracker):
         hs = args[0] if args else kwargs["hidden_states"]
         t = kwargs.get("timestep")
         ehs = kwargs.get("encoder_hidden_states")
-        self.text_len = ehs.shape[1]
         if hs.ndim == 4:  # SD3: [n, channels, h, w] latents
             latent = tuple(hs.shape[-2:])
             cfg = None
@@ -676,6 +689,7 @@ class JointTracker(Tracker):
             self.rows = None
             return
         self._last_t = t0
+        self.text_len = ehs.shape[1]
         if self.cfg is None and cfg is not None:
             self.cfg = cfg
         if self._fresh and self.prompts is not None:

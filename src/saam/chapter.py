@@ -82,13 +82,21 @@ def _show_inline(png: bytes) -> None:
 
 
 def load(profile: str | None = None, overrides: str | dict | None = None) -> dict:
-    """A profile's parameters (``saam.profiles.load``); a real model's also check that its weights
-    are there, so a run stops before any chapter writes anything if they are not."""
+    """A profile's parameters (``saam.profiles.load``), with its model folder checked (and every
+    organism variant it compares): a run stops before any chapter writes anything if one is absent,
+    incomplete or of the wrong kind."""
     from .profiles import load as load_profile
     p = load_profile(profile, overrides)
-    if p["model"] != "shapesworld":
-        from .models import model_path  # imports torch: only where weights are to be checked
-        model_path(p)
+    from .models import model_path  # imports torch: only where weights are to be checked
+    model_path(p)
+    if p["model"] == "shapesworld":
+        from .shapes.model import variant_folder
+        for v in p.get("variants") or []:
+            try:
+                folder = variant_folder(v)
+            except ValueError as e:
+                raise ValueError(f"{p['profile']}: variants: {e}") from None
+            model_path(dict(p, model_path=str(folder)))
     return p
 
 

@@ -133,6 +133,15 @@ def _check_entries(path: Path, entries: list, need: dict[str, type | tuple], wha
                                    f"got {e.get(k)!r}")
 
 
+def _check_unique(path: Path, entries: list, what: str) -> None:
+    """Every entry's id once: a repeated image id would give one image two files (pycocotools keeps the last)."""
+    first: dict[int, int] = {}
+    for i, e in enumerate(entries):
+        if e["id"] in first:
+            raise DatasetError(f"{path}: {what}[{i}] repeats id {e['id']} of {what}[{first[e['id']]}]; ids must be unique")
+        first[e["id"]] = i
+
+
 def _image_file(folder: Path, name: str) -> Path:
     for f in (Path(folder) / name, *(d / name for d in sorted(Path(folder).iterdir()) if d.is_dir())):
         if f.exists():
@@ -206,6 +215,8 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
     _check_entries(fi, data["categories"], dict(id=int, name=str), "categories")
     _check_entries(fi, data["annotations"], dict(id=int, image_id=int, category_id=int, segmentation=(list, dict)),
                    "annotations")
+    for what in ("images", "categories", "annotations"):
+        _check_unique(fi, data[what], what)
     cats, imgs = {c["id"] for c in data["categories"]}, {i["id"] for i in data["images"]}
     for i, a in enumerate(data["annotations"]):
         if a["category_id"] not in cats:

@@ -154,7 +154,7 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
         key = (m, k, d, r.image if m == "random" else r.kind if m in ("top", "bottom", "soft") else None)
         if key not in known:
             row = rel.row(r.kind) if m in ("top", "bottom", "soft") else None
-            s = head_set(m, rel.heads, row, k, mask=mask, seed=random_seed(seed, r.image, d))
+            s = head_set(m, rel.heads, row, k, mask=mask, seed=random_seed(seed, r.image, d), concept=r.kind)
             known[key] = w = np.zeros(n, np.float32)
             w[s.index] = 1.0 if s.weights is None else s.weights
         return known[key]

@@ -88,6 +88,10 @@ def check_model_folder(path: Path, model: str, profile: str) -> None:
             problems.append(f"{c}/config.json is missing")
         elif not any(d.glob("*.safetensors")) and not any(d.glob("*.bin")):
             problems.append(f"{c}/ has no weights (*.safetensors or *.bin)")
+    if not problems:
+        widths = check_widths(path, index)
+        if widths:
+            raise ValueError(f"{path}: " + "; ".join(widths))
     if problems:
         raise FileNotFoundError(f"{path} is not a complete diffusers folder for profile {profile!r}: " + "; ".join(problems)
                                 + ". Download the whole model (huggingface-cli download <id> --local-dir <dir>).")
@@ -103,12 +107,73 @@ def check_model_folder(path: Path, model: str, profile: str) -> None:
                          + (f"PROFILE={' or '.join(fits)}" if fits else "a profile for that model") + " for this folder")
 
 
+def check_organism_folder(path: Path) -> None:
+    """A ShapesWorld organism's folder: there, complete, and of a known variant (``saam.json``)."""
+    from .shapes.model import variant_of
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"no ShapesWorld organism at {path} (model_path): it needs a diffusers folder with "
+                                "model_index.json, e.g. data/variants/D or data/shapesworld-model (`make model` trains one)")
+    import json
+    index = json.loads((path / "model_index.json").read_text())
+    listed = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None)
+    for c in listed:  # the components its model_index.json names (the MM-DiT organism's text encoder is the package's)
+        if not (path / c).is_dir():
+            raise FileNotFoundError(f"{path} is not a complete organism folder: {c}/ is missing")
+    try:
+        variant_of(path)
+    except ValueError as e:
+        raise ValueError(f"model_path {path}: {e}") from None
+
+
+def check_widths(path: Path, index: dict) -> list[str]:
+    """Where a folder's denoiser and text encoders disagree in width (each a sentence; none: agree).
+    A UNet's ``cross_attention_dim`` is its text encoders' hidden sizes summed (SDXL concatenates
+    both); an MM-DiT's ``joint_attention_dim`` is T5's ``d_model`` (SD3's third encoder, Flux's second)
+    and its ``pooled_projection_dim`` the CLIP pooled width(s) (SD3: both projections; Flux: CLIP-L's)."""
+    import json
+
+    def cfg(c):
+        try:
+            return json.loads((path / c / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    den = denoiser_name(index)
+    d, cls = cfg(den), index.get("_class_name")
+    if d is None:
+        return []
+    out = []
+
+    def agree(key, want, what):
+        have = d.get(key)
+        values = have if isinstance(have, list) else [have]
+        if have is not None and want is not None and any(v != want for v in values):
+            out.append(f"{den}/config.json has {key} {have} but {what} is {want}: the denoiser and the text "
+                       "encoder(s) come from different models")
+    encoders = [cfg(c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if c in index]
+    if any(e is None for e in encoders):
+        return out
+    if den == "unet" and encoders:
+        n = 2 if cls == "StableDiffusionXLPipeline" else 1
+        width = sum(e.get("hidden_size", 0) for e in encoders[:n])
+        agree("cross_attention_dim", width, "the text encoders' hidden size" + (" (summed)" if n > 1 else ""))
+    elif cls == "StableDiffusion3Pipeline" and len(encoders) == 3:
+        agree("joint_attention_dim", encoders[2].get("d_model"), "text_encoder_3's d_model")
+        agree("pooled_projection_dim", sum(e.get("projection_dim", 0) for e in encoders[:2]),
+              "the CLIP encoders' projection_dim summed")
+    elif cls == "FluxPipeline" and len(encoders) == 2:
+        agree("joint_attention_dim", encoders[1].get("d_model"), "text_encoder_2's d_model")
+        agree("pooled_projection_dim", encoders[0].get("hidden_size"), "text_encoder's hidden_size")
+    return out
+
+
 def model_path(params: dict) -> Path:
     """The folder a profile's model loads from; for real models, stop at once if it is absent,
     incomplete or of another model family than the profile's."""
     if params.get("model", "shapesworld") == "shapesworld":
         path = Path(params.get("model_path") or paths.MODEL_DIR)
-        return path if path.is_absolute() else paths.ROOT / path
+        path = path if path.is_absolute() else paths.ROOT / path
+        check_organism_folder(path)
+        return path
     model = params["model"]
     path = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path")
     if not path or not (Path(path) / "model_index.json").exists():

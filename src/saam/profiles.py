@@ -140,6 +140,11 @@ def check_ranges(p: dict, source: str) -> None:
                           ("strengths", lambda s: isinstance(s, (int, float)) and 0 < s <= 1, "fractions in (0, 1]")):
         if key in p and (not p[key] or not all(ok(v) for v in p[key])):
             bad(key, f"must be a non-empty list of {what}, got {p[key]!r}")
+    for key in ("k_sweep", "tau_sweep", "strengths", "variants"):
+        seen = [v for v in p.get(key) or []]
+        dup = sorted({str(v) for v in seen if seen.count(v) > 1})
+        if dup:
+            bad(key, f"lists {', '.join(dup)} more than once ({p[key]!r}): each value is one row of its table; give it once")
     for s in p.get("strengths") or []:
         if "steps" in p and int(p["steps"] * s) < 1:
             bad("strengths", f"{s} of {p['steps']} steps leaves no denoising step (strength x steps must be >= 1)")
@@ -177,3 +182,62 @@ def load(profile: str | None = None, overrides: str | dict | None = None) -> dic
     p["overrides"] = overrides if isinstance(overrides, str) else (over or "")
     p["figures"] = str(paths.figures_dir(profile, overrides))
     return p
+
+
+# Measured seconds per image and denoising step (classifier-free guidance included), by model and
+# arithmetic: what `make check` turns into an estimate of a run's time. ShapesWorld bf16: `make bench`
+# (figures/bench-allocator.json: 32 images x 10 steps in 4.5 s on a 2-core AMX-BF16 Xeon); fp32: 3.5x
+# that (a cold `make all` took 32 min on a 2-core AVX2-only CPU against 9.2 min on the AMX one). Real
+# models on a 2-core CPU: figures/bench-fullsize.json (512/768/1024 px). None measured on a GPU yet.
+RATES = {("shapesworld", "bf16"): 0.014, ("shapesworld", "fp32"): 0.049,
+         ("sd14", "fp32"): 12.9, ("sd14", "bf16"): 4.0, ("sd15", "fp32"): 12.9, ("sd15", "bf16"): 4.0,
+         ("sd21", "fp32"): 47.8, ("sd21", "bf16"): 18.5, ("sdxl", "fp32"): 77.8, ("sdxl", "bf16"): 14.2}
+HOUR = 3600.0
+MAX_BATCH = 64  # the largest batch measured (organism, paper profile: 48 and 64 no faster than 32)
+
+
+def run_size(p: dict) -> dict[str, int]:
+    """Images x denoising steps of each pass a profile's chapters run (an upper estimate: passes that
+    share batches through the cache count once each here)."""
+    steps, strengths = p["steps"], p.get("strengths") or []
+    real = p.get("model", "shapesworld") != "shapesworld"
+    out = {}
+    if not real:
+        out["generation"] = max(p["n_eval"], p.get("n_sinks", 32)) * steps
+        out["fidelity"] = 3 * p["n_fidelity"] * steps
+        for v in p.get("variants") or []:
+            a = {**{k: p.get(k, 0) for k in ABLATION_KEYS}, **(p.get("ablation") or {})}
+            out[f"organism {v}"] = (a["n_eval"] + 3 * a["n_fidelity"] + a["n_relevance_prompts"] + a["n_sinks"]) * steps
+    n_eval = p.get("n_eval") or 0
+    for s in strengths:
+        out[f"real images (strength {s})"] = int(n_eval * steps * s)
+    if not (real and p.get("hrv_vectors")):  # published vectors need no relevance pass
+        out["relevance"] = (p.get("n_relevance_prompts") or 64) * steps
+    if real:
+        out["attention budget"] = p.get("n_sinks", 32) * steps
+    return out
+
+
+def estimate(p: dict, arithmetic: str, device: str) -> tuple[str, str | None]:
+    """What `make check` says of a run's size: (a line, a warning or None). The time comes from
+    :data:`RATES` where one is measured for the model and arithmetic on this kind of device."""
+    size = run_size(p)
+    total = sum(size.values())
+    line = f"{p['profile']}: about {total:,} image-steps (" + ", ".join(f"{k} {v:,}" for k, v in size.items()) + ")"
+    rate = RATES.get((p.get("model", "shapesworld"), arithmetic)) if device == "cpu" else None
+    warn = None
+    if rate is not None:
+        hours = total * rate / HOUR
+        line += f"; at {rate * 1000:.0f} ms per image-step ({arithmetic}, CPU, measured) about " + (f"{hours * 60:,.0f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s")
+        if hours > 1:
+            warn = (f"warning: this run would take about {hours:,.1f} hours on this machine's CPU "
+                    f"(more than an hour: lower steps or the n_* counts, or use a GPU)")
+    largest = max([p.get(k) or 0 for k in ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks")] + [1])
+    batch = min(p.get("batch_size", 16), largest)
+    line += f"; batches of at most {batch:,} images" + (f" (batch_size {p['batch_size']:,} is more than any pass holds)"
+                                                         if p.get("batch_size", 16) > largest else "")
+    if batch > MAX_BATCH:
+        w = (f"warning: batches of {batch:,} images: memory grows with the batch, and the largest measured is "
+             f"{MAX_BATCH} (make bench); lower batch_size if the run runs out of memory")
+        warn = w if warn is None else warn + "\n" + w
+    return line, warn

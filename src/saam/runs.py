@@ -51,10 +51,29 @@ def processes() -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def _barrier() -> None:
+def _group():
     from accelerate import PartialState  # NCCL between GPUs, gloo between CPU processes
     import torch
-    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def check_group(state, rank: int, world: int) -> None:
+    """The process group ``state`` (accelerate's) is the one ``RANK`` / ``WORLD_SIZE`` describe: a
+    process that joined no group would take rank 0's batches and write rank 0's outputs beside the
+    real rank 0 (seen where a launcher set the variables but the group fell back to one process)."""
+    got = (int(state.process_index), int(state.num_processes))
+    if got != (rank, world):
+        raise RuntimeError(f"this process is rank {rank} of {world} by RANK / WORLD_SIZE, but its process group "
+                           f"says rank {got[0]} of {got[1]}: it would duplicate another rank's work and outputs. "
+                           "Start it with `accelerate launch --num_processes N` or torchrun, or unset WORLD_SIZE")
+
+
+def _barrier() -> None:
+    _group().wait_for_everyone()
+
+
+# batches this process generated (cache misses) per cache name: what the several-process test counts
+GENERATED: dict[str, int] = {}
 
 
 def run_batches(items: Sequence, batch_size: int, seed: int, fn: Callable, *, cache: tuple[str, dict] | None = None,
@@ -73,14 +92,19 @@ def run_batches(items: Sequence, batch_size: int, seed: int, fn: Callable, *, ca
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     starts = list(range(0, len(items), batch_size))
     rank, world = processes() if cache is not None else (0, 1)
+    if world > 1:
+        check_group(_group(), rank, world)
 
     def one(start):
         batch = items[start:start + batch_size]
         if cache is None:
             return fn(batch, generators(seed, start, len(batch)), start)
         name, key = cache
-        return cached(name, dict(key, batch_size=batch_size, start=start, items=digest(list(batch)), seed=seed),
-                      lambda: fn(batch, generators(seed, start, len(batch)), start))
+
+        def make():
+            GENERATED[name] = GENERATED.get(name, 0) + 1
+            return fn(batch, generators(seed, start, len(batch)), start)
+        return cached(name, dict(key, batch_size=batch_size, start=start, items=digest(list(batch)), seed=seed), make)
 
     mine = starts[rank::world]
     out = {s: one(s) for s in bar(mine, desc=desc, disable=desc is None)}

@@ -98,8 +98,22 @@ def soft_weights(relevance: Sequence[float], mask: np.ndarray | None = None,
     return r / r.sum()
 
 
+def check_finite(relevance: Sequence[float], heads: Sequence[HeadId], concept: str | None = None) -> np.ndarray:
+    """The relevance row as float64, or a ValueError naming the concept and the first head whose
+    relevance is NaN or infinite (a ranking would drop or misplace it silently)."""
+    r = np.asarray(relevance, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(r))
+    if len(bad):
+        h = heads[bad[0]]
+        raise ValueError(f"the relevance row{f' of concept {concept!r}' if concept else ''} is {r[bad[0]]} at head "
+                         f"{h}" + (f" and {len(bad) - 1} other head(s)" if len(bad) > 1 else "")
+                         + ": relevance must be finite (recompute it, or check the vectors it was loaded from)")
+    return r
+
+
 def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | None = None,
-             k: int | float = 0.25, *, mask: np.ndarray | None = None, seed: int = 0) -> HeadSet:
+             k: int | float = 0.25, *, mask: np.ndarray | None = None, seed: int = 0,
+             concept: str | None = None) -> HeadSet:
     """The heads (and weights) a method aggregates.
 
     Args:
@@ -110,6 +124,7 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
         relevance: one value per head (``Relevance.row(concept)``); not needed for daam and random.
         mask: eligible heads (:func:`eligible`; default all).
         seed: random-k's draw.
+        concept: the relevance row's concept, named in errors (a NaN or infinite value is one).
     """
     heads = list(heads)
     mask = np.ones(len(heads), bool) if mask is None else np.asarray(mask, bool)
@@ -123,6 +138,8 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
     if method in NOT_HEAD_SETS:
         raise ValueError(f"{method!r} is not a head set: it is scored from the output-space maps an MM-DiT trace "
                          "records (aggregate.output_map)")
+    if relevance is not None:
+        relevance = check_finite(relevance, heads, concept)
     weights = None
     if method == "daam":
         idx = np.flatnonzero(mask & np.array([block_of(h.layer) != "mid" for h in heads], bool))

@@ -29,7 +29,7 @@ def eligible(params: dict, heads) -> np.ndarray:
 def head_sets(rel, kind: str, params: dict, methods, seed: int = 0) -> dict:
     """{method key: ``select.HeadSet``} for one word kind, with the profile's k and eligible heads."""
     mask = eligible(params, rel.heads)
-    return {m: head_set(m, rel.heads, rel.row(kind), params["k"], mask=mask, seed=seed) for m in methods}
+    return {m: head_set(m, rel.heads, rel.row(kind), params["k"], mask=mask, seed=seed, concept=kind) for m in methods}
 
 
 def score(recs, rel, params: dict, ks=None, taus=None) -> pd.DataFrame:
