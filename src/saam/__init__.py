@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {"trace": "capture", "HeadMaps": "headmaps", "word_map": "aggregate", "word_mask": "aggregate",
             "load_published": "relevance", "relevance_pass": "relevance", "load_concepts": "relevance", "Relevance": "relevance", "head_set": "select", "eligible": "select",
-            "METHODS": "select", "normalize": "aggregate", "to_mask": "aggregate"}
+            "METHODS": "select", "normalize": "aggregate", "to_mask": "aggregate",
+            "plot_overlay": "plots", "resolve": "models"}
 __all__ = ["__version__", *_EXPORTS]
 
 

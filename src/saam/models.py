@@ -8,6 +8,7 @@ fp16 where present, else the CPU in fp32. Loading messages that say nothing to a
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -166,25 +167,71 @@ def check_widths(path: Path, index: dict) -> list[str]:
     return out
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a Hugging Face repo id: owner/name
+
+
+def resolve(ref: str | os.PathLike) -> Path:
+    """A model reference as a local folder: a folder as it is, or a Hugging Face repo id
+    (``owner/name``) looked up in the local Hugging Face cache (``$HF_HUB_CACHE``, by default
+    ``~/.cache/huggingface/hub``) by huggingface_hub's own lookup, with the hub never contacted.
+
+    Raises:
+        FileNotFoundError: neither a folder nor a cached repo; the message says which command fetches it.
+    """
+    path = Path(ref).expanduser()
+    if path.exists() or not REPO_ID.match(str(ref)):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(str(ref), local_files_only=True))  # the cache's snapshot of refs/main
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{ref} is neither a folder nor in the local Hugging Face cache ({constants.HF_HUB_CACHE}). "
+            f"On a machine with internet: `hf download {ref}` (into that cache; copy it here if needed) "
+            f"or `hf download {ref} --local-dir <dir>` and give <dir>") from None
+
+
 def model_path(params: dict) -> Path:
-    """The folder a profile's model loads from; for real models, stop at once if it is absent,
-    incomplete or of another model family than the profile's."""
+    """The folder a profile's model loads from: ``$SAAM_MODEL_PATH``, else the profile's
+    ``model_path``, else (real models) its ``model_id``; each a folder or a Hugging Face repo id in
+    the local cache (:func:`resolve`). Stops at once if it is absent, incomplete or of another model
+    family than the profile's."""
     if params.get("model", "shapesworld") == "shapesworld":
-        path = Path(params.get("model_path") or paths.MODEL_DIR)
+        path = resolve(params.get("model_path") or paths.MODEL_DIR)
         path = path if path.is_absolute() else paths.ROOT / path
         check_organism_folder(path)
         return path
     model = params["model"]
-    path = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path")
-    if not path or not (Path(path) / "model_index.json").exists():
-        ref = params.get("model_id") or model  # the hub id the profile names (params/<profile>.yaml)
+    ref = os.environ.get("SAAM_MODEL_PATH") or params.get("model_path") or params.get("model_id")
+    if not ref:
+        raise FileNotFoundError(f"profile {params['profile']!r} names no model: set model_path or model_id, "
+                                "or SAAM_MODEL_PATH")
+    try:
+        path = resolve(ref)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"profile {params['profile']!r}: {e}; then `make all PROFILE={params['profile']} "
+                                "SAAM_MODEL_PATH=<dir or id>` (a GPU is strongly advised)") from None
+    if not (path / "model_index.json").exists():
         raise FileNotFoundError(
-            f"profile {params['profile']!r} needs the weights of {ref} as a local diffusers folder, and "
-            f"none was found at {path!r}. On a machine with internet: `huggingface-cli download {ref} "
-            f"--local-dir <dir>`, then `make all PROFILE={params['profile']} SAAM_MODEL_PATH=<dir>` "
-            "(a GPU is strongly advised).")
-    check_model_folder(Path(path), model, params["profile"])
-    return Path(path)
+            f"profile {params['profile']!r} needs the weights of {params.get('model_id') or model} as a diffusers "
+            f"folder or a cached Hugging Face repo id, and {str(ref)!r} is neither (no model_index.json). On a "
+            f"machine with internet: `hf download {params.get('model_id') or model} --local-dir <dir>`, then "
+            f"`make all PROFILE={params['profile']} SAAM_MODEL_PATH=<dir>` (a GPU is strongly advised).")
+    check_model_folder(path, model, params["profile"])
+    return path
+
+
+def family_of(path: Path) -> str | None:
+    """The profile key (``sd14``, ``sd21``, ``sdxl``, ``sd3``, ``sd35``, ``flux``) of a diffusers
+    folder's model family, ``shapesworld`` for an organism, or None for a family we do not know."""
+    import json
+    if any((Path(path) / f).exists() for f in ("saam.json", "training.json")):  # what our organisms' folders carry
+        return "shapesworld"
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    config = json.loads((Path(path) / denoiser_name(index) / "config.json").read_text())
+    got = model_family(index, config)
+    return next((k for k, v in FAMILIES.items() if v == got), None)
 
 
 def share_cores(device: str) -> None:
@@ -268,11 +315,11 @@ def autocast_bf16(unet) -> None:
     unet.forward = _autocast(unet.forward, torch.bfloat16, torch.float32 if dit else None, text=text)
 
 
-def load_model(params: dict):
-    """The pipeline a profile names, on ``params['device']`` (default auto), in the profile's
-    :func:`precision`, progress bars off."""
+def load_model(params: dict, path: Path | None = None):
+    """The pipeline a profile names (or the folder ``path``, already checked), on
+    ``params['device']`` (default auto), in the profile's :func:`precision`, progress bars off."""
     device, dtype = resolve_device(params.get("device", "auto"))
-    path = model_path(params)
+    path = model_path(params) if path is None else Path(path)
     share_cores(device)
     with quiet():
         if params.get("model", "shapesworld") == "shapesworld":

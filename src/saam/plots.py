@@ -57,6 +57,39 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
     return fig
 
 
+def plot_overlay(image, word_map, ax=None, *, alpha: float = 0.6, cmap: str = MAP_CMAP,
+                 title: str | None = None, interpolation: str | None = "bilinear", normalise: bool = True):
+    """A word's map drawn over its image: the one way this package draws a map on an image (the
+    command line's overlays and the chapters' figures), what DAAM's ``plot_overlay`` does.
+
+    Args:
+        image: [H, W, 3] array (floats in [0, 1] or uint8) or a PIL image.
+        word_map: [h, w] map (``word_map``'s, any size): upsampled bicubically to the image's size
+            and min-max normalised to [0, 1] (``aggregate.normalize``), unless ``normalise=False``
+            (then it must already be in [0, 1] at the image's size).
+        ax: the Axes to draw on (default: a new figure's).
+    Returns:
+        The Axes.
+    """
+    import torch
+    from .aggregate import normalize
+    image = np.asarray(image)
+    m = torch.as_tensor(np.asarray(word_map, dtype=np.float32))
+    if m.ndim != 2:
+        raise ValueError(f"word_map must be a 2-D map, got shape {tuple(m.shape)}")
+    if normalise:
+        m = normalize(m, tuple(image.shape[:2]))
+    elif tuple(m.shape) != tuple(image.shape[:2]):
+        raise ValueError(f"normalise=False needs the map at the image's size {image.shape[:2]}, got {tuple(m.shape)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(m.numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation=interpolation)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
 def word_maps(image: np.ndarray, maps: dict[str, np.ndarray], title: str = ""):
     """The image and each word's normalised map overlaid on it."""
     n = len(maps) + 1
@@ -64,9 +97,7 @@ def word_maps(image: np.ndarray, maps: dict[str, np.ndarray], title: str = ""):
     axes[0].imshow(image, interpolation="nearest")
     axes[0].set_title("image", fontsize=9)
     for ax, (w, m) in zip(axes[1:], maps.items()):
-        ax.imshow(image, interpolation="nearest")
-        ax.imshow(m, cmap=MAP_CMAP, alpha=0.6, vmin=0, vmax=1, interpolation="bilinear")
-        ax.set_title(w, fontsize=9)
+        plot_overlay(image, m, ax, title=w, normalise=False)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -153,8 +184,7 @@ def examples(rows: list[dict], methods: Sequence[str]):
         axes[r, 0].set_ylabel("\n".join(textwrap.wrap(row["title"], 32)), fontsize=7)
         axes[r, 1].imshow(row["gt"], cmap="gray", interpolation="nearest")
         for j, m in enumerate(methods):
-            axes[r, 2 + j].imshow(row["image"], interpolation="nearest")
-            axes[r, 2 + j].imshow(row[m], cmap=MAP_CMAP, alpha=0.6, vmin=0, vmax=1)
+            plot_overlay(row["image"], row[m], axes[r, 2 + j], interpolation=None, normalise=False)
         for j, t in enumerate(["image", "truth", *methods]):
             axes[r, j].set_xticks([]); axes[r, j].set_yticks([])
             if r == 0:
@@ -273,8 +303,7 @@ def polysemy(rows: list[dict]):
         axes[r, 0].imshow(row["image"], interpolation="nearest")
         axes[r, 0].set_ylabel("\n".join(textwrap.wrap(row["title"], 30)), fontsize=7)
         for j, name in enumerate(names):
-            axes[r, 1 + j].imshow(row["image"], interpolation="nearest")
-            axes[r, 1 + j].imshow(row["maps"][name], cmap=MAP_CMAP, alpha=0.6, vmin=0, vmax=1)
+            plot_overlay(row["image"], row["maps"][name], axes[r, 1 + j], interpolation=None, normalise=False)
         for j, t in enumerate(["image", *names]):
             axes[r, j].set_xticks([]); axes[r, j].set_yticks([])
             if r == 0:

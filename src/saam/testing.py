@@ -352,6 +352,26 @@ def save_tiny(kind: str, folder) -> Path:
     return Path(folder)
 
 
+def put_in_hub_cache(folder, repo_id: str, cache_dir, commit: str = "5eed" * 10) -> Path:
+    """Lay a model folder out in a Hugging Face cache as ``hf download`` would (blobs, a snapshot
+    of symlinks, ``refs/main``), through huggingface_hub's own cache functions, so that a repo id
+    can be resolved offline in tests. Returns the snapshot folder."""
+    import hashlib
+    import shutil
+    from huggingface_hub.file_download import (_cache_commit_hash_for_specific_revision, _create_symlink,
+                                               _get_pointer_path, repo_folder_name)
+    storage = Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        blob = storage / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, blob)
+        pointer = Path(_get_pointer_path(str(storage), commit, f.relative_to(folder).as_posix()))
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        _create_symlink(str(blob), str(pointer))
+    _cache_commit_hash_for_specific_revision(str(storage), "main", commit)  # refs/main: what snapshot_download reads offline
+    return storage / "snapshots" / commit
+
+
 def main(argv=None) -> None:
     import argparse
     ap = argparse.ArgumentParser(description="Save a random-weight pipeline as a diffusers folder (offline)")

@@ -1,0 +1,127 @@
+"""The ``saam`` command line (a subprocess, as a user runs it) on tiny offline pipelines, the overlay
+helper, and models named by Hugging Face id resolved from a local cache laid out by huggingface_hub."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+PROMPTS = "a red cat on a blue sofa\na green dog near a yellow ball\n"
+
+
+def saam(*args, env=None, check=True):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "saam.cli", *map(str, args)], capture_output=True, text=True, env=e)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from saam.testing import save_tiny
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "prompts.txt").write_text(PROMPTS)
+    return root, {k: save_tiny(k, root / k) for k in ("sd1", "sdxl", "sd3", "flux")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd1", "sdxl", "sd3", "flux"])
+def test_heads_then_map_on_every_family(folders, kind, tmp_path):
+    """`saam heads` runs HRV's pass (the concept stream on MM-DiTs) over the user's prompts; `saam map`
+    reuses its relevance.npz and writes the image, each word's map and overlay, and the arrays."""
+    root, f = folders
+    dit = ["--max-sequence-length", 32] if kind in ("sd3", "flux") else []
+    r = saam("heads", "--model", f[kind], "--prompts", root / "prompts.txt", "--steps", 2, "--top", 3, *dit, "-o", tmp_path / "h")
+    assert r.stdout.startswith("Animals: ")  # HRV's first concept, its top heads
+    for name in ("relevance.npz", "relevance.json", "top-heads.csv", "top-heads.md", "relevance-hist.png"):
+        assert (tmp_path / "h" / name).stat().st_size > 0, name
+    import pandas as pd
+    top = pd.read_csv(tmp_path / "h" / "top-heads.csv")
+    assert len(top) == 3 * 34 and list(top[top.concept == "Color"]["rank"]) == [1, 2, 3]
+    assert top.groupby("concept").relevance.apply(lambda v: v.is_monotonic_decreasing).all()
+    r = saam("map", "a red cat on a blue sofa", "--model", f[kind], "--word", "cat", "--word", "red", "--heads", "top",
+             "--relevance", tmp_path / "h" / "relevance.npz", "--steps", 2, "--size", 64, "-q", *dit, "-o", tmp_path / "m")
+    out = tmp_path / "m"
+    for name in ("image.png", "cat-map.png", "cat-overlay.png", "red-map.png", "red-overlay.png", "maps.npz"):
+        assert (out / name).stat().st_size > 0, name
+    about = json.loads((out / "maps.json").read_text())
+    assert about["words"]["red"]["concept"] == "Color" and about["words"]["cat"]["concept"] == "Animals"
+    assert len(about["words"]["cat"]["heads"]) >= 1
+    z = np.load(out / "maps.npz")
+    assert z["cat@image"].shape == (64, 64) and z["cat@image"].min() == 0 and z["cat@image"].max() == 1
+
+
+@pytest.mark.slow
+def test_map_daam_and_published_vectors(tmp_path):
+    """DAAM's heads need no relevance; SD v1.4's layout takes HRV's published vectors (no pass)."""
+    from saam.testing import save_tiny
+    sd14 = save_tiny("sd14-layout", tmp_path / "sd14")
+    r = saam("map", "a photo of a dog", "--model", sd14, "--word", "dog", "--steps", 2, "--size", 64, "-q", "-o", tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "maps.json").read_text())["words"]["dog"]["heads"].startswith("DAAM")
+    r = saam("map", "a photo of a dog", "--model", sd14, "--word", "dog", "--heads", "top", "--k", 5, "--steps", 2,
+             "--size", 64, "-q", "-o", tmp_path / "t")
+    assert "HRV's published sd14 vectors" in r.stderr and "relevance pass" not in r.stderr
+    assert len(json.loads((tmp_path / "t" / "maps.json").read_text())["words"]["dog"]["heads"]) == 5
+
+
+def test_errors_say_what_to_do(folders, tmp_path):
+    root, f = folders
+    r = saam("map", "a red cat", "--model", f["sd1"], "--word", "cat", "--heads", "top", "--steps", 2, "-o", tmp_path, check=False)
+    assert r.returncode == 2 and "no published head relevance: give prompts for HRV's pass with --prompts FILE" in r.stderr
+    r = saam("map", "a red cat", "--model", f["sd1"], "--word", "dog", "--steps", 1, "--size", 64, "-q", "-o", tmp_path, check=False)
+    assert r.returncode == 2 and "--word 'dog'" in r.stderr
+    r = saam("map", "a red cat", "--model", "nobody/no-such-model", "--word", "cat", "-o", tmp_path, check=False,
+             env=dict(HF_HUB_CACHE=str(tmp_path / "hub")))
+    assert r.returncode == 2 and "hf download nobody/no-such-model" in r.stderr
+    r = saam("map", "a red cat", "--model", f["sd1"], "--word", "cat", "--k", "1.5", "-o", tmp_path, check=False)
+    assert r.returncode == 2 and "a fraction in (0, 1] or a whole number of heads" in r.stderr
+    r = saam("map", "a red cat", "--model", f["sd1"], "--word", "cat", "--concept", "Color", "-o", tmp_path, check=False)
+    assert r.returncode == 2 and "use them with --heads top, bottom or soft" in r.stderr
+    r = saam("--help")
+    assert "saam map" in r.stdout and "saam heads" in r.stdout
+
+
+def test_a_repo_id_resolves_from_the_local_hub_cache(folders, tmp_path, monkeypatch):
+    """A cache laid out by huggingface_hub's functions: the id resolves to its snapshot, offline; a
+    profile without model_path falls back to its model_id; a miss names the command to fetch it."""
+    from huggingface_hub import constants, scan_cache_dir
+    from saam.models import model_path, resolve
+    from saam.testing import put_in_hub_cache
+    root, f = folders
+    snap = put_in_hub_cache(f["sd1"], "tiny-org/tiny-sd1", tmp_path / "hub")
+    assert [r.repo_id for r in scan_cache_dir(tmp_path / "hub").repos] == ["tiny-org/tiny-sd1"]  # hub's own view
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("SAAM_MODEL_PATH", raising=False)
+    assert resolve("tiny-org/tiny-sd1") == snap and (snap / "unet" / "config.json").is_symlink()
+    assert resolve(f["sd1"]) == f["sd1"]  # a folder is a folder
+    assert model_path(dict(profile="sd14", model="sd14", model_path=None, model_id="tiny-org/tiny-sd1")) == snap
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/other is neither a folder nor in the local Hugging Face cache.*hf download tiny-org/other"):
+        model_path(dict(profile="sd14", model="sd14", model_path=None, model_id="tiny-org/other"))
+
+
+@pytest.mark.slow
+def test_map_by_repo_id(folders, tmp_path):
+    from saam.testing import put_in_hub_cache
+    root, f = folders
+    put_in_hub_cache(f["sd1"], "tiny-org/tiny-sd1", tmp_path / "hub")
+    saam("map", "a red cat", "--model", "tiny-org/tiny-sd1", "--word", "cat", "--steps", 1, "--size", 64, "-q",
+         "-o", tmp_path / "o", env=dict(HF_HUB_CACHE=str(tmp_path / "hub")))
+    assert (tmp_path / "o" / "cat-overlay.png").exists()
+
+
+def test_plot_overlay_upsamples_normalises_and_refuses_bad_maps():
+    import matplotlib.pyplot as plt
+    from saam import plot_overlay
+    img = np.zeros((32, 32, 3), np.uint8)
+    m = np.arange(16, dtype=np.float32).reshape(4, 4) * 3 + 2
+    ax = plot_overlay(img, m)
+    shown = ax.get_images()[1].get_array()
+    assert shown.shape == (32, 32) and float(shown.min()) == 0.0 and float(shown.max()) == 1.0
+    with pytest.raises(ValueError, match="2-D map"):
+        plot_overlay(img, np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="at the image's size"):
+        plot_overlay(img, m, normalise=False)
+    plt.close("all")
