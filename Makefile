@@ -37,6 +37,8 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 # re-runs every chapter and never overwrites a plain run's outputs or the committed figures/
 SETTAG := $(if $(strip $(SET_RAW)),set-$(shell printf '%s' $(SETQ) | sha256sum | cut -c1-10))
 OUTDIR := build/$(PROFILE)$(if $(SETTAG),/$(SETTAG))
+# where the run's figures and results.json land (saam.paths.figures_dir): figures/ for a plain paper run
+FIGDIR := $(if $(and $(filter paper,$(PROFILE)),$(if $(SETTAG),,1)),figures,$(OUTDIR)/figures)
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 # the chapters allocate through tcmalloc where the system has it (Debian/Ubuntu: libtcmalloc-minimal4;
 # TCMALLOC= turns it off): glibc's malloc hands the UNet's large activations back to the kernel and
@@ -73,6 +75,11 @@ $(STAMP): requirements.txt pyproject.toml
 all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default paper) [SET="steps=4 ..."] [PROCESSES=8], writing its figures and tables
 	@if [ "$(PROFILE)" = paper ] && [ -z "$(SETTAG)" ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
+	@# did this run reproduce the committed one? every value with a CI in results.json against the committed run's CI
+	@if [ "$(PROFILE)" = paper ] && git cat-file -e HEAD:figures/results.json 2>/dev/null; then \
+	  git show HEAD:figures/results.json > $(OUTDIR)/committed-results.json && \
+	  echo "reproduction check (scripts/compare_runs.py: this run against the committed figures/results.json; same CPU class: byte-identical, any CPU: inside the CIs):" && \
+	  $(BIN)/python scripts/compare_runs.py $(OUTDIR)/committed-results.json $(FIGDIR)/results.json | tail -n 12; fi
 
 # a notebook re-runs when it, its profile, the model or the package code it imports changed (its
 # import closure, lazy imports included: $(DEPS), written by the runner from the chapters' imports)
@@ -99,13 +106,15 @@ test: $(STAMP)  ## unit tests, then every notebook with the smoke profile (artef
 test-unit: $(STAMP)  ## unit tests only (no notebooks)
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
+# organism A: the committed model's step counts (data/shapesworld-model/training.json: its run stopped on a
+# time budget at 4,111 VAE and 6,644 UNet steps), so the recipe and the README say the same
 model: $(STAMP)  ## retrain organism VARIANT (A: from scratch, GPU ~20 min; B/C/D: fine-tuned from A, GPU ~9 min; mmdit: an SD3-style MM-DiT; resumable)
 ifeq ($(VARIANT),mmdit)
 	$(BIN)/python -m saam.shapes.dit train --run data/runs/mmdit --init data/shapesworld-model --steps 20000 --batch 256
 	$(BIN)/python -m saam.shapes.dit assemble --run data/runs/mmdit --init data/shapesworld-model --out data/variants/mmdit
 else ifeq ($(VARIANT),A)
-	$(BIN)/python -m saam.shapes.train vae --run data/runs/model --steps 6000 --batch 64
-	$(BIN)/python -m saam.shapes.train unet --run data/runs/model --steps 7600 --batch 256
+	$(BIN)/python -m saam.shapes.train vae --run data/runs/model --steps 4111 --batch 64
+	$(BIN)/python -m saam.shapes.train unet --run data/runs/model --steps 6644 --batch 256
 	$(BIN)/python -m saam.shapes.train assemble --run data/runs/model --out data/shapesworld-model
 else
 	$(BIN)/python -m saam.shapes.train unet --run data/runs/$(VARIANT) --variant $(VARIANT) --init data/shapesworld-model --steps 3000 --batch 256 --lr 3e-4 --warmup 100

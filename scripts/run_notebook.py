@@ -125,7 +125,10 @@ def main() -> None:
     # for the interpreter to tear down torch
     pm.execute_notebook(a.src, str(tmp), parameters=dict(profile=a.profile, overrides=a.set),
                         kernel_name="python3", cwd=str(Path(a.src).resolve().parent), progress_bar=False,
-                        report_mode=False, shutdown_kernel="immediate")
+                        report_mode=False, shutdown_kernel="immediate",
+                        # the kernel listens on 127.0.0.1 only; its start-up warning about TCP without
+                        # encryption (once per chapter) said nothing about this run: kernel log at ERROR
+                        extra_arguments=["--IPKernelApp.log_level=ERROR"])
     os.replace(tmp, dst)  # only a finished notebook counts as built
     if not rank:
         record(dst.parent / "timings.json", dst.stem, t0, time.time())

@@ -113,7 +113,7 @@ def test_relevance_pass_leaves_generation_untouched(sd1, tmp_path):
 def test_real_model_profile_without_weights_stops_at_once(monkeypatch):
     from saam.chapter import load
     monkeypatch.delenv("SAAM_MODEL_PATH", raising=False)
-    with pytest.raises(FileNotFoundError, match="CompVis/stable-diffusion-v1-4.*huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match="CompVis/stable-diffusion-v1-4.*hf download"):
         load("sd14")
     with pytest.raises(ValueError, match="known profiles"):
         load("no-such-profile")

@@ -95,7 +95,7 @@ def check_model_folder(path: Path, model: str, profile: str) -> None:
             raise ValueError(f"{path}: " + "; ".join(widths))
     if problems:
         raise FileNotFoundError(f"{path} is not a complete diffusers folder for profile {profile!r}: " + "; ".join(problems)
-                                + ". Download the whole model (huggingface-cli download <id> --local-dir <dir>).")
+                                + ". Download the whole model (hf download <id> --local-dir <dir>).")
     if family is None:
         return
     try:
@@ -210,7 +210,8 @@ def model_path(params: dict) -> Path:
     try:
         path = resolve(ref)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"profile {params['profile']!r}: {e}; then `make all PROFILE={params['profile']} "
+        raise FileNotFoundError(f"profile {params['profile']!r} needs the weights of {params.get('model_id') or model}: {e}; "
+                                f"then `make all PROFILE={params['profile']} "
                                 "SAAM_MODEL_PATH=<dir or id>` (a GPU is strongly advised)") from None
     if not (path / "model_index.json").exists():
         raise FileNotFoundError(

@@ -75,10 +75,13 @@ def paired_auroc(scores: pd.DataFrame, labels, method: str, base: str = BASE, n:
                 p_bootstrap=float(p))
 
 
-def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", base: str = BASE) -> dict:
+def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", base: str = BASE,
+            words_ci: tuple[float, float] | None = None) -> dict:
     """The rule, once: ``better`` / ``worse`` where the paired 95 % CI excludes 0, otherwise ``not
-    distinguishable``; the sentence states the effect and its interval. ``what`` names the comparison's
-    setting (protocol, k, tau)."""
+    distinguishable``; the sentence states the effect, its interval and which uncertainty that
+    interval includes. ``what`` names the comparison's setting (protocol, k, tau, word kind).
+    ``words_ci``: given where ``row``'s CI is the two-level one (relevance prompts, then words:
+    ``saam.selection.two_level``); the words-only CI is then stated beside it."""
     lo, hi, d = row["ci_low"], row["ci_high"], row["diff"]
     call = "better than" if lo > 0 else "worse than" if hi < 0 else "not distinguishable from"
     extra = ""
@@ -88,16 +91,30 @@ def verdict(row: dict, what: str, metric: str = "mIoU", method: str = "top", bas
     elif "p_bootstrap" in row and not np.isnan(row["p_bootstrap"]):
         p = row["p_bootstrap"]  # 0 means no resample crossed 0: below the resolution of 2,000 resamples
         extra = f"; paired bootstrap p {'< 0.001' if p < 0.001 else f'= {p:.2g}'}"
+    which = ("95 % CI over relevance prompts and words" if words_ci is not None else
+             "95 % CI over words" if "better" in row else "95 % CI over items")
+    if words_ci is not None:
+        which += f"; over words alone [{words_ci[0]:+.3f}, {words_ci[1]:+.3f}]"
     sentence = (f"{METHODS[method]} is **{call}** {METHODS[base]} ({what}): paired difference in {metric} "
-                f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{extra}.")
-    return dict(call=call.split(" ")[0] if call != "not distinguishable from" else "not distinguishable",
-                sentence=sentence, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()
-                                      if k in PAIRED_KEYS})
+                f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] ({which}){extra}.")
+    out = dict(call=call.split(" ")[0] if call != "not distinguishable from" else "not distinguishable",
+               sentence=sentence, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()
+                                     if k in PAIRED_KEYS})
+    if words_ci is not None:
+        out["words_ci"] = [float(words_ci[0]), float(words_ci[1])]
+    return out
 
 
 def verdict_lines(results: dict) -> list[str]:
     """The verdict sentences ``results.json`` holds, in order: what the README, the report and
     chapter 03 print (one place, so they cannot disagree)."""
     v = results.get("verdict", {})
-    lines = [v[k]["sentence"] for k in ("table1", "bottom", "binding") if k in v]
+    kinds = v.get("table1_by_kind", {})
+    lines = [kinds[c]["sentence"] for c in sorted(kinds)]  # by word kind first: the pooled mean can hide them
+    if "table1" in v:
+        calls = {kinds[c]["call"] for c in kinds}
+        mixed = "better" in calls and "worse" in calls
+        lines.append(("Pooled over kinds with opposite signs (the mean below mixes them): " if mixed else
+                      "Pooled over kinds: " if kinds else "") + v["table1"]["sentence"])
+    lines += [v[k]["sentence"] for k in ("bottom", "binding") if k in v]
     return lines + [PAPER_EFFECT] if lines else []

@@ -141,6 +141,26 @@ def relevance_heatmaps(rel, concepts: Sequence[str] | None = None):
     return fig
 
 
+def selection_frequency(rel, selection: dict[str, dict], eligible: np.ndarray):
+    """Per word kind, the eligible heads in order of relevance: relevance (bars) and how often each
+    lands in the top-k when the relevance prompts are resampled (line; ``saam.selection``)."""
+    kinds = list(selection)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 2.8), squeeze=False)
+    for ax, c in zip(axes[0], kinds):
+        idx = np.flatnonzero(eligible)
+        row = rel.row(c)[idx]
+        order = idx[np.argsort(-row, kind="stable")]
+        x = np.arange(len(order))
+        ax.bar(x, rel.row(c)[order], color="0.75", width=0.9, label="relevance")
+        ax.set(xlabel="eligible heads, by relevance", ylabel="relevance", title=f"{c}: Jaccard {selection[c]['jaccard']:.2f}")
+        tw = ax.twinx()
+        tw.plot(x, selection[c]["frequency"][order], "o-", ms=2.5, lw=1, color=sns.color_palette()[0], label="selected")
+        tw.set(ylim=(-0.02, 1.02), ylabel="share of resamples in top-k")
+        tw.grid(False)
+    fig.tight_layout()
+    return fig
+
+
 def timestep_stability(table: pd.DataFrame):
     """``relevance.timestep_stability``'s table: one line per concept over the denoising windows."""
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -8,10 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .evaluate import auroc_ci, miou_table, score_records
+from .evaluate import WORD, auroc_ci, bootstrap_ci, miou_table, per_word, score_records
 from .heads import layer_factors
 from .models import denoiser_config
 from .paired import paired_auroc, paired_table, verdict
+from .selection import ORACLE
 from .select import METHODS, head_set
 from .select import eligible as rule
 
@@ -71,9 +72,59 @@ def paired_grid(recs, rel, params: dict, method: str = "top") -> pd.DataFrame:
     return t[t.method == METHODS[method]].reset_index(drop=True)
 
 
-def table1_results(tab: pd.DataFrame, rel, params: dict, main: str) -> dict:
+def selection(recs, rel, params: dict, n_draws: int | None = None) -> dict:
+    """What the head selection's own uncertainty and a bound add to Table 1 on one protocol's
+    records (``saam.selection``): the two-level paired CI of top-k minus DAAM per kind and pooled
+    (with each kind's selection frequencies and expected Jaccard), and cross-fitted oracle-k's
+    per-word IoUs. Published relevance keeps no per-prompt votes: then only oracle-k."""
+    from .selection import N_DRAWS, oracle_ious, two_level
+    mask = eligible(params, rel.heads)
+    kinds = sorted({r.kind for r in recs if r.gt is not None})
+    out = dict(oracle=oracle_ious(recs, rel.heads, params["k"], params["tau"], mask)[0])
+    if rel.prompt_votes is not None and kinds:
+        daam = head_set("daam", rel.heads, None, params["k"], mask=mask).index
+        out["two_level"] = two_level(recs, rel, kinds, params["k"], params["tau"], mask, daam,
+                                     n_draws or N_DRAWS, params["seed"])
+    return out
+
+
+def with_selection(tab: pd.DataFrame, df: pd.DataFrame, sel: dict, main: str, params: dict,
+                   by_kind: bool = False) -> pd.DataFrame:
+    """Table 1 (or by kind) with oracle-k's rows on protocol ``main`` (mIoU [CI], paired difference
+    to DAAM on the same words) and the two-level CI of top-k's difference (``diff_ci2_low/high``)."""
+    from .paired import paired_stats
+    w = per_word(df)
+    w = w[~w.missing & (w.method == METHODS["daam"])].set_index(WORD).iou
+    oracle = pd.Series(sel["oracle"]).reindex(w.index)
+    rows = []
+    for kind, idx in ([(k, w.index.get_level_values("kind") == k) for k in sorted(set(w.index.get_level_values("kind")))]
+                      if by_kind else [(None, np.ones(len(w), bool))]):
+        o, d = oracle[idx].to_numpy(float), w[idx].to_numpy(float)
+        m, lo, hi = bootstrap_ci(o[~np.isnan(o)], seed=params["seed"])
+        st = paired_stats(o - d, params["seed"])
+        rows.append(dict(protocol=main, method=ORACLE, **({"kind": kind} if by_kind else {}), mIoU=m, ci_low=lo,
+                         ci_high=hi, diff_daam=st["diff"], diff_ci_low=st["ci_low"], diff_ci_high=st["ci_high"],
+                         p_wilcoxon=st["p_wilcoxon"], better=st["better"], worse=st["worse"], d_z=st["d_z"],
+                         draw_sd=np.nan, n_words=st["n"], n_missing=int(tab[tab.protocol == main].n_missing.iloc[0])
+                         if not by_kind else np.nan))
+    out = pd.concat([tab, pd.DataFrame(rows)], ignore_index=True)
+    if not by_kind:
+        out.loc[out.method == ORACLE, ["k", "tau", "include_mid"]] = [params["k"], params["tau"], params["include_mid"]]
+    out["diff_ci2_low"], out["diff_ci2_high"] = np.nan, np.nan
+    two = sel.get("two_level")
+    if two:
+        for i, r in out[(out.protocol == main) & (out.method == METHODS["top"])].iterrows():
+            t = two.get(r["kind"] if by_kind else "pooled")
+            if t:
+                out.loc[i, ["diff_ci2_low", "diff_ci2_high"]] = [t["ci_low"], t["ci_high"]]
+    return out
+
+
+def table1_results(tab: pd.DataFrame, rel, params: dict, main: str, bykind: pd.DataFrame | None = None,
+                   sel: dict | None = None) -> dict:
     """The ``table1`` entry of results.json and the verdicts (``saam.paired.verdict``) of top-k and
-    bottom-k against DAAM on the primary protocol."""
+    bottom-k against DAAM on the primary protocol: top-k's per word kind and pooled, read from the
+    two-level CI where ``sel`` (:func:`selection`) has one, with the words-only CI beside it."""
     g = tab[tab.protocol == main].set_index("method")
     head = dict(protocol=main, k=params["k"], tau=params["tau"], include_mid=params["include_mid"],
                 n_words=int(g.n_words.iloc[0]), n_missing=int(g.n_missing.iloc[0]), n_heads=len(rel.heads),
@@ -89,12 +140,28 @@ def table1_results(tab: pd.DataFrame, rel, params: dict, main: str) -> dict:
     head["other_protocols"] = {name: {f"miou_{m}": float(r[METHODS[m]]) for m in ("daam", "top")}
                                for name, r in others.items()}
     what = f"{main}, k = {params['k']:g}, tau = {params['tau']}"
-    verdicts = {}
-    for key, m in (("table1", "top"), ("bottom", "bottom")):
-        r = g.loc[METHODS[m]]
+    two = (sel or {}).get("two_level") or {}
+
+    def call(r, m, what, two_ci):
         row = dict(n=int(r.n_words), diff=r.diff_daam, ci_low=r.diff_ci_low, ci_high=r.diff_ci_high,
                    p_wilcoxon=r.p_wilcoxon, better=r.better, worse=r.worse, d_z=r.d_z)
-        verdicts[key] = verdict(row, what, method=m)
+        if m == "top" and two_ci:
+            return verdict(dict(row, ci_low=two_ci["ci_low"], ci_high=two_ci["ci_high"]), what, method=m,
+                           words_ci=(r.diff_ci_low, r.diff_ci_high))
+        return verdict(row, what, method=m)
+    verdicts = {"table1": call(g.loc[METHODS["top"]], "top", what, two.get("pooled")),
+                "bottom": call(g.loc[METHODS["bottom"]], "bottom", what, None)}
+    if bykind is not None:
+        bk = bykind[(bykind.protocol == main) & (bykind.method == METHODS["top"])].set_index("kind")
+        verdicts["table1_by_kind"] = {c: call(r, "top", f"{c} words, {what}", two.get(c)) for c, r in bk.iterrows()}
+    if sel and sel.get("oracle"):
+        o = g.loc[ORACLE] if ORACLE in g.index else None
+        if o is not None:
+            head["miou_oracle"], head["miou_oracle_ci"] = float(o.mIoU), [float(o.ci_low), float(o.ci_high)]
+    if two:
+        head["selection"] = {c: dict(jaccard=v["jaccard"], distinct_sets=v["distinct_sets"])
+                             for c, v in two["selection"].items()}
+        head["n_relevance_prompts"] = int(rel.prompt_votes.shape[0])
     return dict(table1=head, verdict=verdicts)
 
 

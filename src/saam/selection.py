@@ -1,0 +1,147 @@
+"""The head set is an estimate: its uncertainty, and what a selection could reach at best.
+
+Top-k's heads come from HRV's votes over a finite set of relevance prompts, so Table 1's
+words-only CI understates what a rerun with other prompts would give. Here:
+
+- :func:`resampled_sets`: relevance re-estimated from relevance prompts resampled with
+  replacement (HRV's votes are kept per prompt, ``Relevance.prompt_votes``), and each draw's
+  top-k set per word kind; :func:`selection_summary` turns them into how often each head is
+  selected and the expected Jaccard between the sets of two independent draws.
+- :func:`two_level`: the paired difference to DAAM with a *two-level* bootstrap: each draw
+  resamples relevance prompts (re-selecting the heads), then the evaluation words; per kind and
+  pooled. The verdict rule (``paired.verdict``) reads this interval.
+- :func:`oracle_ious`: "oracle-k", an upper reference no user can run without masks: per kind,
+  the k eligible heads with the best single-head IoU, chosen on the other half of the images
+  (cross-fitted: no word scores a selection its own mask chose).
+
+Every IoU here is the one Table 1 computes (``aggregate.mean_maps`` of a record's per-head maps,
+``evaluate.mask_ious`` at the profile's tau), so at the full relevance the point estimates are
+Table 1's (tested).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .aggregate import mean_maps
+from .evaluate import WordRecord, mask_ious
+from .relevance import Relevance, normalize_votes
+from .select import head_set
+
+N_DRAWS = 1000  # two-level bootstrap draws (each: relevance prompts, then words)
+ORACLE = "oracle-k (a bound: heads chosen with masks)"  # its label in Table 1
+
+
+def word_ious(recs: Sequence[WordRecord], sets: Sequence[Sequence[int]], n_heads: int, tau: float) -> np.ndarray:
+    """[sets, words] IoU of each word's mask from the plain mean of its per-head maps over each
+    head set (indices into the heads), as Table 1 scores a set; NaN where the object is missing."""
+    w = np.zeros((len(sets), n_heads), np.float32)
+    for i, s in enumerate(sets):
+        w[i, list(s)] = 1.0
+    w = torch.as_tensor(w)
+    out = np.full((len(sets), len(recs)), np.nan)
+    for j, r in enumerate(recs):
+        if r.gt is not None:
+            out[:, j] = mask_ious(mean_maps(torch.as_tensor(r.maps), w), r.gt, [tau])[:, 0]
+    return out
+
+
+def resampled_sets(rel: Relevance, kinds: Sequence[str], k, mask: np.ndarray, n_draws: int = N_DRAWS,
+                   seed: int = 0, method: str = "top") -> tuple[np.ndarray, dict[str, list[tuple[int, ...]]]]:
+    """(prompt draws [n_draws, prompts], {kind: each draw's head set as sorted indices}): the
+    relevance of each draw is :func:`relevance.normalize_votes` of the resampled prompts' votes."""
+    if rel.prompt_votes is None:
+        raise ValueError("this relevance keeps no per-prompt votes (published vectors, or an old cache): "
+                         "the head selection's uncertainty needs HRV's pass")
+    pv = np.asarray(rel.prompt_votes, np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(pv), (n_draws, len(pv)))
+    rows = [rel.index(c) for c in kinds]
+    sets: dict[str, list[tuple[int, ...]]] = {c: [] for c in kinds}
+    for d in draws:
+        m = normalize_votes(np.tensordot(np.bincount(d, minlength=len(pv)), pv, axes=1))  # the draw's votes, summed
+        for c, i in zip(kinds, rows):
+            sets[c].append(tuple(sorted(head_set(method, rel.heads, m[i], k, mask=mask, concept=c).index.tolist())))
+    return draws, sets
+
+
+def selection_summary(sets: dict[str, list[tuple[int, ...]]], n_heads: int) -> dict[str, dict]:
+    """Per kind: each head's selection frequency over the draws, and the expected Jaccard index of
+    two independent draws' sets (consecutive draws paired)."""
+    out = {}
+    for c, ss in sets.items():
+        freq = np.zeros(n_heads)
+        for s in ss:
+            freq[list(s)] += 1
+        jac = [len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(ss[::2], ss[1::2])]
+        out[c] = dict(frequency=freq / len(ss), jaccard=float(np.mean(jac)) if jac else float("nan"),
+                      distinct_sets=len(set(ss)))
+    return out
+
+
+def two_level(recs: Sequence[WordRecord], rel: Relevance, kinds: Sequence[str], k, tau: float, mask: np.ndarray,
+              daam: Sequence[int], n_draws: int = N_DRAWS, seed: int = 0, method: str = "top") -> dict:
+    """Top-k (or ``method``) minus DAAM, per kind and pooled, with the two-level bootstrap 95 % CI.
+
+    Returns ``{"pooled" | kind: dict(diff, ci_low, ci_high, n)}`` (``diff``: the point estimate at
+    the full relevance, Table 1's), plus ``"selection"``: :func:`selection_summary` per kind.
+    """
+    words = [r for r in recs if r.gt is not None and r.kind in kinds]
+    draws, sets = resampled_sets(rel, kinds, k, mask, n_draws, seed, method)
+    full = {c: tuple(sorted(head_set(method, rel.heads, rel.row(c), k, mask=mask, concept=c).index.tolist())) for c in kinds}
+    diffs_by_kind, boots = {}, {}
+    for c in kinds:
+        rs = [r for r in words if r.kind == c]
+        if not rs:
+            continue
+        unique = sorted(set(sets[c]) | {full[c]})
+        at = {s: i for i, s in enumerate(unique)}
+        iou = word_ious(rs, [*unique, tuple(daam)], len(rel.heads), tau)
+        d = iou[:-1] - iou[-1]  # [unique sets, words]
+        diffs_by_kind[c] = d[at[full[c]]]
+        boots[c] = d[[at[s] for s in sets[c]]]  # [draws, words]: the draw's selection on every word
+    rng = np.random.default_rng(seed + 1)
+    out: dict = {}
+    for c, b in boots.items():
+        n = b.shape[1]
+        idx = rng.integers(0, n, (len(b), n))
+        means = np.take_along_axis(b, idx, 1).mean(1)
+        out[c] = dict(diff=float(diffs_by_kind[c].mean()), ci_low=float(np.quantile(means, 0.025)),
+                      ci_high=float(np.quantile(means, 0.975)), n=int(n))
+    if boots:
+        allb = np.concatenate(list(boots.values()), 1)
+        n = allb.shape[1]
+        idx = rng.integers(0, n, (len(allb), n))
+        means = np.take_along_axis(allb, idx, 1).mean(1)
+        out["pooled"] = dict(diff=float(np.concatenate(list(diffs_by_kind.values())).mean()),
+                             ci_low=float(np.quantile(means, 0.025)), ci_high=float(np.quantile(means, 0.975)), n=int(n))
+    out["selection"] = selection_summary(sets, len(rel.heads))
+    return out
+
+
+def oracle_ious(recs: Sequence[WordRecord], heads, k, tau: float, mask: np.ndarray,
+                folds: int = 2) -> tuple[dict[tuple, float], dict[tuple, np.ndarray]]:
+    """Cross-fitted oracle-k: ({(image, word, occurrence, kind): IoU}, {(kind, fold): head indices}).
+    Per kind, images fall into ``folds`` folds by their index; a fold's words are scored with the k
+    eligible heads whose single-head maps scored best (mean IoU at ``tau``) on the other folds'
+    words of that kind."""
+    out, chosen_sets = {}, {}
+    for c in sorted({r.kind for r in recs}):
+        rs = [r for r in recs if r.kind == c and r.gt is not None]
+        if not rs:
+            continue
+        single = np.stack([mask_ious(r.maps, r.gt, [tau])[:, 0] for r in rs])  # [words, heads]
+        fold = np.array([r.image % folds for r in rs])
+        for f in range(folds):
+            train, test = fold != f, np.flatnonzero(fold == f)
+            if not len(test):
+                continue
+            if not train.any():
+                raise ValueError(f"oracle-k for {c!r}: every scored word's image is in one fold; more images are needed")
+            chosen = chosen_sets[(c, f)] = head_set("top", heads, single[train].mean(0), k, mask=mask, concept=c).index
+            iou = word_ious([rs[i] for i in test], [chosen], len(heads), tau)[0]
+            for i, v in zip(test, iou):
+                r = rs[i]
+                out[(r.image, r.word, r.occurrence, r.kind)] = float(v)
+    return out, chosen_sets
