@@ -129,6 +129,10 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
             shutil.copy(png, out / png.name)
             parts.append(f'<figure><img src="{png.name}" alt="{html.escape(caption)}"><figcaption>'
                          f"{html.escape(caption)} (<code>{name}</code>)</figcaption></figure>")
+    if (figs / "explorer.html").exists():  # chapter 04's head explorer, a page of its own
+        shutil.copy(figs / "explorer.html", out / "explorer.html")
+        parts.append("<h2>Head explorer</h2><p><a id='explorer' href='explorer.html'>Every head's map of a word</a>, "
+                     "ordered by relevance to its concept, with relevance and single-head IoU (chapter 04).</p>")
     parts.append("<h2>Chapters</h2><ol start='0'>" + "".join(
         f'<li><a href="{s}.html">{html.escape(t)}</a></li>' for s, t in pages) + "</ol>")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saam report ({html.escape(profile)})"

@@ -114,6 +114,7 @@ def test_report_loads_in_chromium(smoke_chapters):
                 assert drv.execute_script(shown) > 0
             if page == "index.html":
                 assert "Table 1" in drv.page_source
+                assert drv.find_element("id", "explorer").get_attribute("href").endswith("explorer.html")  # chapter 04's page
                 drv.save_screenshot(str(report / "front-page.png"))
         assert n_img >= 10, f"only {n_img} images in the whole report"
     finally:

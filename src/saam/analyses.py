@@ -32,15 +32,18 @@ def published_concentration(top: float = 0.25) -> pd.DataFrame:
 def relevance_vs_localisation(recs, rel, params: dict):
     """Does relevance rank heads by how well they localise? Per concept: Spearman rho between a
     head's relevance and its own single-head mIoU (``evaluate.per_head_iou``; eligible heads as the
-    profile says), the best single head, and the oracle top-k (k heads with the best single-head
-    IoU, chosen on the same words: a ceiling, not a method).
+    profile says), the best single head, the oracle top-k (k heads with the best single-head
+    IoU, chosen on the same words: a ceiling, not a method), cross-fitted oracle-k (chosen on the
+    other half of the images, ``saam.selection``), top-k's mIoU and the gap between the two.
 
     Returns:
         (table, {concept: per-head mIoU}).
     """
     from scipy.stats import spearmanr
+    from .selection import oracle_ious, word_ious
     mask = eligible(params, rel.heads)
     head_iou = {c: per_head_iou(recs, c, params["tau"]) for c in kinds_of(recs)}
+    crossfit = oracle_ious(recs, rel.heads, params["k"], params["tau"], mask)[0]
     rows = []
     for c, v in head_iou.items():
         if not len(v):
@@ -49,8 +52,12 @@ def relevance_vs_localisation(recs, rel, params: dict):
         oracle = head_set("top", rel.heads, np.where(np.isnan(v), -1.0, v), params["k"], mask=mask)
         words = [r for r in recs if r.kind == c and r.gt is not None]
         ious = [mask_ious(mean_map(r.maps[oracle.index])[None], r.gt, [params["tau"]])[0, 0] for r in words]
+        top = head_set("top", rel.heads, rel.row(c), params["k"], mask=mask, concept=c).index
+        top_miou = float(np.mean(word_ious(words, [top], len(rel.heads), params["tau"])[0]))
+        cf = float(np.mean([crossfit[(r.image, r.word, r.occurrence, r.kind)] for r in words]))
         rows.append(dict(concept=c, spearman_rho=float(spearmanr(rel.row(c)[mask], v[mask]).statistic),
                          best_single_head_miou=float(np.nanmax(v[mask])), oracle_top_k_miou=float(np.mean(ious)),
+                         oracle_k_crossfit_miou=cf, top_k_miou=top_miou, gap_oracle_minus_top=cf - top_miou,
                          n_heads=int(mask.sum())))
     return pd.DataFrame(rows), head_iou
 

@@ -30,7 +30,7 @@ CHAPTERS = (
              "fig3-selection-frequency", "results.json")),
     Chapter("04-most-vs-least", "Most vs least relevant heads",
             ("tab2-k-sweep", "fig4-k-sweep", "fig4-examples", "fig4-relevance-vs-localisation",
-             "tab2-relevance-vs-localisation")),
+             "tab2-relevance-vs-localisation", "explorer.html")),
     Chapter("05-misinterpretation", "Diagnosing misinterpretations",
             ("tab3-binding-auroc", "fig5-roc", "fig5-case-studies", "tab5-polysemy", "fig5-polysemy"),
             real_only=("tab5-polysemy", "fig5-polysemy")),

@@ -145,3 +145,16 @@ def oracle_ious(recs: Sequence[WordRecord], heads, k, tau: float, mask: np.ndarr
                 r = rs[i]
                 out[(r.image, r.word, r.occurrence, r.kind)] = float(v)
     return out, chosen_sets
+
+
+def oracle_sweep(recs: Sequence[WordRecord], heads, ks: Sequence, tau: float, mask: np.ndarray, seed: int = 0):
+    """Cross-fitted oracle-k's mIoU [bootstrap 95 % CI over words] at each k: rows in the layout of
+    ``evaluate.miou_table`` (method, k, tau, mIoU, ci_low, ci_high, n_words), for the k sweep."""
+    import pandas as pd
+    from .evaluate import bootstrap_ci
+    rows = []
+    for k in ks:
+        v = np.array(list(oracle_ious(recs, heads, k, tau, mask)[0].values()))
+        m, lo, hi = bootstrap_ci(v, seed=seed)
+        rows.append(dict(method=ORACLE, k=k, tau=tau, mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v)))
+    return pd.DataFrame(rows)

@@ -1,0 +1,86 @@
+"""The head explorer: the JupyterLab widget (controls redraw it) and the static page (clicking a
+word changes the grid, in headless Chromium), on the smoke profile's cached organism run."""
+import shutil
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def run():
+    from saam import steps
+    from saam.chapter import load
+    from saam.models import load_model
+    p = load("smoke")
+    pipe = load_model(p)
+    rel = steps.relevance(pipe, p)
+    recs, images, _ = steps.records(pipe, p, "generation", rel.heads)
+    return p, rel, recs, images
+
+
+def test_heads_are_ordered_by_relevance_with_their_own_iou(run):
+    from saam import tables
+    from saam.evaluate import mask_ious
+    from saam.explorer import heads_of
+    p, rel, recs, images = run
+    r = next(r for r in recs if r.gt is not None)
+    mask = tables.eligible(p, rel.heads)
+    t = heads_of(r, rel, r.kind, mask, p["tau"])
+    assert len(t) == mask.sum() and t.relevance.is_monotonic_decreasing and list(t["rank"]) == list(range(1, len(t) + 1))
+    h = t.iloc[3]
+    assert h.iou == mask_ious(r.maps[[h["index"]]], r.gt, [p["tau"]])[0, 0]
+
+
+def test_the_widget_redraws_when_a_control_changes(run):
+    from saam.explorer import Explorer
+    p, rel, recs, images = run
+    e = Explorer(recs, rel, images, p)
+    first = e.shown
+    png = bytes(e.view.value)
+    assert first[0] == recs[0].image and png.startswith(b"\x89PNG")  # a figure drawn
+    e.k.value = 0.5
+    assert e.shown == (*first[:3], 0.5) and bytes(e.view.value) != png
+    e.concept.value = "Shape" if first[2] != "Shape" else "Color"
+    assert e.shown[2] == e.concept.value
+    other = [i for i in e.by_image if i != first[0]][0]
+    e.image.value = other
+    assert e.shown[0] == other and e.shown[1] == e.by_image[other][0].word
+    e.word.value = len(e.by_image[other]) - 1
+    assert e.shown[1] == e.by_image[other][-1].word
+
+
+@pytest.mark.slow
+def test_the_static_page_switches_words_in_chromium(run, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from saam.explorer import write_page
+    p, rel, recs, images = run
+    page = write_page(tmp_path / "explorer.html", recs, rel, images, p, n_images=2)
+    chrome, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chrome and driver_bin):
+        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_bin), options=opts)
+    try:
+        drv.get(page.as_uri())
+        grid = lambda: drv.execute_script("const g = document.querySelector('#img0 .grid'); "  # noqa: E731
+                                          "return [g.dataset.word, Array.from(g.querySelectorAll('img')).map(i => i.src)]")
+        word0, srcs0 = grid()
+        buttons = drv.find_elements("css selector", "#img0 .words button")
+        assert len(buttons) >= 2 and word0 == buttons[0].text.split(" ")[0]
+        buttons[1].click()
+        word1, srcs1 = grid()
+        assert word1 == buttons[1].text.split(" ")[0] and word1 != word0 and srcs1 != srcs0
+        assert len(srcs1) == int(drv.execute_script("return document.getElementById('k').max"))  # every eligible head
+        tops = lambda: drv.execute_script("return document.querySelectorAll('#img0 .grid figure.top').length")  # noqa: E731
+        k0 = tops()
+        drv.execute_script("const s = document.getElementById('k'); s.value = 1; s.dispatchEvent(new Event('input'))")
+        assert k0 > 1 and tops() == 1
+        widths = drv.execute_script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        assert widths and all(w > 0 for w in widths)
+        assert not [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        drv.quit()
