@@ -91,3 +91,18 @@ def test_table1_carries_oracle_and_two_level_ci_and_the_verdict_reads_it(run):
     assert lines[0].startswith("top-k (selective) is **") and "(color words" in lines[0]
     assert "95 % CI over relevance prompts and words" in lines[0] and "Pooled over kinds" in lines[3]
     assert "miou_oracle" in res["table1"] and "selection" in res["table1"]
+
+
+def test_convergence_compares_disjoint_subsets(run):
+    from saam import tables
+    from saam.relevance import Relevance
+    from saam.selection import convergence
+    p, rel, recs, df = run
+    mask = tables.eligible(p, rel.heads)
+    n = rel.prompt_votes.shape[0]
+    conv = convergence(rel, recs, ["color", "shape"], p["k"], p["tau"], mask, splits=5)
+    assert sorted(conv.n_prompts.unique()) == [m for m in (n // 8, n // 4, n // 2) if m >= 1]
+    assert ((conv.jaccard >= conv.jaccard_min) & (conv.jaccard <= 1)).all()
+    same = Relevance(rel.concepts, rel.heads, rel.matrix, prompt_votes=np.repeat(rel.prompt_votes[:1], n, 0))
+    c = convergence(same, recs, ["color"], p["k"], p["tau"], mask, splits=5)
+    assert (c.jaccard == 1).all() and (c.top_k_miou_sd < 1e-12).all()  # identical prompts: identical sets

@@ -27,7 +27,7 @@ CHAPTERS = (
              "fig2-attention-sinks", "tab2-attention-sinks")),
     Chapter("03-miou", "Table 1: mIoU of DAAM vs selective aggregation",
             ("tab1-miou", "tab1-miou-by-kind", "tab1-tau-sweep", "tab1-paired-grid", "fig3-paired-grid",
-             "fig3-selection-frequency", "results.json")),
+             "fig3-selection-frequency", "tab1-relevance-convergence", "fig3-relevance-convergence", "results.json")),
     Chapter("04-most-vs-least", "Most vs least relevant heads",
             ("tab2-k-sweep", "fig4-k-sweep", "fig4-examples", "fig4-relevance-vs-localisation",
              "tab2-relevance-vs-localisation", "explorer.html")),

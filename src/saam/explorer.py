@@ -65,14 +65,16 @@ def overlay_rgb(image: np.ndarray, m: np.ndarray, alpha: float = 0.6) -> np.ndar
     return (np.clip((1 - alpha) * img + alpha * rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _png(rgb: np.ndarray, size: int | None = None) -> str:
+def _jpeg(rgb: np.ndarray, max_side: int = 2 * THUMB) -> str:
+    """A data URI of the image as JPEG (the page scales it; smooth maps compress several-fold better
+    than as PNG), at most ``max_side`` px a side."""
     from PIL import Image
     im = Image.fromarray(rgb)
-    if size:
-        im = im.resize((size, size), Image.NEAREST)
+    if max(im.size) > max_side:
+        im = im.resize((max_side, max_side * im.size[1] // im.size[0]), Image.BILINEAR)
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 class Explorer:
@@ -152,7 +154,7 @@ class Explorer:
         self.shown = (r.image, r.word, self.concept.value, self.k.value)
 
 
-def write_page(path: Path, recs: Sequence[WordRecord], rel, images, params: dict, n_images: int = 6,
+def write_page(path: Path, recs: Sequence[WordRecord], rel, images, params: dict, n_images: int = 4,
                mask: np.ndarray | None = None) -> Path:
     """The explorer as one self-contained HTML page (thumbnails embedded): the first ``n_images``
     images with scored words; clicking a word shows its heads ordered by relevance to its kind,
@@ -172,16 +174,17 @@ def write_page(path: Path, recs: Sequence[WordRecord], rel, images, params: dict
             heads = heads_of(r, rel, concept, mask, params["tau"])
             maps = method_maps(r, rel, concept, params["k"], mask, img.shape[:2])
             words.append(dict(word=html.escape(r.word), kind=html.escape(r.kind), concept=concept,
-                              methods={m: _png(overlay_rgb(img, v), 2 * THUMB) for m, v in maps.items()},
+                              methods={m: _jpeg(overlay_rgb(img, v)) for m, v in maps.items()},
                               heads=[dict(head=h.head, rank=int(h.rank), relevance=round(float(h.relevance), 4),
                                           iou=None if np.isnan(h.iou) else round(float(h.iou), 4),
-                                          src=_png(overlay_rgb(img, r.maps[h.index]), THUMB)) for h in heads.itertuples()]))
-        data.append(dict(image=int(i), caption=html.escape(rs[0].caption), src=_png(np.asarray(img if img.dtype == np.uint8 else
-                                                                                   (np.clip(img, 0, 1) * 255).round().astype(np.uint8)), 2 * THUMB),
+                                          src=_jpeg(overlay_rgb(img, r.maps[h.index]), THUMB)) for h in heads.itertuples()]))
+        data.append(dict(image=int(i), caption=html.escape(rs[0].caption), src=_jpeg(np.asarray(img if img.dtype == np.uint8 else
+                                                                                    (np.clip(img, 0, 1) * 255).round().astype(np.uint8))),
                          words=words))
     n_eligible = int(mask.sum())
     k0 = params["k"] if params["k"] > 1 else max(1, int(round(params["k"] * n_eligible)))
     page = PAGE.replace("__DATA__", json.dumps(data)).replace("__K__", str(int(k0))).replace("__N__", str(n_eligible))
+    page = page.replace("__T__", str(THUMB)).replace("__M__", str(2 * THUMB))
     page = page.replace("__TITLE__", html.escape(f"Head explorer: {params.get('profile', '')}"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +197,7 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</tit
 .words button{margin:2px;padding:3px 8px;border:1px solid #999;background:#f6f6f6;cursor:pointer}
 .words button.on{background:#333;color:#fff}.img{margin:1.2em 0;border-top:1px solid #ddd;padding-top:.6em}
 .methods figure,.grid figure{display:inline-block;margin:3px;text-align:center;font-size:11px}
+.grid img{width:__T__px;height:__T__px;image-rendering:pixelated}.methods img{width:__M__px;height:__M__px;image-rendering:pixelated}
 .grid figure.top img{outline:3px solid #c33}figcaption{line-height:1.2}</style></head><body>
 <h1>__TITLE__</h1>
 <p>For each image, click a word: DAAM's map, top-k's and bottom-k's (at the profile's k), then every

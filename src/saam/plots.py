@@ -161,6 +161,27 @@ def selection_frequency(rel, selection: dict[str, dict], eligible: np.ndarray):
     return fig
 
 
+def relevance_convergence(conv: pd.DataFrame):
+    """Per kind against the number of relevance prompts: the Jaccard index of the top-k sets from
+    two disjoint subsets (left), and top-k's mIoU with +-1 SD over subsets (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for c, g in conv.groupby("kind", sort=False):
+        axes[0].plot(g.n_prompts, g.jaccard, marker="o", label=c)
+        line, = axes[1].plot(g.n_prompts, g.top_k_miou, marker="o", label=c)
+        axes[1].fill_between(g.n_prompts, g.top_k_miou - g.top_k_miou_sd, g.top_k_miou + g.top_k_miou_sd,
+                             alpha=0.2, color=line.get_color())
+    axes[0].axhline(0.9, color="k", ls="--", lw=0.8)
+    axes[0].set(xscale="log", xlabel="relevance prompts per subset", ylabel="Jaccard of top-k sets",
+                title="two disjoint subsets", ylim=(0, 1.02))
+    axes[1].set(xscale="log", xlabel="relevance prompts", ylabel="top-k mIoU", title="top-k with each subset's heads")
+    for ax in axes:
+        ax.set_xticks(sorted(conv.n_prompts.unique()), [str(n) for n in sorted(conv.n_prompts.unique())])
+        ax.minorticks_off()
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def timestep_stability(table: pd.DataFrame):
     """``relevance.timestep_stability``'s table: one line per concept over the denoising windows."""
     fig, ax = plt.subplots(figsize=(5, 3))

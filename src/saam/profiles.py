@@ -46,12 +46,15 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
     "data_dir": ((str, type(None)), False, False),
     "data_split": ((str, type(None)), False, False),  # which annotation files of a folder holding several (e.g. val2017)
     "relevance_variant": ((str,), False, False),  # MM-DiTs: stream | direct (saam.stream)
+    # chapter 03's relevance convergence check: a pool of this many relevance prompts (the first
+    # n_relevance_prompts shared with the pass), disjoint halves of it compared (saam.selection.convergence)
+    "relevance_pool": ((int, type(None)), False, False),
 }
 COUNTS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks", "n_examples", "batch_size", "steps")
 ABLATION_KEYS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks")
 DEFAULTS = dict(concepts="hrv", n_sinks=32, n_examples=6, device="auto", precision="auto", batch_size=16,
                 k_sweep=[0.05, 0.1, 0.25, 0.5, 1.0], tau_sweep=[0.3, 0.4, 0.5], strengths=[0.5],
-                variants=[], model_path=None, resolution=None)
+                variants=[], model_path=None, resolution=None, relevance_pool=None)
 
 
 class ProfileError(ValueError):
@@ -145,6 +148,10 @@ def check_ranges(p: dict, source: str) -> None:
         dup = sorted({str(v) for v in seen if seen.count(v) > 1})
         if dup:
             bad(key, f"lists {', '.join(dup)} more than once ({p[key]!r}): each value is one row of its table; give it once")
+    pool = p.get("relevance_pool")
+    if pool is not None and (pool < 4 or pool < p.get("n_relevance_prompts", 0)):
+        bad("relevance_pool", f"must be at least 4 and at least n_relevance_prompts ({p.get('n_relevance_prompts')}), "
+                              f"got {pool} (or null for no convergence check)")
     for s in p.get("strengths") or []:
         if "steps" in p and int(p["steps"] * s) < 1:
             bad("strengths", f"{s} of {p['steps']} steps leaves no denoising step (strength x steps must be >= 1)")
@@ -212,7 +219,7 @@ def run_size(p: dict) -> dict[str, int]:
     for s in strengths:
         out[f"real images (strength {s})"] = int(n_eval * steps * s)
     if not (real and p.get("hrv_vectors")):  # published vectors need no relevance pass
-        out["relevance"] = (p.get("n_relevance_prompts") or 64) * steps
+        out["relevance"] = max(p.get("n_relevance_prompts") or 64, p.get("relevance_pool") or 0) * steps
     if real:
         out["attention budget"] = p.get("n_sinks", 32) * steps
     return out

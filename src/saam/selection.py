@@ -158,3 +158,42 @@ def oracle_sweep(recs: Sequence[WordRecord], heads, ks: Sequence, tau: float, ma
         m, lo, hi = bootstrap_ci(v, seed=seed)
         rows.append(dict(method=ORACLE, k=k, tau=tau, mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v)))
     return pd.DataFrame(rows)
+
+
+def convergence(rel: Relevance, recs: Sequence[WordRecord], kinds: Sequence[str], k, tau: float, mask: np.ndarray,
+                ns: Sequence[int] | None = None, splits: int = 20, seed: int = 0):
+    """How the top-k sets and top-k's mIoU settle as relevance prompts are added, from one pool of
+    per-prompt votes (``rel.prompt_votes``, P prompts). For each n (default P/8, P/4, P/2) and
+    kind, over ``splits`` random pairs of *disjoint* n-prompt subsets: the mean (and lowest)
+    Jaccard index of the two subsets' top-k sets, and top-k's mIoU on the kind's words with the
+    heads each subset selects (mean and SD over the 2 x ``splits`` subsets)."""
+    import pandas as pd
+    if rel.prompt_votes is None:
+        raise ValueError("the convergence check needs per-prompt votes (HRV's pass), not published vectors")
+    pv = np.asarray(rel.prompt_votes, np.float64)
+    n_pool = len(pv)
+    ns = [n for n in (ns or (n_pool // 8, n_pool // 4, n_pool // 2)) if 1 <= n <= n_pool // 2]
+    rng = np.random.default_rng(seed)
+    words = {c: [r for r in recs if r.kind == c and r.gt is not None] for c in kinds}
+    memo: dict[tuple, float] = {}
+
+    def miou(c, s):
+        if (c, s) not in memo:
+            memo[(c, s)] = float(np.mean(word_ious(words[c], [s], len(rel.heads), tau)[0])) if words[c] else np.nan
+        return memo[(c, s)]
+    rows = []
+    for n in ns:
+        sets = {c: [] for c in kinds}
+        for _ in range(splits):
+            perm = rng.permutation(n_pool)
+            for half in (perm[:n], perm[n:2 * n]):
+                m = normalize_votes(pv[half].sum(0))
+                for c in kinds:
+                    sets[c].append(tuple(sorted(head_set("top", rel.heads, m[rel.index(c)], k, mask=mask, concept=c).index.tolist())))
+        for c in kinds:
+            ss = sets[c]
+            jac = [len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(ss[::2], ss[1::2])]
+            ious = [miou(c, s) for s in ss]
+            rows.append(dict(n_prompts=n, kind=c, jaccard=float(np.mean(jac)), jaccard_min=float(np.min(jac)),
+                             top_k_miou=float(np.mean(ious)), top_k_miou_sd=float(np.std(ious)), splits=splits))
+    return pd.DataFrame(rows)
