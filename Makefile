@@ -124,9 +124,10 @@ endif
 fidelity: $(STAMP)  ## score the committed model's generations -> figures/fidelity.json
 	$(BIN)/python -c "from saam import chapter, steps, models; p=chapter.load('$(PROFILE)'); print(steps.fidelity(models.load_model(p), p))"
 
-bench: $(STAMP)  ## organism: capture and relevance overhead; full-size SD (FULLSIZE="sd14 sd21 sdxl"): numerics, trace memory, overhead -> figures/bench-*.json
+bench: $(STAMP)  ## organism: capture and relevance overhead; full-size SD (FULLSIZE="sd14 sd21 sdxl"): numerics, trace memory, overhead; weight fingerprint on full-size SDXL -> figures/bench-*.json
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/fullsize.py --models $(FULLSIZE)
+	$(BIN)/python scripts/fingerprint_bench.py --model sdxl
 
 gpu-bench: $(STAMP)  ## on a CUDA machine: fp16 SD v1.4 / SDXL traced/plain, images/s, peak memory, a 500-image Table 1 run -> figures/bench-gpu.json
 	$(BIN)/python scripts/gpu_bench.py

@@ -24,6 +24,7 @@ def artefact_map() -> str:
     rows.append("| `bench-capture.json`, `bench-relevance.json` | `scripts/bench.py` (`make bench`) | ShapesWorld |")
     rows.append("| `bench-dit.json` | `scripts/bench.py` (`make bench`) | SD3- and Flux-width MM-DiT blocks |")
     rows.append("| `bench-fullsize.json` | `scripts/fullsize.py` (`make bench`) | SD v1.4 / v2.1 / SDXL architectures |")
+    rows.append("| `bench-fingerprint.json` | `scripts/fingerprint_bench.py` (`make bench`) | a full-size SDXL folder |")
     rows.append("| `bench-gpu.json` | `scripts/gpu_bench.py` (`make gpu-bench`, a CUDA GPU) | SD v1.4 / SDXL architectures |")
     return "\n".join(rows)
 
@@ -81,10 +82,18 @@ def block(res: dict | None = None) -> str:
         f"draws {t1['random_draw_sd']:.3f}).",
     ]
     lines += ["", "**In short** (paired on the same words, `saam.paired`: better or worse only where the paired 95 % CI "
-              "excludes 0; the same sentences as the report and chapter 03):", ""] + [f"- {s}" for s in verdict_lines(res)]
+              "excludes 0; top-k's CI is two-level, relevance prompts then words (`saam.selection`), with the words-only "
+              "CI beside it; by word kind first; the same sentences as the report and chapter 03):", ""] + [f"- {s}" for s in verdict_lines(res)]
     if "relevance_vs_localisation" in res:
         lines += ["", "Relevance vs single-head localisation (`figures/tab2-relevance-vs-localisation.md`), Spearman rho: "
                   + ", ".join(f"{k} {v['spearman_rho']:+.2f}" for k, v in res["relevance_vs_localisation"].items()) + "."]
+    conv = res.get("relevance_convergence")
+    if conv:
+        lines += ["", f"Enough relevance prompts? (`figures/tab1-relevance-convergence.md`): two disjoint subsets of "
+                  f"{conv['n_prompts']} of {conv['pool']} relevance prompts select top-k sets with Jaccard index "
+                  + ", ".join(f"{c} {j:.2f}" for c, j in sorted(conv["jaccard"].items()))
+                  + (" (every kind at or above 0.9: the profile's relevance budget is enough)."
+                     if min(conv["jaccard"].values()) >= 0.9 else " (below 0.9 for some kind: more relevance prompts are needed).")]
     if "binding_auroc" in res:
         lines += ["", "Binding diagnosis AUROC (`figures/tab3-binding-auroc.md`; its paired verdict is in *In short*): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["binding_auroc"].items()) + "."]

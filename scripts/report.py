@@ -106,7 +106,9 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
     if lines:  # the sentences results.json holds: the same in the README and chapter 03
         bold = lambda s: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(s))  # noqa: E731
         parts.append("<h2>What we found</h2><p class='note'>Each method against DAAM on the same words (paired "
-                     "bootstrap 95 % CI of the difference; better or worse only where it excludes 0):</p><ul>"
+                     "bootstrap 95 % CI of the difference; for top-k two-level, over the relevance prompts and the "
+                     "words, with the words-only CI beside it; better or worse only where it excludes 0; by word "
+                     "kind first):</p><ul>"
                      + "".join(f"<li>{bold(s)}</li>" for s in lines) + "</ul>")
     if (figs / "tab1-miou.csv").exists():
         parts.append("<h2>Table 1: mIoU</h2>" + pd.read_csv(figs / "tab1-miou.csv").to_html(index=False, float_format="%.3f"))

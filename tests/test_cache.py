@@ -1,4 +1,7 @@
 """The cache stores data (no pickles), survives a broken entry, and follows the code it ran."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,3 +98,37 @@ def test_the_package_has_no_import_circle_and_no_hub():
         done.add(m)
     for m in mods:
         visit(m)
+
+
+def test_fingerprint_streams_and_remembers_each_file(tmp_path, monkeypatch):
+    """The same fingerprint as hashing each file whole; each file hashed once per (path, size,
+    mtime), in chunks; a changed file is hashed again and changes the fingerprint."""
+    import hashlib
+    import os
+    from saam import cache, paths
+    monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(cache, "CHUNK", 7)  # several chunks per file
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text('{"a": 1}')
+    (folder / "unet" / "w.safetensors").write_bytes(bytes(range(256)) * 3)
+    (folder / "notes.md").write_text("not hashed")
+
+    def whole(path):
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix in (".safetensors", ".json", ".txt", ".bin"):
+                h.update(f.relative_to(path).as_posix().encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+        return h.hexdigest()[:16]
+    reads = []
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda f: reads.append(Path(f).name) or real(f))
+    first = cache.fingerprint(folder)
+    assert first == whole(folder) and sorted(reads) == ["config.json", "w.safetensors"]
+    assert cache.fingerprint(folder) == first and len(reads) == 2  # remembered: nothing read again
+    assert len(json.loads((tmp_path / "cache" / "file-digests.json").read_text())) == 2
+    w = folder / "unet" / "w.safetensors"
+    w.write_bytes(bytes(range(255, -1, -1)) * 3)
+    os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
+    assert cache.fingerprint(folder) == whole(folder) != first and reads.count("w.safetensors") == 2

@@ -85,6 +85,21 @@ def test_readme_snippet_runs_as_printed(tiny_sd14):
 
 
 @pytest.mark.slow
+def test_readme_first_screen_snippet_runs_as_printed(tiny_sd14):
+    """The snippet on the README's first screen, with ``pipe`` a tiny SD v1.4-layout folder."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- answer:end -->.*?```python\n(.*?)```", text, re.S).group(1)
+    pre = ("import os\nfrom diffusers import StableDiffusionPipeline\n"
+           "pipe = StableDiffusionPipeline.from_pretrained(os.environ['SAAM_MODEL_PATH'])\n"
+           "pipe.set_progress_bar_config(disable=True)\n")
+    env = dict(os.environ, SAAM_MODEL_PATH=str(tiny_sd14), MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, "-c", pre + block + "\nprint(len(top.heads), hm.prompt)"], env=env, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "30 a dog on a sofa" in out.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout"), ("sd15", "sd14-layout"),
                                           ("sd21", "sd2"), ("sd3", "sd3"), ("sd35", "sd35"), ("flux", "flux")])
 def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_path):

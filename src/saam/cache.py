@@ -34,13 +34,56 @@ def key(params: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+CHUNK = 8 << 20  # bytes read at a time when hashing a file: memory stays flat for a 10 GB weight file
+
+
+def file_digest(f: Path) -> bytes:
+    """SHA-256 of a file's content, read in :data:`CHUNK`-byte pieces (never the whole file at once)."""
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.digest()
+
+
+def _digests_file() -> Path:
+    return paths.CACHE / "file-digests.json"
+
+
+@lru_cache(maxsize=None)
+def _known_digests(where: Path) -> dict:
+    try:
+        return json.loads(where.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def known_digest(f: Path) -> bytes:
+    """:func:`file_digest`, remembered under ``data/cache/file-digests.json`` by (resolved path, size,
+    modification time): a weight file is hashed once, not once per chapter and run; a file that
+    changed in size or time is hashed again."""
+    f = Path(f).resolve()
+    st = f.stat()
+    k = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+    where = _digests_file()
+    known = _known_digests(where)
+    if k not in known:
+        known[k] = file_digest(f).hex()
+        try:
+            atomic_write(where, json.dumps(known, indent=0, sort_keys=True).encode())
+        except OSError:
+            pass  # a read-only cache folder: hash again next time
+    return bytes.fromhex(known[k])
+
+
 def fingerprint(path: Path) -> str:
-    """Hash of a model folder's weights and configs (what a cached result depends on)."""
+    """Hash of a model folder's weights and configs (what a cached result depends on): each file's
+    relative path and content hash (:func:`known_digest`: streamed, and remembered per file)."""
     h = hashlib.sha256()
     for f in sorted(Path(path).rglob("*")):
         if f.is_file() and f.suffix in (".safetensors", ".json", ".txt", ".bin"):
             h.update(f.relative_to(path).as_posix().encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            h.update(known_digest(f))
     return h.hexdigest()[:16]
 
 

@@ -30,12 +30,17 @@ _ACTIVE = "_saam_trace_active"
 
 
 class Observer:
-    """What a trace shows an observer: override the methods you need (all are no-ops here).
+    """What a trace shows an observer: override the methods you need (all are no-ops here). One
+    contract for every family (UNets, MM-DiTs, the organisms), installed with ``install``.
 
     ``trace`` installs a :class:`MapRecorder`; ``relevance_pass`` a vote recorder. The tracker
-    calls, in order: ``start`` at the first UNet call of each pipeline call, ``step`` at every
-    UNet call, ``observe`` at every cross-attention call of a traced layer (recorded rows only),
-    ``finish`` when the next pipeline call starts or the trace closes.
+    calls, in order: ``start`` at the first denoiser call of each pipeline call, ``step`` at every
+    denoiser call, then at every attention call of a traced layer (recorded rows only) ``add``
+    with that call's per-head probabilities of each image query on each text token, the same
+    layout on every family; ``finish`` when the next pipeline call starts or the trace closes.
+    On a UNet the tracker calls ``observe`` with the raw projections first (HRV's pass needs them);
+    its default turns them into probabilities and calls ``add``, so overriding ``add`` alone is
+    enough to see attention on any model.
     """
 
     generation = True  # MM-DiTs: whether it is shown the generation's own attention (``add``), or only side calls
@@ -52,14 +57,22 @@ class Observer:
         """Denoising step ``index`` (0-based within the call) at scheduler ``timestep``."""
 
     def observe(self, attn, layer: str, q: torch.Tensor, k: torch.Tensor, attention_mask) -> None:
-        """One cross-attention call of ``layer`` (module ``attn``), recorded rows only.
+        """UNets: one cross-attention call of ``layer`` (module ``attn``), recorded rows only.
 
         Args:
             q: [n, pixels, inner] the processor's own query projection (``attn.to_q`` output).
             k: [n, tokens, inner] its key projection of the text context.
             attention_mask: [n, 1 or pixels, tokens] additive mask as the processor got it, or None.
-        ``probs(attn, q, k, attention_mask)`` turns them into attention probabilities.
+        By default: ``add(layer, probs(attn, q, k, attention_mask))`` where ``add`` is overridden.
         """
+        if type(self).add is not Observer.add:
+            self.add(layer, probs(attn, q, k, attention_mask))
+
+    def add(self, layer: str, p: torch.Tensor) -> None:
+        """One attention call of ``layer`` on any family, recorded rows only: ``p`` [n, heads, image
+        tokens, text tokens], each image query's probability on each text token (on a UNet the
+        cross-attention's softmax, rows summing to 1; on an MM-DiT the joint softmax over image and
+        text keys restricted to the text keys, rows summing to less than 1)."""
 
     def add_output(self, layer: str, logits: torch.Tensor) -> None:
         """MM-DiTs, when ``outputs``: [n, image tokens, text tokens] dot products of the attention's
@@ -231,9 +244,6 @@ class MapRecorder(Observer):
     def step(self, index, timestep):
         self._gen["steps"] += 1
         self._gen["timesteps"].append(timestep)
-
-    def observe(self, attn, layer, q, k, attention_mask):
-        self.add(layer, probs(attn, q, k, attention_mask))
 
     def add(self, layer: str, p: torch.Tensor) -> None:
         """p: [n, heads, pixels, tokens] for the recorded rows at this step.

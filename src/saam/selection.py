@@ -126,7 +126,12 @@ def oracle_ious(recs: Sequence[WordRecord], heads, k, tau: float, mask: np.ndarr
     Per kind, images fall into ``folds`` folds by their index; a fold's words are scored with the k
     eligible heads whose single-head maps scored best (mean IoU at ``tau``) on the other folds'
     words of that kind."""
-    out, chosen_sets = {}, {}
+    return _oracle(recs, heads, [k], tau, mask, folds)[0]
+
+
+def _oracle(recs, heads, ks, tau, mask, folds: int = 2) -> list[tuple[dict, dict]]:
+    """:func:`oracle_ious` at each of ``ks``, the single-head IoUs computed once."""
+    out = [({}, {}) for _ in ks]
     for c in sorted({r.kind for r in recs}):
         rs = [r for r in recs if r.kind == c and r.gt is not None]
         if not rs:
@@ -139,12 +144,14 @@ def oracle_ious(recs: Sequence[WordRecord], heads, k, tau: float, mask: np.ndarr
                 continue
             if not train.any():
                 raise ValueError(f"oracle-k for {c!r}: every scored word's image is in one fold; more images are needed")
-            chosen = chosen_sets[(c, f)] = head_set("top", heads, single[train].mean(0), k, mask=mask, concept=c).index
-            iou = word_ious([rs[i] for i in test], [chosen], len(heads), tau)[0]
-            for i, v in zip(test, iou):
-                r = rs[i]
-                out[(r.image, r.word, r.occurrence, r.kind)] = float(v)
-    return out, chosen_sets
+            score = single[train].mean(0)
+            for (ious, chosen_sets), k in zip(out, ks):
+                chosen = chosen_sets[(c, f)] = head_set("top", heads, score, k, mask=mask, concept=c).index
+                iou = word_ious([rs[i] for i in test], [chosen], len(heads), tau)[0]
+                for i, v in zip(test, iou):
+                    r = rs[i]
+                    ious[(r.image, r.word, r.occurrence, r.kind)] = float(v)
+    return out
 
 
 def oracle_sweep(recs: Sequence[WordRecord], heads, ks: Sequence, tau: float, mask: np.ndarray, seed: int = 0):
@@ -153,8 +160,8 @@ def oracle_sweep(recs: Sequence[WordRecord], heads, ks: Sequence, tau: float, ma
     import pandas as pd
     from .evaluate import bootstrap_ci
     rows = []
-    for k in ks:
-        v = np.array(list(oracle_ious(recs, heads, k, tau, mask)[0].values()))
+    for k, (ious, _) in zip(ks, _oracle(recs, heads, list(ks), tau, mask)):
+        v = np.array(list(ious.values()))
         m, lo, hi = bootstrap_ci(v, seed=seed)
         rows.append(dict(method=ORACLE, k=k, tau=tau, mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v)))
     return pd.DataFrame(rows)

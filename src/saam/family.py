@@ -1,0 +1,119 @@
+"""One adapter per model family: every model-specific question, answered once.
+
+``of(pipe)`` (or ``of_model(denoiser)``) gives the :class:`Family` of a diffusers pipeline, told
+apart by structure (a UNet; an MM-DiT with single-stream blocks, Flux's; an MM-DiT without, SD3's),
+and ``capture``, ``stream``, ``models`` ask it instead of naming classes:
+
+- which module denoises, and which of its modules are the attention layers a trace records;
+- where the text tokens sit in a joint sequence (Flux: ``[text; image]``, SD3: ``[image; text]``);
+- which text encoder's token ids carry the prompt's words, and where each encoder's tokens lie;
+- the latent grid and guidance layout a denoiser call implies;
+- how the pipeline's ``encode_prompt`` is called for words alone (the concept stream).
+
+:data:`FAMILIES` also declares, per family, what is supported and how it is tested: the README's
+table of families is generated from it (``scripts/readme_results.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    dit: bool                 # an MM-DiT (joint attention over image and text) rather than a UNet
+    text_first: bool = False  # MM-DiTs: text tokens come before the image tokens in the joint sequence
+    word_encoder: str = "text_encoder"  # the encoder whose token ids align with the prompt's words
+    packed: bool = False      # MM-DiTs: latents come packed in 2 x 2 patches, placed by img_ids (Flux)
+    true_cfg: bool = False    # a negative prompt runs as a second denoiser call at the same step (Flux)
+
+    def denoiser(self, pipe):
+        return pipe.transformer if self.dit else pipe.unet
+
+    def layers(self, model) -> dict[str, object]:
+        """The attention modules a trace records, by name (module path)."""
+        if not self.dit:
+            mods = dict(model.named_modules())
+            out = {}
+            for key in model.attn_processors:
+                name = key[: -len(".processor")]
+                if getattr(mods.get(name), "is_cross_attention", False):
+                    out[name] = mods[name]
+            return out
+        return {name: m for name, m in model.named_modules()
+                if name.endswith(".attn") and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+
+    def text_slice(self, total: int, text_len: int) -> slice:
+        """Where the ``text_len`` text keys lie among ``total`` keys of a joint call."""
+        return slice(0, text_len) if self.text_first else slice(total - text_len, total)
+
+    def text_segments(self, pipe, text_len: int) -> list[tuple[int, object, int]]:
+        """(offset, tokenizer, length) of each text encoder's tokens in a text sequence of
+        ``text_len``: UNets one tokenizer; Flux T5's alone (CLIP gives only the pooled vector);
+        SD3 CLIP-L/G's 77 (feature-concatenated), then T5's."""
+        if not self.dit:
+            return [(0, pipe.tokenizer, text_len)]
+        if self.word_encoder == "text_encoder_2":
+            return [(0, pipe.tokenizer_2, text_len)]
+        clip = pipe.tokenizer.model_max_length
+        return [(0, pipe.tokenizer, clip)] + ([(clip, pipe.tokenizer_3, text_len - clip)]
+                                              if getattr(pipe, "tokenizer_3", None) is not None and text_len > clip else [])
+
+    def call_layout(self, hidden_states: torch.Tensor, kwargs: dict) -> tuple[tuple[int, int], bool | None]:
+        """(latent grid, classifier-free guidance in the batch or None = ask the pipeline) of a
+        denoiser call on ``hidden_states``."""
+        if not self.packed:
+            return tuple(hidden_states.shape[-2:]), None
+        ids = kwargs["img_ids"]  # packed 2 x 2 latent patches: (row, column) of each
+        return (2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1)), False
+
+    def encode_words_kwargs(self) -> dict:
+        """What ``encode_prompt`` needs besides the words to encode them alone, unguided."""
+        return {} if self.word_encoder == "text_encoder_2" else dict(prompt_3=None, do_classifier_free_guidance=False)
+
+
+UNET = Family("unet", dit=False)
+SD3 = Family("sd3", dit=True)
+FLUX = Family("flux", dit=True, text_first=True, word_encoder="text_encoder_2", packed=True, true_cfg=True)
+
+
+def of_model(model) -> Family:
+    """The family of a denoiser module, by its structure."""
+    if hasattr(model, "up_blocks"):
+        return UNET
+    if hasattr(model, "single_transformer_blocks"):
+        return FLUX
+    if hasattr(model, "transformer_blocks") and hasattr(model, "context_embedder"):
+        return SD3
+    raise TypeError(f"{type(model).__name__} is neither a UNet nor an MM-DiT this package knows "
+                    "(SD 1.x/2.x/XL, SD3/3.5, FLUX.1)")
+
+
+def of(pipe) -> Family:
+    """The family of a diffusers pipeline (its ``unet``, else its ``transformer``)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return UNET
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        raise TypeError(f"{type(pipe).__name__} has neither a UNet nor a transformer to trace")
+    return of_model(model)
+
+
+# what each family supports and how it is tested: the README's table (scripts/readme_results.py)
+SUPPORT = (
+    ("SD 1.x / 2.x (UNet)", "sd14, sd15, sd21", "yes", "HRV's pass; published (v1.4)", "top/bottom/random/soft",
+     "-", "yes", "tiny + full-size random; numerics vs diffusers"),
+    ("SDXL (UNet)", "sdxl", "yes", "HRV's pass; published", "top/bottom/random/soft", "-", "yes",
+     "tiny + full-size random; numerics vs diffusers"),
+    ("SD3 / SD3.5 (MM-DiT)", "sd3, sd35", "yes", "concept stream / direct", "top/bottom/random/soft",
+     "ConceptAttention", "yes", "tiny random; float64 softmax; images bit-identical"),
+    ("FLUX.1 (MM-DiT)", "flux", "yes", "concept stream / direct", "top/bottom/random/soft", "ConceptAttention",
+     "yes", "tiny random; float64 softmax; images bit-identical"),
+    ("ShapesWorld organisms", "paper, smoke, organism-a", "yes", "HRV's pass", "top/bottom/random/soft, oracle-k",
+     "-", "yes", "trained, exact masks"),
+    ("FLUX.2, Qwen-Image, PixArt-Sigma / Sana", "-", "no", "-", "-", "-", "-", "not yet (issue 27)"),
+)
+SUPPORT_COLUMNS = ("family", "profiles", "trace", "relevance", "selection", "output maps", "every chapter", "tested how")
