@@ -29,6 +29,17 @@ def artefact_map() -> str:
     return "\n".join(rows)
 
 
+FAM_START, FAM_END = "<!-- families:start -->", "<!-- families:end -->"
+
+
+def families_table() -> str:
+    """The README's table of model families, from the adapters' own declaration (``saam.family.SUPPORT``)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from saam.family import SUPPORT, SUPPORT_COLUMNS
+    rows = ["| " + " | ".join(SUPPORT_COLUMNS) + " |", "|" + "---|" * len(SUPPORT_COLUMNS)]
+    return "\n".join(rows + ["| " + " | ".join(r) + " |" for r in SUPPORT])
+
+
 def replace(text: str, start: str, end: str, body: str) -> str:
     a, b = text.index(start) + len(start), text.index(end)
     return text[:a] + "\n" + body + "\n" + text[b:]
@@ -196,6 +207,7 @@ def answer(res: dict | None = None) -> str:
 def main() -> None:
     readme = ROOT / "README.md"
     text = replace(readme.read_text(), MAP_START, MAP_END, artefact_map())
+    text = replace(text, FAM_START, FAM_END, families_table())
     if "--map-only" not in sys.argv:
         text = replace(text, START, END, block())
         text = replace(text, ANSWER_START, ANSWER_END, answer())

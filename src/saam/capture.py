@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from . import family
 from .headmaps import CaptureError, HeadMaps
 
 _ACTIVE = "_saam_trace_active"
@@ -403,13 +404,7 @@ class CaptureProcessor:
 
 def cross_attention_layers(unet) -> dict[str, object]:
     """Cross-attention modules of a UNet by layer name (module path without ``.processor``)."""
-    mods = dict(unet.named_modules())
-    out = {}
-    for key in unet.attn_processors:
-        name = key[: -len(".processor")]
-        if getattr(mods.get(name), "is_cross_attention", False):
-            out[name] = mods[name]
-    return out
+    return family.UNET.layers(unet)
 
 
 class Trace:
@@ -510,18 +505,17 @@ def joint_attention_layers(transformer) -> dict[str, object]:
     """The joint-attention modules of an MM-DiT, where image queries meet text keys: SD3's joint
     blocks (``transformer_blocks.i.attn``; SD3.5's extra ``attn2`` sees no text), Flux's
     double-stream blocks and its single-stream blocks (``single_transformer_blocks.i.attn``)."""
-    return {name: m for name, m in transformer.named_modules()
-            if name.endswith(".attn") and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    return family.of_model(transformer).layers(transformer)
 
 
-def joint_queries_keys(attn, hidden_states, encoder_hidden_states, rotary, text_len: int):
+def joint_queries_keys(attn, hidden_states, encoder_hidden_states, rotary, text_len: int, fam=None):
     """The image queries and all keys of a joint-attention call, formed as its processor forms them
     (QK-normalisation and Flux's rotary embedding included), and where the text keys lie.
 
     Returns:
         (queries [n, heads, image tokens, d], keys [n, heads, all tokens, d], text: slice of the keys).
     """
-    if type(attn).__name__ == "FluxAttention":
+    if fam is not None and fam.text_first:  # Flux's attention: [text; image], rotary embedding
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
         q, k, _, eq, ek, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
@@ -552,13 +546,8 @@ def joint_queries_keys(attn, hidden_states, encoder_hidden_states, rotary, text_
 
 def text_segments(pipe, text_len: int) -> list[tuple[int, object, int]]:
     """Where each text encoder's tokens lie in an MM-DiT's text sequence of ``text_len`` tokens:
-    (offset, tokenizer, length) each. Flux: T5's alone (CLIP gives only the pooled vector); SD3:
-    CLIP-L/G's 77 (feature-concatenated), then T5's."""
-    if type(pipe).__name__.startswith("Flux"):
-        return [(0, pipe.tokenizer_2, text_len)]
-    clip = pipe.tokenizer.model_max_length
-    return [(0, pipe.tokenizer, clip)] + ([(clip, pipe.tokenizer_3, text_len - clip)]
-                                          if getattr(pipe, "tokenizer_3", None) is not None and text_len > clip else [])
+    (offset, tokenizer, length) each (``family.Family.text_segments``)."""
+    return family.of(pipe).text_segments(pipe, text_len)
 
 
 def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice) -> torch.Tensor:
@@ -637,7 +626,7 @@ class JointCaptureProcessor:
             if len(seen) == 1:
                 q, k, lse, scale, o = seen[0]
                 t = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else text_len
-                text = slice(0, t) if type(attn).__name__ == "FluxAttention" else slice(k.shape[2] - t, k.shape[2])
+                text = tr.family.text_slice(k.shape[2], t)
                 image = slice(t, None) if text.start == 0 else slice(0, text.start)
                 q, k = q[r], k[r]
                 if lse is None:
@@ -650,7 +639,7 @@ class JointCaptureProcessor:
                     outputs = torch.einsum("nhid,nhtd->nit", o[:, :, image], o[:, :, text])
             else:
                 q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
-                                                else encoder_hidden_states[r], image_rotary_emb, text_len)
+                                                else encoder_hidden_states[r], image_rotary_emb, text_len, tr.family)
                 p = text_probs(q, k, text)
             tr.observer.add(self.layer, p)
             if outputs is not None:
@@ -665,6 +654,7 @@ class JointTracker(Tracker):
 
     def __init__(self, pipe, observer, branch="cond", cfg=None):
         super().__init__(pipe, observer, branch, cfg)
+        self.family = family.of(pipe)
         self.text_len = 0
         self.prompts: list[str] | None = None
         self._last_t = None
@@ -687,15 +677,9 @@ class JointTracker(Tracker):
         hs = args[0] if args else kwargs["hidden_states"]
         t = kwargs.get("timestep")
         ehs = kwargs.get("encoder_hidden_states")
-        if hs.ndim == 4:  # SD3: [n, channels, h, w] latents
-            latent = tuple(hs.shape[-2:])
-            cfg = None
-        else:  # Flux: packed 2 x 2 latent patches, placed by img_ids (row, column)
-            ids = kwargs["img_ids"]
-            latent = (2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1))
-            cfg = False
+        latent, cfg = self.family.call_layout(hs, kwargs)
         t0 = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
-        if cfg is False and t0 == self._last_t:  # Flux's true CFG: a second call at the same step (negative prompt)
+        if self.family.true_cfg and t0 == self._last_t:  # Flux's true CFG: a second call at the same step (negative prompt)
             self.rows = None
             return
         self._last_t = t0
@@ -717,7 +701,7 @@ def install_joint(pipe, observer: Observer, layers: list[str] | None = None, *, 
     model = pipe.transformer
     cross = _select_layers(model, joint_attention_layers(model), layers, "joint-attention")
     tracker = JointTracker(pipe, observer, branch, cfg)
-    primary = pipe.text_encoder_2 if type(pipe).__name__.startswith("Flux") else pipe.text_encoder
+    primary = getattr(pipe, tracker.family.word_encoder)
     hooks = [(model, tracker.on_transformer, True), (primary, tracker.on_text_encoder, True)]
     with _installed(pipe, model, tracker, cross, JointCaptureProcessor, hooks, tracker.on_encode) as c:
         yield c
@@ -769,6 +753,10 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
     pipeline call that ran all its steps is kept, an interrupted one is dropped. Yields the traced
     layers ({name: module}).
     """
+    if is_dit(pipe):
+        with install_joint(pipe, observer, layers, branch=branch, cfg=cfg) as c:
+            yield c
+        return
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     unet = check_pipeline(pipe)

@@ -102,6 +102,51 @@ def of(pipe) -> Family:
     return of_model(model)
 
 
+# ------------------------------------------------------------------ folders on disk (model_index.json)
+
+# profile key -> the family a folder must hold (``models.check_model_folder``)
+FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5",
+            "flux": "Flux"}
+# what each pipeline class needs besides its denoiser, VAE, first text encoder and scheduler
+COMPONENTS = {"StableDiffusionXLPipeline": ["text_encoder_2", "tokenizer_2"],
+              "StableDiffusion3Pipeline": ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"],
+              "FluxPipeline": ["text_encoder_2", "tokenizer_2"]}
+
+
+def folder_family(index: dict, config: dict) -> str:
+    """"SD v1.x", "SD v2.x", "SDXL", "SD3", "SD3.5", "Flux" or the pipeline class name, from a
+    folder's model_index.json and its denoiser's config.json."""
+    cls = index.get("_class_name")
+    if cls == "StableDiffusionXLPipeline":
+        return "SDXL"
+    if cls == "StableDiffusionPipeline":
+        return "SD v2.x" if config.get("use_linear_projection") else "SD v1.x"
+    if cls == "StableDiffusion3Pipeline":
+        return "SD3.5" if config.get("qk_norm") else "SD3"
+    if cls == "FluxPipeline":
+        return "Flux"
+    return str(cls)
+
+
+def width_rules(cls: str | None, denoiser: str, encoders: list[dict]) -> list[tuple[str, int | None, str]]:
+    """(denoiser config key, the width the text encoders imply, what implies it) for a folder of
+    pipeline class ``cls``: a UNet's ``cross_attention_dim`` is its encoders' hidden sizes summed
+    (SDXL concatenates both); an MM-DiT's ``joint_attention_dim`` is T5's ``d_model`` (SD3's third
+    encoder, Flux's second) and its ``pooled_projection_dim`` the CLIP pooled width(s)."""
+    if denoiser == "unet" and encoders:
+        n = 2 if cls == "StableDiffusionXLPipeline" else 1
+        return [("cross_attention_dim", sum(e.get("hidden_size", 0) for e in encoders[:n]),
+                 "the text encoders' hidden size" + (" (summed)" if n > 1 else ""))]
+    if cls == "StableDiffusion3Pipeline" and len(encoders) == 3:
+        return [("joint_attention_dim", encoders[2].get("d_model"), "text_encoder_3's d_model"),
+                ("pooled_projection_dim", sum(e.get("projection_dim", 0) for e in encoders[:2]),
+                 "the CLIP encoders' projection_dim summed")]
+    if cls == "FluxPipeline" and len(encoders) == 2:
+        return [("joint_attention_dim", encoders[1].get("d_model"), "text_encoder_2's d_model"),
+                ("pooled_projection_dim", encoders[0].get("hidden_size"), "text_encoder's hidden_size")]
+    return []
+
+
 # what each family supports and how it is tested: the README's table (scripts/readme_results.py)
 SUPPORT = (
     ("SD 1.x / 2.x (UNet)", "sd14, sd15, sd21", "yes", "HRV's pass; published (v1.4)", "top/bottom/random/soft",
@@ -112,8 +157,8 @@ SUPPORT = (
      "ConceptAttention", "yes", "tiny random; float64 softmax; images bit-identical"),
     ("FLUX.1 (MM-DiT)", "flux", "yes", "concept stream / direct", "top/bottom/random/soft", "ConceptAttention",
      "yes", "tiny random; float64 softmax; images bit-identical"),
-    ("ShapesWorld organisms", "paper, smoke, organism-a", "yes", "HRV's pass", "top/bottom/random/soft, oracle-k",
+    ("ShapesWorld organisms", "paper, smoke, organism-a", "yes", "HRV's pass", "top/bottom/random/soft",
      "-", "yes", "trained, exact masks"),
     ("FLUX.2, Qwen-Image, PixArt-Sigma / Sana", "-", "no", "-", "-", "-", "-", "not yet (issue 27)"),
 )
-SUPPORT_COLUMNS = ("family", "profiles", "trace", "relevance", "selection", "output maps", "every chapter", "tested how")
+SUPPORT_COLUMNS = ("family", "profiles", "trace", "relevance", "selection (+ oracle-k bound where masks exist)", "output maps", "every chapter", "tested how")

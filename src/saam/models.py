@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from . import paths
+# the model family each real-model profile expects, and a folder's, are the adapters' (saam.family)
+from .family import COMPONENTS, FAMILIES, folder_family as model_family, width_rules  # noqa: F401
 from .progress import quiet
 
 
@@ -29,32 +31,6 @@ def resolve_device(device: str = "auto") -> tuple[str, torch.dtype]:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return device, (torch.float16 if device.startswith("cuda") else torch.float32)
-
-
-# the model family each real-model profile expects, told apart by the pipeline class and the
-# denoiser's config (SD 2.x: linear projections in its transformers; SD 1.x: convolutions; SD3.5:
-# QK-normalisation, which SD3 has not), as at any width
-FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5",
-            "flux": "Flux"}
-# what each pipeline class needs besides its denoiser, VAE, first text encoder and scheduler
-COMPONENTS = {"StableDiffusionXLPipeline": ["text_encoder_2", "tokenizer_2"],
-              "StableDiffusion3Pipeline": ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"],
-              "FluxPipeline": ["text_encoder_2", "tokenizer_2"]}
-
-
-def model_family(index: dict, config: dict) -> str:
-    """"SD v1.x", "SD v2.x", "SDXL", "SD3", "SD3.5", "Flux" or the pipeline class name, from
-    model_index.json and the denoiser's config.json."""
-    cls = index.get("_class_name")
-    if cls == "StableDiffusionXLPipeline":
-        return "SDXL"
-    if cls == "StableDiffusionPipeline":
-        return "SD v2.x" if config.get("use_linear_projection") else "SD v1.x"
-    if cls == "StableDiffusion3Pipeline":
-        return "SD3.5" if config.get("qk_norm") else "SD3"
-    if cls == "FluxPipeline":
-        return "Flux"
-    return str(cls)
 
 
 def denoiser_name(index: dict) -> str:
@@ -153,17 +129,8 @@ def check_widths(path: Path, index: dict) -> list[str]:
     encoders = [cfg(c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3") if c in index]
     if any(e is None for e in encoders):
         return out
-    if den == "unet" and encoders:
-        n = 2 if cls == "StableDiffusionXLPipeline" else 1
-        width = sum(e.get("hidden_size", 0) for e in encoders[:n])
-        agree("cross_attention_dim", width, "the text encoders' hidden size" + (" (summed)" if n > 1 else ""))
-    elif cls == "StableDiffusion3Pipeline" and len(encoders) == 3:
-        agree("joint_attention_dim", encoders[2].get("d_model"), "text_encoder_3's d_model")
-        agree("pooled_projection_dim", sum(e.get("projection_dim", 0) for e in encoders[:2]),
-              "the CLIP encoders' projection_dim summed")
-    elif cls == "FluxPipeline" and len(encoders) == 2:
-        agree("joint_attention_dim", encoders[1].get("d_model"), "text_encoder_2's d_model")
-        agree("pooled_projection_dim", encoders[0].get("hidden_size"), "text_encoder's hidden_size")
+    for key, want, what in width_rules(cls, den, encoders):
+        agree(key, want, what)
     return out
 
 
@@ -303,7 +270,8 @@ def autocast_bf16(unet) -> None:
     "text" addition embedding, each of which would see them in float32), autocast cast them to
     bfloat16 at each of those (22 casts per step on the organism, 3 % of its time); they are cast
     once per call instead, the same numbers (tested)."""
-    dit = not hasattr(unet, "up_blocks")
+    from .family import of_model
+    dit = of_model(unet).dit
     for m in unet.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(torch.bfloat16)

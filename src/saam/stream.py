@@ -33,6 +33,7 @@ import random
 
 import torch
 
+from . import family
 from .capture import CaptureError, Observer, install_joint, is_dit, joint_attention_layers, text_segments
 from .heads import forward_order, head_ids
 
@@ -45,12 +46,10 @@ def encode_stream_words(pipe, words: list[str], max_sequence_length: int | None 
     transformer's ``context_embedder``: the states its tokens (in every text encoder's segment,
     SD3: CLIP's and T5's) have when they enter the first block: [n_tokens, inner] per word."""
     from .words import WordNotFound, token_positions
-    flux = type(pipe).__name__.startswith("Flux")
-    kw = dict(prompt=words, prompt_2=None, device=pipe.transformer.device, num_images_per_prompt=1)
+    kw = dict(prompt=words, prompt_2=None, device=pipe.transformer.device, num_images_per_prompt=1,
+              **family.of(pipe).encode_words_kwargs())
     if max_sequence_length is not None:
         kw["max_sequence_length"] = max_sequence_length
-    if not flux:
-        kw.update(prompt_3=None, do_classifier_free_guidance=False)
     emb = pipe.encode_prompt(**kw)[0]
     states = pipe.transformer.context_embedder(emb.to(pipe.transformer.dtype))
     out = []
