@@ -31,8 +31,13 @@ KEY_FIGURES = (("fig4-k-sweep", "mIoU against k: most relevant, least relevant a
                ("fig4-examples", "Word maps from DAAM's heads, the most and the least relevant heads"))
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
 def clean(nb):
-    """Drop the parameters cell papermill superseded and stderr streams (progress, warnings)."""
+    """Drop the parameters cell papermill superseded, stderr streams (progress, warnings) and live
+    widgets (they need a kernel or a widget manager from a CDN; the report has the head explorer as
+    a static page, ``explorer.html``, instead)."""
     injected = any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
     cells = []
     for c in nb.cells:
@@ -40,9 +45,11 @@ def clean(nb):
         if injected and "parameters" in tags:
             continue
         if c.cell_type == "code":
-            c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+            c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
+                         and WIDGET not in o.get("data", {})]
         cells.append(c)
     nb.cells = cells
+    nb.metadata.pop("widgets", None)  # the saved widget state: nbconvert would load a widget manager for it
     return nb
 
 

@@ -170,7 +170,7 @@ def test_bad_inputs_are_clear_errors(sd1):
         run(sd1, "a red cat")
     with pytest.raises(WordNotFound, match=r"'dog' is not a word.*\['a', 'red', 'cat'\]"):
         word_map(tc[0], "dog")
-    with pytest.raises(TypeError, match="UNet-based diffusers pipeline"):
+    with pytest.raises(TypeError, match="needs a diffusers pipeline with a UNet or a DiT"):
         with trace(object()):
             pass
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel

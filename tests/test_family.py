@@ -28,13 +28,13 @@ class Counting:
 
 def _pipe(kind):
     from saam.testing import tiny_dit_pipeline, tiny_pipeline
-    p = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux") else tiny_pipeline(kind)
+    p = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux", "pixart") else tiny_pipeline(kind)
     p.set_progress_bar_config(disable=True)
     return p
 
 
 @pytest.mark.parametrize("kind,name", [("sd1", "unet"), ("sd2", "unet"), ("sdxl", "unet"), ("sd3", "sd3"),
-                                       ("sd35", "sd3"), ("flux", "flux"), ("organism", "unet")])
+                                       ("sd35", "sd3"), ("flux", "flux"), ("pixart", "pixart"), ("organism", "unet")])
 def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
     from saam.capture import install
     if kind == "organism":
@@ -45,7 +45,8 @@ def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
         kw = {}
     else:
         pipe = _pipe(kind)
-        kw = dict(height=32, width=32, max_sequence_length=32) if kind in ("sd3", "sd35", "flux") else dict(height=64, width=64)
+        kw = (dict(height=32, width=32, max_sequence_length=32) if kind in ("sd3", "sd35", "flux") else
+              dict(max_sequence_length=32) if kind == "pixart" else dict(height=64, width=64))
     fam = family.of(pipe)
     assert fam.name == name
     c = Counting()
@@ -64,7 +65,7 @@ def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
 def test_families_are_told_apart_by_structure_and_refuse_what_they_do_not_know():
     assert family.of(_pipe("flux")).text_first and not family.of(_pipe("sd3")).text_first
     assert family.SD3.text_slice(10, 4) == slice(6, 10) and family.FLUX.text_slice(10, 4) == slice(0, 4)
-    with pytest.raises(TypeError, match="neither a UNet nor an MM-DiT"):
+    with pytest.raises(TypeError, match="neither a UNet nor a DiT"):
         family.of_model(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="neither a UNet nor a transformer"):
         family.of(object())

@@ -49,7 +49,11 @@ def test_profile_decides_where_figures_go(monkeypatch):
 # ------------------------------------------------------------------ attention budget
 
 class _Tok:
-    eos_token_id, sep_token_id = 9, None
+    eos_token_id, sep_token_id, bos_token_id = 9, None, 0  # CLIP-like: a start token opens the ids
+
+
+class _T5Tok:
+    eos_token_id, sep_token_id, bos_token_id = 9, None, None  # T5-like: no start token
 
 
 def _hm(maps, ids):
@@ -66,6 +70,9 @@ def test_attention_budget_splits_mass_by_token_class_and_region():
     a[1, 4] = 2.0
     hm = _hm({"down_blocks.0.attentions.0.transformer_blocks.0.attn2": a}, [0, 5, 6, 9, 9, 9])
     assert token_classes(hm) == dict(start=[0], words=[1, 2], end=[3], padding=[4, 5])
+    t5 = HeadMaps(maps=hm.maps, steps=2, timesteps=[1, 0], token_ids=[4, 5, 6, 9, 9, 9], prompt="x", latent_size=(4, 4),
+                  image_size=(8, 8), tokenizer=_T5Tok())
+    assert token_classes(t5) == dict(start=[], words=[0, 1, 2], end=[3], padding=[4, 5])  # PixArt's T5: no start token
     obj = np.zeros((8, 8), bool)
     obj[:, 4:] = True  # the right half of the image is the object
     b = attention_budget(hm, obj).set_index(["head", "region"])

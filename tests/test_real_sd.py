@@ -101,7 +101,8 @@ def test_readme_first_screen_snippet_runs_as_printed(tiny_sd14):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout"), ("sd15", "sd14-layout"),
-                                          ("sd21", "sd2"), ("sd3", "sd3"), ("sd35", "sd35"), ("flux", "flux")])
+                                          ("sd21", "sd2"), ("sd3", "sd3"), ("sd35", "sd35"), ("flux", "flux"),
+                                          ("pixart", "pixart")])
 def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_path):
     """sd15 and sd21 run the HRV pass (HRV's 340 words, McDonald's included, through CLIP's real
     vocabulary); sd21's tiny pipeline has SD v2.1's flags (v-prediction, upcast_attention); sd3,
@@ -120,8 +121,9 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     t1 = pd.read_csv(out / "figures" / "tab1-miou.csv")
     from saam.select import METHODS
     dit = profile in ("sd3", "sd35", "flux")  # ConceptAttention's output-space maps: one more method on MM-DiTs
-    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 5 + dit and (t1.n_words > 0).all()
-    assert (METHODS["output"] in set(t1.method)) == dit
+    from saam.selection import ORACLE  # the cross-fitted bound, beside the five methods on data with masks
+    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 6 + dit and (t1.n_words > 0).all()
+    assert (METHODS["output"] in set(t1.method)) == dit and ORACLE in set(t1.method)
     assert t1.diff_daam.isna().tolist() == [m == METHODS["daam"] for m in t1.method]  # paired to DAAM
     poly = pd.read_csv(out / "figures" / "tab5-polysemy.csv")  # chapter 05's case study on SD profiles
     assert len(poly) == 2 * 2 and poly.competing_share.between(0, 1).all()

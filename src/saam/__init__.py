@@ -1,6 +1,6 @@
 """saam: selectively aggregated attention maps for diffusion models.
 
-Capture per-head cross-attention maps from any UNet-based diffusers pipeline, score heads by
+Capture per-head cross-attention maps from diffusers pipelines (UNets, MM-DiTs, PixArt), score heads by
 concept relevance (HRV-style), and aggregate a word's map over a chosen set of heads. DAAM's
 average over the heads it hooks is one preset of the same aggregation.
 

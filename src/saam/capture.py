@@ -109,7 +109,14 @@ class Tracker:
         self._fresh = False                      # a prompt was encoded since the last UNet call
         self.proj: dict[str, torch.Tensor] = {}
         self.side_len: int | None = None          # MM-DiTs: a concept-stream side call is running (saam.stream)
+        self.family = family.of(pipe)
+        self.encode_cfg: bool | None = None        # guidance as the pipeline told its encode_prompt (PixArt)
         observer.attach(self)
+
+    def on_encode(self, args, kwargs) -> None:
+        """``pipe.encode_prompt`` is called with ``args``, ``kwargs``."""
+        self.on_encode_prompt()
+        self.encode_cfg = self.family.encode_cfg(args, kwargs)
 
     def on_encode_prompt(self) -> None:
         """``pipe.encode_prompt`` starts: the text-encoder calls that follow are this encoding's."""
@@ -144,6 +151,8 @@ class Tracker:
         """A denoiser call on ``batch`` rows at latent size ``latent``: which rows to record; a new
         pipeline call starts the observer afresh."""
         own = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if own is None:
+            own = self.encode_cfg
         if self.cfg is not None and own is not None and bool(own) != self.cfg:
             raise CaptureError(
                 f"trace(cfg={self.cfg}) contradicts {type(self.pipe).__name__}, which runs this call "
@@ -428,10 +437,16 @@ class Trace:
 
 
 def check_pipeline(pipe):
-    """The pipeline's UNet, or a clear error when ``pipe`` has none with cross-attention to trace."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "forward"):
-        raise TypeError(f"trace() needs a UNet-based diffusers pipeline (with .unet), got {type(pipe).__name__}")
+    """The denoiser of a pipeline whose layers cross-attend to text (a UNet, or a cross-attention
+    DiT such as PixArt-Sigma), or a clear error when ``pipe`` has none to trace."""
+    try:
+        fam = family.of(pipe)
+    except TypeError:
+        fam = None
+    if fam is None or fam.dit:
+        raise TypeError(f"trace() needs a diffusers pipeline with a UNet or a DiT ({type(pipe).__name__} is "
+                        + ("an MM-DiT: its joint attention is traced by install_joint)" if fam else "neither)"))
+    unet = fam.denoiser(pipe)
     if not hasattr(unet, "attn_processors"):
         raise ValueError(f"{type(unet).__name__} has no cross-attention layers to trace")
     return unet
@@ -497,8 +512,9 @@ def _installed(pipe, model, tracker, cross: dict[str, object], wrap, hooks, on_e
 # ------------------------------------------------------------------ MM-DiTs (SD3, SD3.5, Flux)
 
 def is_dit(pipe) -> bool:
-    """Whether ``pipe`` denoises with an MM-DiT (``pipe.transformer``: SD3 / SD3.5 / Flux) rather than a UNet."""
-    return getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None
+    """Whether ``pipe`` denoises with an MM-DiT (joint attention: SD3 / SD3.5 / Flux) rather than a UNet
+    or a cross-attention DiT (``family.is_joint``)."""
+    return family.is_joint(pipe)
 
 
 def joint_attention_layers(transformer) -> dict[str, object]:
@@ -654,7 +670,6 @@ class JointTracker(Tracker):
 
     def __init__(self, pipe, observer, branch="cond", cfg=None):
         super().__init__(pipe, observer, branch, cfg)
-        self.family = family.of(pipe)
         self.text_len = 0
         self.prompts: list[str] | None = None
         self._last_t = None
@@ -714,7 +729,8 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
     """Record per-head cross-attention maps of every image the pipeline generates inside.
 
     Args:
-        pipe: a UNet-based diffusers pipeline (SD 1.x/2.x, SDXL, img2img, ShapesWorld).
+        pipe: a diffusers pipeline: SD 1.x/2.x, SDXL, img2img, ShapesWorld (UNets), SD3/3.5, FLUX.1
+            (MM-DiTs), PixArt-Sigma (a cross-attention DiT).
         branch: ``"cond"`` (the prompt's branch, default) or ``"uncond"`` (the negative prompt's)
             under classifier-free guidance.
         cfg: whether the UNet batch is [uncond; cond]. None reads the pipeline's own
@@ -760,12 +776,12 @@ def install(pipe, observer: Observer, layers: list[str] | None = None, *, branch
     if branch not in ("cond", "uncond"):
         raise ValueError(f"branch must be 'cond' or 'uncond', got {branch!r}")
     unet = check_pipeline(pipe)
-    cross = _select_layers(unet, cross_attention_layers(unet), layers, "cross-attention")
     tracker = Tracker(pipe, observer, branch, cfg)
+    cross = _select_layers(unet, tracker.family.layers(unet), layers, "cross-attention")
     hooks = [(unet, tracker.on_unet, True)]
     for name, mod in cross.items():
         hooks += [(mod.to_q, tracker.projection_hook(name, "q"), False), (mod.to_k, tracker.projection_hook(name, "k"), False)]
     if getattr(pipe, "text_encoder", None) is not None:
         hooks.append((pipe.text_encoder, tracker.on_text_encoder, True))
-    with _installed(pipe, unet, tracker, cross, CaptureProcessor, hooks, lambda args, kwargs: tracker.on_encode_prompt()) as c:
+    with _installed(pipe, unet, tracker, cross, CaptureProcessor, hooks, tracker.on_encode) as c:
         yield c

@@ -262,8 +262,52 @@ def generated_words(scene, image: np.ndarray) -> tuple[list[tuple], list]:
     return words, det
 
 
+class LatentImg2Img:
+    """Image-to-image for a pipeline diffusers gives none (PixArt-Sigma), as SD's img2img does it:
+    the image encoded by the VAE, noised to ``strength`` of the schedule (the scheduler's own
+    ``add_noise`` at the first kept timestep), and denoised by the pipeline itself from there (its
+    ``latents`` argument; its scheduler's timesteps cut to the last ``int(steps * strength)``).
+    ``pipe`` is the pipeline a trace wraps."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @torch.no_grad()
+    def __call__(self, prompts, image, strength: float, num_inference_steps: int, guidance_scale: float,
+                 generator, output_type: str = "latent", **kw):
+        p = self.pipe
+        keep = min(num_inference_steps, int(num_inference_steps * strength))
+        if keep < 1:
+            raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no denoising step")
+        den = p.transformer if getattr(p, "unet", None) is None else p.unet
+        x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
+        gens = generator if isinstance(generator, list) else [generator] * len(x)
+        z = torch.cat([p.vae.encode(x[i:i + 1]).latent_dist.sample(gens[i]) for i in range(len(x))]) * p.vae.config.scaling_factor
+        noise = torch.cat([torch.randn(z[i:i + 1].shape, generator=gens[i], dtype=z.dtype) for i in range(len(x))])
+        sched = p.scheduler
+        sched.set_timesteps(num_inference_steps)
+        t0 = sched.timesteps[num_inference_steps - keep]
+        latents = sched.add_noise(z, noise.to(z.device), t0.reshape(1)).to(den.dtype)
+        original = sched.set_timesteps
+
+        def tail(n, *a, **k):  # the pipeline asks for its schedule: it gets the last `keep` steps of it
+            original(n, *a, **k)
+            sched.timesteps = sched.timesteps[n - keep:]
+        sched.set_timesteps = tail
+        try:
+            return p(prompts, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                     generator=generator, output_type=output_type, height=z.shape[-2] * p.vae_scale_factor,
+                     width=z.shape[-1] * p.vae_scale_factor, **kw)
+        finally:
+            del sched.set_timesteps
+
+
 def img2img(pipe):
-    """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, ShapesWorld)."""
+    """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, SD3, Flux,
+    ShapesWorld: diffusers' own), or :class:`LatentImg2Img` where diffusers has none (PixArt-Sigma)."""
+    from .family import of
+    if of(pipe).img2img == "latents":
+        return LatentImg2Img(pipe)
     from .progress import quiet
     with quiet():  # importing the auto pipelines also imports every pipeline's image processors
         from diffusers import AutoPipelineForImage2Image
@@ -291,7 +335,7 @@ def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, st
 
     def batch(items, gens, start):
         records, cut = [], []
-        with trace(i2i) as tc:
+        with trace(getattr(i2i, "pipe", i2i)) as tc:  # LatentImg2Img: its pipeline is what runs
             i2i([it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
                 strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                 generator=gens, output_type="latent")

@@ -28,9 +28,30 @@ class Family:
     word_encoder: str = "text_encoder"  # the encoder whose token ids align with the prompt's words
     packed: bool = False      # MM-DiTs: latents come packed in 2 x 2 patches, placed by img_ids (Flux)
     true_cfg: bool = False    # a negative prompt runs as a second denoiser call at the same step (Flux)
+    denoiser_attr: str = "unet"  # the pipeline's attribute holding the denoiser
+    start_token: bool = True  # the text encoder puts a start token first (CLIP, BERT; not T5): HRV's pseudo-context keeps it
+    projects_context: bool = False  # the denoiser projects the encoder's states before its blocks (PixArt's caption_projection)
+    cfg_from_encode: bool = False  # the pipeline keeps no do_classifier_free_guidance; encode_prompt is told it (PixArt)
+    fp32_output: bool = False  # under bf16 autocast the prediction goes back to float32 (its scheduler step expects it)
+    # loggers set to errors only when a pipeline of the family is loaded: PixArt's warns at every call that
+    # the optional caption cleaners (bs4, ftfy) are missing, and falls back to lower-casing the prompt
+    quiet_loggers: tuple[str, ...] = ()
+    img2img: str = "auto"  # "auto": diffusers' AutoPipelineForImage2Image; "latents": noised latents (evaluate.LatentImg2Img)
 
     def denoiser(self, pipe):
-        return pipe.transformer if self.dit else pipe.unet
+        return getattr(pipe, self.denoiser_attr)
+
+    def context(self, model, states: torch.Tensor) -> torch.Tensor:
+        """Encoder states as the attention layers' key and value projections receive them."""
+        return model.caption_projection(states) if self.projects_context else states
+
+    def encode_cfg(self, args, kwargs) -> bool | None:
+        """Whether the pipeline's ``encode_prompt`` call (``args``, ``kwargs``) asks for guidance, where
+        the family's pipelines tell it there rather than in an attribute; None: not told."""
+        if not self.cfg_from_encode:
+            return None
+        v = kwargs.get("do_classifier_free_guidance", args[1] if len(args) > 1 else None)
+        return None if v is None else bool(v)
 
     def layers(self, model) -> dict[str, object]:
         """The attention modules a trace records, by name (module path)."""
@@ -75,8 +96,14 @@ class Family:
 
 
 UNET = Family("unet", dit=False)
-SD3 = Family("sd3", dit=True)
-FLUX = Family("flux", dit=True, text_first=True, word_encoder="text_encoder_2", packed=True, true_cfg=True)
+SD3 = Family("sd3", dit=True, denoiser_attr="transformer", fp32_output=True)
+FLUX = Family("flux", dit=True, text_first=True, word_encoder="text_encoder_2", packed=True, true_cfg=True,
+              denoiser_attr="transformer", fp32_output=True)
+# a cross-attention DiT (PixArt-Sigma): image patches attend to T5's states in each block's attn2, as a UNet's
+# layers attend to CLIP's; HRV's construction applies directly, without a start token
+PIXART = Family("pixart", dit=False, denoiser_attr="transformer", start_token=False, projects_context=True,
+                cfg_from_encode=True, fp32_output=True,
+                quiet_loggers=("diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma",), img2img="latents")
 
 
 def of_model(model) -> Family:
@@ -87,8 +114,10 @@ def of_model(model) -> Family:
         return FLUX
     if hasattr(model, "transformer_blocks") and hasattr(model, "context_embedder"):
         return SD3
-    raise TypeError(f"{type(model).__name__} is neither a UNet nor an MM-DiT this package knows "
-                    "(SD 1.x/2.x/XL, SD3/3.5, FLUX.1)")
+    if hasattr(model, "transformer_blocks") and hasattr(model, "caption_projection"):
+        return PIXART
+    raise TypeError(f"{type(model).__name__} is neither a UNet nor a DiT this package knows "
+                    "(SD 1.x/2.x/XL, SD3/3.5, FLUX.1, PixArt-Sigma)")
 
 
 def of(pipe) -> Family:
@@ -102,11 +131,20 @@ def of(pipe) -> Family:
     return of_model(model)
 
 
+def is_joint(pipe) -> bool:
+    """Whether ``pipe`` denoises with an MM-DiT (joint attention over image and text); False for a
+    UNet, a cross-attention DiT or anything else."""
+    try:
+        return of(pipe).dit
+    except TypeError:
+        return False
+
+
 # ------------------------------------------------------------------ folders on disk (model_index.json)
 
 # profile key -> the family a folder must hold (``models.check_model_folder``)
 FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5",
-            "flux": "Flux"}
+            "flux": "Flux", "pixart": "PixArt-Sigma"}
 # what each pipeline class needs besides its denoiser, VAE, first text encoder and scheduler
 COMPONENTS = {"StableDiffusionXLPipeline": ["text_encoder_2", "tokenizer_2"],
               "StableDiffusion3Pipeline": ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"],
@@ -125,6 +163,8 @@ def folder_family(index: dict, config: dict) -> str:
         return "SD3.5" if config.get("qk_norm") else "SD3"
     if cls == "FluxPipeline":
         return "Flux"
+    if cls == "PixArtSigmaPipeline":
+        return "PixArt-Sigma"
     return str(cls)
 
 
@@ -144,6 +184,8 @@ def width_rules(cls: str | None, denoiser: str, encoders: list[dict]) -> list[tu
     if cls == "FluxPipeline" and len(encoders) == 2:
         return [("joint_attention_dim", encoders[1].get("d_model"), "text_encoder_2's d_model"),
                 ("pooled_projection_dim", encoders[0].get("hidden_size"), "text_encoder's hidden_size")]
+    if cls == "PixArtSigmaPipeline" and len(encoders) == 1:
+        return [("caption_channels", encoders[0].get("d_model"), "text_encoder's d_model")]
     return []
 
 
@@ -159,6 +201,8 @@ SUPPORT = (
      "yes", "tiny random; float64 softmax; images bit-identical"),
     ("ShapesWorld organisms", "paper, smoke, organism-a", "yes", "HRV's pass", "top/bottom/random/soft",
      "-", "yes", "trained, exact masks"),
-    ("FLUX.2, Qwen-Image, PixArt-Sigma / Sana", "-", "no", "-", "-", "-", "-", "not yet (issue 27)"),
+    ("PixArt-Sigma (cross-attention DiT)", "pixart", "yes", "HRV's pass (no start token: T5)", "top/bottom/random/soft",
+     "-", "yes", "tiny random; float64 softmax; images bit-identical"),
+    ("FLUX.2, Qwen-Image, Sana", "-", "no", "-", "-", "-", "-", "not yet (issue 27)"),
 )
 SUPPORT_COLUMNS = ("family", "profiles", "trace", "relevance", "selection (+ oracle-k bound where masks exist)", "output maps", "every chapter", "tested how")

@@ -256,7 +256,8 @@ def _low(t, dtype: torch.dtype):
 
 def denoiser(pipe):
     """The pipeline's denoiser: its UNet, or (SD3, Flux) its transformer."""
-    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    from .family import of
+    return of(pipe).denoiser(pipe)
 
 
 def autocast_bf16(unet) -> None:
@@ -271,17 +272,18 @@ def autocast_bf16(unet) -> None:
     bfloat16 at each of those (22 casts per step on the organism, 3 % of its time); they are cast
     once per call instead, the same numbers (tested)."""
     from .family import of_model
-    dit = of_model(unet).dit
+    fam = of_model(unet)
+    dit = fam.dit
     for m in unet.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             m.to(torch.bfloat16)
-    text = (not dit and getattr(unet, "encoder_hid_proj", None) is None
+    text = (not dit and not fam.projects_context and getattr(unet, "encoder_hid_proj", None) is None
             and unet.config.get("addition_embed_type") in (None, "text_time")  # "text" normalises them
             and not any(getattr(m, "norm_cross", None) is not None or getattr(m, "add_k_proj", None) is not None
                         for m in unet.modules() if hasattr(m, "to_k")))
     # an MM-DiT's prediction comes back in float32: its pipelines' flow-matching step would keep the
     # latents in bfloat16 otherwise, and the VAE (float32) refuses them
-    unet.forward = _autocast(unet.forward, torch.bfloat16, torch.float32 if dit else None, text=text)
+    unet.forward = _autocast(unet.forward, torch.bfloat16, torch.float32 if fam.fp32_output else None, text=text)
 
 
 def load_model(params: dict, path: Path | None = None):
@@ -302,6 +304,10 @@ def load_model(params: dict, path: Path | None = None):
             from diffusers import DiffusionPipeline
             pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
             pipe = pipe.to(device)
+    import logging
+    from .family import of
+    for name in of(pipe).quiet_loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if precision(params) == "bf16":  # the UNet's matmuls and convolutions in bf16, its sums and softmax in fp32
         autocast_bf16(denoiser(pipe))
     pipe.set_progress_bar_config(disable=True)

@@ -216,10 +216,14 @@ def encode_words(pipe, words: list[str]) -> list[tuple[torch.Tensor, torch.Tenso
     cross-attention expects (SDXL: both encoders' states concatenated, as its ``encode_prompt``
     returns them).
     """
-    dev = pipe.unet.device
+    from .family import of
+    fam = of(pipe)
+    den = fam.denoiser(pipe)
+    dev = den.device
     emb = pipe.encode_prompt(prompt=words, device=dev, num_images_per_prompt=1,
                              do_classifier_free_guidance=False)[0]
-    dtype, out = pipe.unet.dtype, []  # (diffusers finds a model's dtype by walking its modules: once)
+    emb = fam.context(den, emb.to(den.dtype))  # as the layers' key projections receive them (PixArt: projected)
+    dtype, out = den.dtype, []  # (diffusers finds a model's dtype by walking its modules: once)
     for i, w in enumerate(words):
         pos = token_positions(w, w, pipe.tokenizer)
         out.append((emb[i, :1].to(dtype), emb[i, pos].to(dtype)))
@@ -256,7 +260,8 @@ class VoteRecorder(Observer):
             def encode():
                 return [[(s.float().cpu().numpy(), t.float().cpu().numpy()) for s, t in encode_words(pipe, ws)]
                         for ws in concepts.values()]
-            dtype = pipe.unet.dtype
+            from .family import of
+            dtype = of(pipe).denoiser(pipe).dtype
             self.words = [[(torch.as_tensor(s).to(dtype), torch.as_tensor(t).to(dtype)) for s, t in ws]
                           for ws in (cached(*cache, encode) if cache else encode())]
         self.rngs = rngs
@@ -367,13 +372,16 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
                                                        variant=variant or "stream"))
     if variant not in (None, "direct") or max_sequence_length is not None:
         raise ValueError("variant and max_sequence_length are for MM-DiT pipelines; a UNet's pass is HRV's own")
-    check_pipeline(pipe)
+    den = check_pipeline(pipe)
+    from .family import of
+    fam = of(pipe)
+    start_token = start_token and fam.start_token  # T5 (PixArt) has no start token to keep
     if not isinstance(concepts, dict) or not concepts or not all(
             isinstance(ws, (list, tuple)) and ws and all(isinstance(w, str) and w.strip() for w in ws) for ws in concepts.values()):
         raise ValueError(f"concepts must map each concept to a non-empty list of words, got {concepts!r}")
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r}")
-    layers = cross_attention_layers(pipe.unet)
+    layers = fam.layers(den)
     rec = VoteRecorder(None, layers, start_token)
 
     def batch(prompts, gens, start):

@@ -30,7 +30,9 @@ def token_classes(hm: HeadMaps) -> dict[str, list[int]]:
     if hm.segments:
         return segment_classes(hm.prompt, hm.segments)
     n = next(iter(hm.maps.values())).shape[1]
-    return classes_of(list(hm.token_ids), hm.tokenizer, n, start=True)  # CLIP's and BERT's ids open with one
+    tok = hm.tokenizer  # CLIP's and BERT's ids open with a start token; T5's (PixArt) with the first word
+    opens = hm.token_ids[0] in {getattr(tok, a, None) for a in ("bos_token_id", "cls_token_id")} - {None}
+    return classes_of(list(hm.token_ids), tok, n, start=opens)
 
 
 def attention_budget(hm: HeadMaps, object_mask: np.ndarray | None = None) -> pd.DataFrame:

@@ -125,7 +125,9 @@ def denoiser_heads(pipe) -> list:
     HRV's order (what relevance rows and word records index)."""
     from .capture import cross_attention_layers, is_dit, joint_attention_layers
     from .heads import head_ids
-    layers = joint_attention_layers(pipe.transformer) if is_dit(pipe) else cross_attention_layers(pipe.unet)
+    from .family import of
+    fam = of(pipe)
+    layers = fam.layers(fam.denoiser(pipe))
     return head_ids({l: m.heads for l, m in layers.items()})
 
 

@@ -227,7 +227,23 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
         return FluxPipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=_vae16(seed),
                             text_encoder=_clip_text(32, seed=seed), tokenizer=clip_tokenizer(), text_encoder_2=t5,
                             tokenizer_2=t5tok)
-    raise ValueError(f"unknown tiny DiT pipeline {kind!r}; use sd3, sd35 or flux")
+    if kind == "pixart":  # a cross-attention DiT: self-attention over image patches, then cross-attention to T5
+        from diffusers import DDIMScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+        torch.manual_seed(seed)
+        cfg = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_layers=3, attention_head_dim=8,
+                   num_attention_heads=4, cross_attention_dim=32, caption_channels=64, norm_type="ada_norm_single",
+                   use_additional_conditions=False, norm_num_groups=8)
+        tr = PixArtTransformer2DModel(**{**cfg, **transformer}).eval()
+        sched = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+        # a VAE that downsamples 8x, as PixArt's does: its pipeline snaps sizes to bins of the native
+        # resolution (sample size 32 -> 256 px), so the latent grid stays 32 x 32, 16 x 16 patches
+        from diffusers import AutoencoderKL
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            norm_num_groups=4).eval()
+        return PixArtSigmaPipeline(tokenizer=t5tok, text_encoder=t5, vae=vae, transformer=tr, scheduler=sched)
+    raise ValueError(f"unknown tiny DiT pipeline {kind!r}; use sd3, sd35, flux or pixart")
 
 
 # The released models' numbers (their model_index / unet / vae / text_encoder / scheduler configs).
@@ -312,10 +328,11 @@ def diffusers_attention_probs(pipe):
     classifier-free guidance the conditional half is the second). Restores everything on exit.
     """
     from diffusers.models.attention_processor import AttnProcessor
-    from .capture import cross_attention_layers
-    unet = pipe.unet
+    from .family import of
+    fam = of(pipe)
+    unet = fam.denoiser(pipe)
     original = unet.attn_processors
-    cross = cross_attention_layers(unet)
+    cross = fam.layers(unet)
     sums: dict[str, torch.Tensor] = {}
 
     def recording(name, mod):
@@ -347,7 +364,7 @@ def as_probs(hm_map: torch.Tensor) -> torch.Tensor:
 
 def save_tiny(kind: str, folder) -> Path:
     """Save a tiny pipeline as a diffusers folder (``from_pretrained`` loads it offline)."""
-    pipe = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux") else tiny_pipeline(kind)
+    pipe = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux", "pixart") else tiny_pipeline(kind)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
@@ -377,7 +394,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Save a random-weight pipeline as a diffusers folder (offline)")
     sub = ap.add_subparsers(dest="size", required=True)
     tiny = sub.add_parser("tiny", help="toy width, SD's code path (seconds)")
-    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout", "sd3", "sd35", "flux"])
+    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout", "sd3", "sd35", "flux", "pixart"])
     full = sub.add_parser("full-size", help="the released model's exact architecture (GBs)")
     full.add_argument("kind", choices=sorted(FULL_SIZE))
     full.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
