@@ -96,3 +96,16 @@ def test_pinned_word_map_slice(pixart):
 
 
 PINNED = ([0.122145, 0.122552, 0.123213, 0.123924, 0.124282, 0.124552], 127.130463)
+
+
+def test_hrv_pass_under_bf16_autocast_runs():
+    """The concept words go through the caption projection in its weights' dtype (bf16 once
+    ``models.autocast_bf16`` stored them so)."""
+    from saam.models import autocast_bf16
+    from saam.relevance import load_concepts, relevance_pass
+    from saam.testing import tiny_dit_pipeline
+    pipe = tiny_dit_pipeline("pixart")
+    pipe.set_progress_bar_config(disable=True)
+    autocast_bf16(pipe.transformer)
+    rel = relevance_pass(pipe, load_concepts("hrv"), ["a red cat"], steps=2, batch_size=1, progress=False)
+    assert int(rel.prompt_votes.sum()) == 2 * 12

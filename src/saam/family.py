@@ -43,7 +43,12 @@ class Family:
 
     def context(self, model, states: torch.Tensor) -> torch.Tensor:
         """Encoder states as the attention layers' key and value projections receive them."""
-        return model.caption_projection(states) if self.projects_context else states
+        if not self.projects_context:
+            return states
+        # in the projection's own weights' dtype (bf16 where models.autocast_bf16 stored them so: what the
+        # generation computes under autocast), back in the states' dtype
+        dt = next(model.caption_projection.parameters()).dtype
+        return model.caption_projection(states.to(dt)).to(states.dtype)
 
     def encode_cfg(self, args, kwargs) -> bool | None:
         """Whether the pipeline's ``encode_prompt`` call (``args``, ``kwargs``) asks for guidance, where

@@ -222,7 +222,7 @@ def encode_words(pipe, words: list[str]) -> list[tuple[torch.Tensor, torch.Tenso
     dev = den.device
     emb = pipe.encode_prompt(prompt=words, device=dev, num_images_per_prompt=1,
                              do_classifier_free_guidance=False)[0]
-    emb = fam.context(den, emb.to(den.dtype))  # as the layers' key projections receive them (PixArt: projected)
+    emb = fam.context(den, emb)  # as the layers' key projections receive them (PixArt: projected)
     dtype, out = den.dtype, []  # (diffusers finds a model's dtype by walking its modules: once)
     for i, w in enumerate(words):
         pos = token_positions(w, w, pipe.tokenizer)
