@@ -142,6 +142,16 @@ def block(res: dict | None = None) -> str:
                   + "; ".join(f"{names.get(k, k)}: trace {v['overhead_ratio']:.3f}x plain generation (target "
                               f"{d['target_ratio']}), concept-stream relevance {v['stream_ratio']:.2f}x"
                               for k, v in d["models"].items()) + "."]
+    bf = FIG / "bench-fingerprint.json"
+    if bf.exists():  # written by `make bench` (scripts/fingerprint_bench.py)
+        b = json.loads(bf.read_text())
+        w, c, h = (b["ways"][k] for k in ("whole", "streamed, cold", "streamed, warm"))
+        lines += ["", f"Weight fingerprint (`make bench`, `figures/bench-fingerprint.json`; a {b['folder_gb']:.1f} GB "
+                  f"full-size random {b['model'].upper()} folder, largest file {b['largest_file_gb']:.1f} GB, {b['cpu']}, "
+                  "each way in a fresh process, the files in the page cache): each file read whole "
+                  f"{w['seconds']:.1f} s and {w['peak_mb'] / 1024:.1f} GB peak; streamed in 8 MB pieces {c['seconds']:.1f} s "
+                  f"and {c['peak_mb']:.0f} MB; a later chapter, the digests remembered by size and mtime, "
+                  f"{h['seconds']:.2f} s."]
     fs = FIG / "bench-fullsize.json"
     if fs.exists():  # written by `make bench` (scripts/fullsize.py)
         f = json.loads(fs.read_text())
