@@ -28,8 +28,9 @@ import torch
 import yaml
 
 from .cache import cached
-from .capture import Observer, check_pipeline, cross_attention_layers, install, is_dit, keys, probs
-from .heads import HeadId, forward_order, from_hrv_names, head_ids
+from .capture import Observer, check_pipeline, install, is_dit, keys, probs
+from .heads import HeadId, from_hrv_names, head_ids
+from .votes import VoteCounter
 from .words import token_positions
 
 
@@ -241,15 +242,8 @@ class VoteRecorder(Observer):
         pipeline call (``runs.item_rngs``), set before it starts: image i draws its words from its own."""
         self.words, self.start_token = words, start_token
         self.rngs: list[random.Random] = []
-        lh = {l: m.heads for l, m in layers.items()}
-        self.heads = head_ids(lh)
-        offs, o = {}, 0
-        for l in forward_order(lh):
-            offs[l], o = o, o + lh[l]
-        self.offset = offs
-        self.votes: dict[int, torch.Tensor] = {}      # step -> [images of the current call, heads, concepts]
-        self.timesteps: dict[int, int] = {}
-        self._step = 0
+        self.counter = VoteCounter(layers)
+        self.heads = self.counter.heads
 
     def prepare(self, pipe, concepts: dict[str, list[str]], rngs: list[random.Random],
                 cache: tuple[str, dict] | None = None) -> None:
@@ -269,11 +263,10 @@ class VoteRecorder(Observer):
     def start(self, n, latent, token_ids):
         if len(self.rngs) != n:
             raise RuntimeError(f"the vote recorder has {len(self.rngs)} random streams for {n} images")
-        self.votes, self.timesteps, self._n = {}, {}, n
+        self.counter.start(n)
 
     def step(self, index, timestep):
-        self._step = index
-        self.timesteps[index] = timestep
+        self.counter.step(index, timestep)
 
     def _bank(self, device, dtype) -> torch.Tensor:
         """Every word's states in one table (row 0: zeros, the padding), on ``device`` in ``dtype``,
@@ -316,20 +309,12 @@ class VoteRecorder(Observer):
         pr = probs(attn, q, keys(attn, ctx), mask[:, None, :]).mean(2)  # [n, heads, L]: mean over pixels
         keep = (seg >= 0).float()[:, None, :]
         one = torch.nn.functional.one_hot(seg.clamp_min(0), c).float() * keep.transpose(1, 2)  # [n, L, c]
-        per = (pr @ one) / one.sum(1, keepdim=True).clamp_min(1)  # mean over each word's tokens
-        won = torch.nn.functional.one_hot(per.argmax(-1), c).cpu()  # [n, heads, concepts]
-        lo, hi = self.offset[layer], self.offset[layer] + won.shape[1]
-        v = self.votes.setdefault(self._step, torch.zeros(self._n, len(self.heads), c, dtype=torch.int16))
-        v[:, lo:hi] += won.to(torch.int16)
+        per = (pr @ one) / one.sum(1, keepdim=True).clamp_min(1)  # mean over each word's tokens: [n, heads, concepts]
+        self.counter.vote(layer, per)
 
     def take(self) -> dict:
-        """The votes of the pipeline call just made: ``votes`` [images, steps, heads, concepts] (int16)
-        and the ``timesteps`` of the steps; then starts afresh."""
-        order = sorted(self.votes)
-        out = dict(votes=torch.stack([self.votes[s] for s in order], 1).numpy(),
-                   timesteps=[self.timesteps[s] for s in order])
-        self.votes, self.timesteps = {}, {}
-        return out
+        """The votes of the pipeline call just made (:meth:`VoteCounter.take`)."""
+        return self.counter.take()
 
 
 def from_votes(concepts: dict[str, list[str]], heads: list[HeadId], parts: list[dict], params: dict,

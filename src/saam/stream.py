@@ -35,7 +35,7 @@ import torch
 
 from . import family
 from .capture import CaptureError, Observer, install_joint, is_dit, joint_attention_layers, text_segments
-from .heads import forward_order, head_ids
+from .votes import VoteCounter
 
 VARIANTS = ("stream", "direct")
 
@@ -78,15 +78,10 @@ class StreamVoter(Observer):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.words, self.variant, self.keep_states = words, variant, keep_states
-        lh = {l: m.heads for l, m in layers.items()}
-        self.heads = head_ids(lh)
-        self.offset, o = {}, 0
-        for l in forward_order(lh):
-            self.offset[l], o = o, o + lh[l]
+        self.counter = VoteCounter(layers)  # HRV's vote, counted as the UNet pass counts it
+        self.heads = self.counter.heads
         self.block_layer = {l.rsplit(".", 1)[0]: l for l in layers}
         self.rngs: list[random.Random] = []
-        self.votes: dict[int, torch.Tensor] = {}
-        self.timesteps: dict[int, int] = {}
         self.states: list[dict[str, torch.Tensor]] = []  # keep_states: per image, block -> text output
         self.tracker = None
         self.side: tuple[int, torch.Tensor] | None = None  # (image, concept of each stream token) during a side call
@@ -104,11 +99,11 @@ class StreamVoter(Observer):
     def start(self, n, latent, token_ids):
         if len(self.rngs) != n:
             raise RuntimeError(f"the concept stream has {len(self.rngs)} random streams for {n} images")
-        self.votes, self.timesteps, self._n = {}, {}, n
+        self.counter.start(n)
         self.states = [{} for _ in range(n)] if self.keep_states else []
 
     def step(self, index, timestep):
-        self._step, self.timesteps[index] = index, timestep
+        self.counter.step(index, timestep)
         self._stream = None  # drawn afresh at this step's first block
 
     def _draw(self) -> None:
@@ -154,16 +149,10 @@ class StreamVoter(Observer):
         p = probs[0].float().mean(1)  # [heads, stream tokens]: mean over image tokens
         one = torch.nn.functional.one_hot(seg.to(p.device), c).float()
         per = (p @ one) / one.sum(0).clamp_min(1)  # mean over each word's tokens: [heads, concepts]
-        v = self.votes.setdefault(self._step, torch.zeros(self._n, len(self.heads), c, dtype=torch.int16))
-        lo = self.offset[layer]
-        v[j, lo:lo + per.shape[0]] += torch.nn.functional.one_hot(per.argmax(-1), c).cpu().to(torch.int16)
+        self.counter.vote(layer, per[None], slice(j, j + 1))
 
     def take(self) -> dict:
-        order = sorted(self.votes)
-        out = dict(votes=torch.stack([self.votes[s] for s in order], 1).numpy(),
-                   timesteps=[self.timesteps[s] for s in order])
-        self.votes, self.timesteps = {}, {}
-        return out
+        return self.counter.take()
 
 
 def _stream_rotary(rot, text_len: int, n: int):
