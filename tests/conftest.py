@@ -35,3 +35,31 @@ def shapes_pipe():
 def run(pipe, prompt, steps=2, seed=0, **kw):
     return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                 output_type="np", **kw).images
+
+
+def chromium():
+    """Headless Debian Chromium through selenium, its console log kept (the report and explorer tests)."""
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chrome, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chrome and driver_bin):
+        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_bin), options=opts)
+
+
+@pytest.fixture(scope="module")
+def smoke_run():
+    """The smoke profile's organism run (cached): (params, relevance, generation records, images)."""
+    from saam import steps
+    from saam.chapter import load
+    from saam.models import load_model
+    p = load("smoke")
+    pipe = load_model(p)
+    rel = steps.relevance(pipe, p)
+    recs, images, _ = steps.records(pipe, p, "generation", rel.heads)
+    return p, rel, recs, images

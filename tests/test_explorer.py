@@ -1,21 +1,12 @@
 """The head explorer: the JupyterLab widget (controls redraw it) and the static page (clicking a
 word changes the grid, in headless Chromium), on the smoke profile's cached organism run."""
-import shutil
-
 import numpy as np
 import pytest
 
 
 @pytest.fixture(scope="module")
-def run():
-    from saam import steps
-    from saam.chapter import load
-    from saam.models import load_model
-    p = load("smoke")
-    pipe = load_model(p)
-    rel = steps.relevance(pipe, p)
-    recs, images, _ = steps.records(pipe, p, "generation", rel.heads)
-    return p, rel, recs, images
+def run(smoke_run):
+    return smoke_run
 
 
 def test_heads_are_ordered_by_relevance_with_their_own_iou(run):
@@ -51,19 +42,11 @@ def test_the_widget_redraws_when_a_control_changes(run):
 
 @pytest.mark.slow
 def test_the_static_page_switches_words_in_chromium(run, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
     from saam.explorer import write_page
     p, rel, recs, images = run
     page = write_page(tmp_path / "explorer.html", recs, rel, images, p, n_images=2)
-    chrome, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chrome and driver_bin):
-        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_bin), options=opts)
+    from conftest import chromium
+    drv = chromium()
     try:
         drv.get(page.as_uri())
         grid = lambda: drv.execute_script("const g = document.querySelector('#img0 .grid'); "  # noqa: E731

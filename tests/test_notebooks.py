@@ -82,19 +82,11 @@ def test_rerun_reproduces_table1(smoke_chapters):
 def test_report_loads_in_chromium(smoke_chapters):
     """The report opens from disk in headless Chromium: every page loads, every image has a
     natural width, the console has no errors. Leaves a screenshot of the front page."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chrome, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chrome and driver_bin):
-        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them)")
+    from conftest import chromium
     subprocess.run([sys.executable, str(ROOT / "scripts/report.py"), "--profile", "smoke"], check=True,
                    env=smoke_chapters, cwd=ROOT)
     report = SMOKE / "report"
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,2000"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    drv = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_bin), options=opts)
+    drv = chromium()
     try:
         pages = ["index.html"] + [f"{c.notebook}.html" for c in artefacts.CHAPTERS]
         n_img = 0

@@ -5,14 +5,9 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def run():
-    from saam import steps, tables
-    from saam.chapter import load
-    from saam.models import load_model
-    p = load("smoke")
-    pipe = load_model(p)
-    rel = steps.relevance(pipe, p)
-    recs, _, _ = steps.records(pipe, p, "generation", rel.heads)
+def run(smoke_run):
+    from saam import tables
+    p, rel, recs, _ = smoke_run
     return p, rel, recs, tables.score(recs, rel, p)
 
 
