@@ -279,7 +279,8 @@ class LatentImg2Img:
         keep = min(num_inference_steps, int(num_inference_steps * strength))
         if keep < 1:
             raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no denoising step")
-        den = p.transformer if getattr(p, "unet", None) is None else p.unet
+        from .family import of
+        den = of(p).denoiser(p)
         x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
         gens = generator if isinstance(generator, list) else [generator] * len(x)
         z = torch.cat([p.vae.encode(x[i:i + 1]).latent_dist.sample(gens[i]) for i in range(len(x))]) * p.vae.config.scaling_factor

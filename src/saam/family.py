@@ -10,8 +10,10 @@ and ``capture``, ``stream``, ``models`` ask it instead of naming classes:
 - the latent grid and guidance layout a denoiser call implies;
 - how the pipeline's ``encode_prompt`` is called for words alone (the concept stream).
 
-:data:`FAMILIES` also declares, per family, what is supported and how it is tested: the README's
-table of families is generated from it (``scripts/readme_results.py``).
+:data:`SUPPORT` declares, per family, what is supported and how it is tested: the README's table
+of families is generated from it (``scripts/readme_results.py``). :data:`FAMILIES`,
+:data:`COMPONENTS`, :func:`folder_family` and :func:`width_rules` are the same questions asked of a
+model folder on disk (``models.check_model_folder``).
 """
 from __future__ import annotations
 
