@@ -1,8 +1,9 @@
-"""MM-DiTs (SD3, SD3.5, Flux): the trace of joint attention on tiny random-weight pipelines."""
+"""MM-DiTs (SD3, SD3.5, FLUX.1, FLUX.2 [klein], Qwen-Image): the trace of joint attention on tiny random-weight pipelines."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from saam import family
 from saam.aggregate import word_map
 from saam.capture import is_dit, joint_attention_layers, trace
 from saam.testing import tiny_dit_pipeline
@@ -11,7 +12,12 @@ PROMPT = "a red circle next to a blue Square"
 RUN = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, max_sequence_length=32, output_type="latent")
 
 
-@pytest.fixture(scope="module", params=["sd3", "sd35", "flux"])
+KINDS = ["sd3", "sd35", "flux", "flux2-klein", "qwenimage"]
+# FLUX.2 [klein] (undistilled) runs guidance as a second call of its own: these tests read one call per step
+EXTRA = {"flux2": dict(guidance_scale=1.0)}
+
+
+@pytest.fixture(scope="module", params=KINDS)
 def dit(request):
     pipe = tiny_dit_pipeline(request.param)
     pipe.set_progress_bar_config(disable=True)
@@ -19,7 +25,8 @@ def dit(request):
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kw):
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **{**RUN, **kw}).images
+    extra = EXTRA.get(family.of(pipe).name, {})
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **{**RUN, **extra, **kw}).images
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +77,9 @@ def test_traced_images_equal_untraced_and_layers_are_the_joint_ones(dit):
         traced = run(pipe)
     assert torch.equal(plain, traced)
     layers = joint_attention_layers(pipe.transformer)
-    want = {"sd3": 3, "sd35": 3, "flux": 4}[kind]
+    want = {"sd3": 3, "sd35": 3, "flux": 4, "flux2-klein": 4, "qwenimage": 3}[kind]
     assert len(layers) == want and set(tc[0].maps) == set(layers)
-    if kind == "flux":
+    if kind in ("flux", "flux2-klein"):
         assert sum(l.startswith("single_transformer_blocks.") for l in layers) == 2
     # processors restored: a second untraced run is still identical
     assert torch.equal(plain, run(pipe))
@@ -87,8 +94,9 @@ def test_maps_are_the_processors_own_joint_softmax(dit, reference):
     for i, layer in enumerate(layers):
         ref = 0
         for s in range(hm.steps):
-            p = joint[s * len(layers) + i][-1]  # the prompt's row (SD3: [uncond; cond]; Flux: one row)
-            ref = ref + (p[:, text:, :text] if kind == "flux" else p[:, :n_img, n_img:])  # [heads, image, text]
+            p = joint[s * len(layers) + i][-1]  # the prompt's row (SD3: [uncond; cond]; the others: one row)
+            text_first = family.of(pipe).text_first  # [text; image] (FLUX, Qwen-Image) or [image; text] (SD3)
+            ref = ref + (p[:, text:, :text] if text_first else p[:, :n_img, n_img:])  # [heads, image, text]
         got = hm.maps[layer].flatten(2).transpose(1, 2)  # [heads, pixels, text]
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
 
@@ -101,8 +109,13 @@ def test_word_maps_on_a_dit(dit):
         run(pipe)
     hm = tc[0]
     pos = hm.token_positions("Square")
-    if kind == "flux":
+    if kind != "sd3" and kind != "sd35":  # one encoder's tokens
         assert all(p < 32 for p in pos)
+        if kind != "flux":  # the prompt sits inside a chat template: its tokens, not the template's
+            ids = pipe.tokenizer(PROMPT).input_ids
+            assert pipe.tokenizer.decode(ids[-1:]).strip().lower() == "square"
+            seq = hm.segments[0][1](PROMPT).input_ids
+            assert [seq[p] for p in pos] == ids[-1:]
     else:
         assert any(p < 77 for p in pos) and any(p >= 77 for p in pos)  # CLIP's and T5's tokens
     m = word_map(hm, "red")
@@ -121,9 +134,11 @@ def test_dit_trace_refuses_what_it_cannot_do(dit):
     with pytest.raises(ValueError, match="branch='cond'"):
         with trace(pipe, branch="uncond"):
             pass
-    with pytest.raises(Exception, match="same prompt"):
-        with trace(pipe):
-            run(pipe, prompt_2="something else")
+    import inspect
+    if "prompt_2" in inspect.signature(pipe.__call__).parameters:
+        with pytest.raises(Exception, match="same prompt"):
+            with trace(pipe):
+                run(pipe, prompt_2="something else")
     plain = run(pipe)
     with trace(pipe):  # everything was restored after the errors
         pass
@@ -141,8 +156,16 @@ def test_attention_budget_on_a_dit(dit):
         run(pipe)
     hm = tc[0]
     cls = token_classes(hm)
-    assert len(cls["start"]) == (0 if kind == "flux" else 1)
-    assert len(cls["end"]) == (1 if kind == "flux" else 2)  # one end token per encoder segment
+    if kind in ("flux2-klein", "qwenimage"):  # the chat template around the prompt: "start" before, "end" after
+        ids = hm.segments[0][1](PROMPT).input_ids
+        tok = pipe.tokenizer
+        assert tok.decode([ids[p] for p in cls["words"]]).strip() == PROMPT
+        suffix = hm.segments[0][1].suffix
+        assert tok.decode([ids[p] for p in cls["end"]]) == suffix
+        assert tok.decode([ids[p] for p in cls["start"]]) == ("" if kind == "qwenimage" else "<|im_start|>user\n")
+    else:
+        assert len(cls["start"]) == (0 if kind == "flux" else 1)
+        assert len(cls["end"]) == (1 if kind == "flux" else 2)  # one end token per encoder segment
     n = next(iter(hm.maps.values())).shape[1]
     assert sorted(p for ps in cls.values() for p in ps) == list(range(n))  # every text token has one class
     b = attention_budget(hm)
@@ -151,7 +174,7 @@ def test_attention_budget_on_a_dit(dit):
     assert (b.image > 0).all() and (b.words > 0).all()
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "flux2-klein", "qwenimage"])
 def test_the_trace_reads_the_kernels_own_queries_keys_and_normaliser(kind, monkeypatch):
     """On the CPU the trace takes the queries, keys and log-sum-exp of the attention kernel the
     processor runs (never projecting again), in float32 and under bf16 autocast alike, and the
@@ -192,7 +215,7 @@ def test_output_space_maps_are_conceptattentions(dit, reference):
         ref = 0
         for s in range(hm.steps):
             o = joint[s * len(layers) + i][-1]  # the prompt's row: [heads, sequence, d]
-            img, txt = (o[:, text:], o[:, :text]) if kind == "flux" else (o[:, :n_img], o[:, n_img:])
+            img, txt = (o[:, text:], o[:, :text]) if family.of(pipe).text_first else (o[:, :n_img], o[:, n_img:])
             ref = ref + torch.softmax(torch.einsum("hid,htd->it", img, txt).masked_fill(~words, float("-inf")), -1)
         got = hm.outputs[layer].flatten(1).T  # [pixels, text]
         torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-5)
@@ -211,3 +234,36 @@ def test_output_space_maps_are_conceptattentions(dit, reference):
     from saam.aggregate import to_mask
     m = to_mask(red, hm.image_size, 0.4).numpy()
     assert got == (m & gt).sum() / (m | gt).sum()
+
+
+@pytest.mark.parametrize("kind", ["flux", "flux2-klein", "qwenimage"])
+def test_capture_goes_through_the_dispatcher_with_any_cpu_backend(kind):
+    """FLUX and Qwen-Image processors call diffusers' attention dispatcher: the trace catches the call
+    there, for that call only (torch's and diffusers' functions are the originals while a traced
+    processor runs), and the backend a user selects still runs: with "_native_math" the traced
+    images equal the untraced ones under that backend and the maps equal the native backend's."""
+    import diffusers.models.attention_dispatch as ad
+    pipe = tiny_dit_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    originals = (F.scaled_dot_product_attention, ad.dispatch_attention_fn)
+    seen = []
+
+    def inside(module, args, out):  # runs inside the processor's call
+        seen.append((F.scaled_dot_product_attention, ad.dispatch_attention_fn) == originals)
+    attn = next(iter(joint_attention_layers(pipe.transformer).values()))
+    handle = attn.norm_q.register_forward_hook(inside)
+    maps = {}
+    try:
+        for backend in ("native", "_native_math"):
+            pipe.transformer.set_attention_backend(backend)
+            plain = run(pipe)
+            with trace(pipe) as tc:
+                traced = run(pipe)
+            assert torch.equal(plain, traced), backend
+            maps[backend] = tc[0].maps
+    finally:
+        handle.remove()
+        pipe.transformer.set_attention_backend("native")
+    assert seen and all(seen)
+    for layer, m in maps["native"].items():
+        torch.testing.assert_close(maps["_native_math"][layer], m, rtol=1e-4, atol=1e-6)

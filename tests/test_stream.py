@@ -1,10 +1,12 @@
-"""Head relevance on MM-DiTs: the concept stream (saam.stream) on tiny SD3, SD3.5 and Flux pipelines."""
+"""Head relevance on MM-DiTs: the concept stream (saam.stream) on tiny SD3, SD3.5, FLUX.1, FLUX.2 [klein] and
+Qwen-Image pipelines."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
+from saam import family
 from saam.capture import joint_attention_layers
 from saam.relevance import relevance_pass
 from saam.stream import StreamVoter, blocks, concept_stream, encode_stream_words
@@ -15,7 +17,7 @@ RUN = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32, max_s
 CONCEPTS = {"color": ["red", "blue", "green"], "shape": ["circle", "square"]}
 
 
-@pytest.fixture(scope="module", params=["sd3", "sd35", "flux"])
+@pytest.fixture(scope="module", params=["sd3", "sd35", "flux", "flux2-klein", "qwenimage"])
 def dit(request):
     pipe = tiny_dit_pipeline(request.param)
     pipe.set_progress_bar_config(disable=True)
@@ -23,7 +25,7 @@ def dit(request):
 
 
 def run(pipe, prompt=PROMPT, seed=0):
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **RUN).images
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **RUN).images
 
 
 def test_the_concept_stream_leaves_the_generation_unchanged(dit):
@@ -46,20 +48,25 @@ def test_the_stream_is_the_text_stream_when_it_carries_the_prompt(dit):
     generation's text stream at every block (the model's own block code; Flux's rotary positions
     for the stream's tokens; SD3's last block ends the stream)."""
     kind, pipe = dit
-    emb = pipe.encode_prompt(**dict(prompt=PROMPT, prompt_2=None, device="cpu", num_images_per_prompt=1,
-                                    max_sequence_length=32),
-                             **({} if kind == "flux" else dict(prompt_3=None, do_classifier_free_guidance=False)))[0]
-    own = pipe.transformer.context_embedder(emb)[0].detach()
+    fam = family.of(pipe)
+    emb = pipe.encode_prompt(prompt=PROMPT, device="cpu", num_images_per_prompt=1, max_sequence_length=32,
+                             **fam.encode_words_kwargs())[0]
+    own = fam.embed_context(pipe.transformer, emb)[0].detach()
     real, bl = {}, blocks(pipe.transformer)
-    row = 0 if kind == "flux" else 1  # SD3 runs [negative; prompt] under guidance
+    row = 0 if fam.true_cfg else 1  # SD3 runs [negative; prompt] under guidance; the others one call per branch
+    calls = []  # the transformer's calls: FLUX.2 [klein] runs its negative prompt as a second one per step
 
     def keep(name):
         def hook(module, args, kwargs, out):
-            if out[0] is not None and not getattr(voter, "side", None):
-                real[name] = out[0][row].detach().clone()
+            if getattr(voter, "side", None) or len(calls) % 2 == 0 and fam.name == "flux2":
+                return  # a side call, or klein's negative-prompt call
+            text = out[row, :len(own)] if torch.is_tensor(out) else (None if out[0] is None else out[0][row])
+            if text is not None:
+                real[name] = text.detach().clone()
         return hook
+    handles = [pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))]
     voter = StreamVoter([[own]], joint_attention_layers(pipe.transformer), keep_states=True)
-    handles = [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in bl.items()]
+    handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in bl.items()]
     try:
         with concept_stream(pipe, voter):
             voter.prepare(pipe, {"prompt": [PROMPT]}, [random.Random(0)])

@@ -17,7 +17,9 @@ Everything is removed on exit, also after an exception.
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
+import types
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -150,7 +152,8 @@ class Tracker:
     def begin_call(self, batch: int, latent: tuple[int, int], t) -> None:
         """A denoiser call on ``batch`` rows at latent size ``latent``: which rows to record; a new
         pipeline call starts the observer afresh."""
-        own = getattr(self.pipe, "do_classifier_free_guidance", None)
+        # true-CFG families run the negative prompt as a call of its own: the batch never holds it
+        own = None if self.family.true_cfg else getattr(self.pipe, "do_classifier_free_guidance", None)
         if own is None:
             own = self.encode_cfg
         if self.cfg is not None and own is not None and bool(own) != self.cfg:
@@ -531,6 +534,10 @@ def joint_queries_keys(attn, hidden_states, encoder_hidden_states, rotary, text_
     Returns:
         (queries [n, heads, image tokens, d], keys [n, heads, all tokens, d], text: slice of the keys).
     """
+    if fam is not None and fam.name not in ("flux", "sd3"):
+        raise CaptureError(f"{type(attn).__name__}'s processor ({type(attn.processor).__name__}) handed its attention "
+                           "kernel no call this trace could see (neither diffusers' dispatch_attention_fn nor "
+                           "F.scaled_dot_product_attention, once): its maps cannot be recorded")
     if fam is not None and fam.text_first:  # Flux's attention: [text; image], rotary embedding
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -566,48 +573,135 @@ def text_segments(pipe, text_len: int) -> list[tuple[int, object, int]]:
     return family.of(pipe).text_segments(pipe, text_len)
 
 
-def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice) -> torch.Tensor:
+def text_probs(q: torch.Tensor, k: torch.Tensor, text: slice, mask=None, scale: float | None = None) -> torch.Tensor:
     """Each image query's attention probability on each text key, the softmax taken over *all*
     keys (image and text) as the joint attention takes it: [n, heads, image tokens, text tokens].
 
     Computed by the fused attention kernel itself: attention of the queries on the keys with, as
-    values, the indicator of each text key (a text key's one-hot row, zero for image keys)."""
+    values, the indicator of each text key (a text key's one-hot row, zero for image keys); ``mask``:
+    the call's own attention mask (masked keys get 0)."""
     t = text.stop - text.start
     v = torch.zeros(*k.shape[:3], t, dtype=q.dtype, device=q.device)
     v[:, :, text] = torch.eye(t, dtype=q.dtype, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@contextmanager
-def _sdpa_spy(seen: list):
-    """Inside: every ``F.scaled_dot_product_attention`` call hands its output back unchanged and
-    leaves (queries, keys, log-sum-exp over all keys or None, scale, output) in ``seen``. On the CPU, an
-    unmasked call runs the very kernel the function itself would (``_scaled_dot_product_flash_attention_for_cpu``,
-    with autocast's casts made first), which returns the log-sum-exp as well (tested: outputs
-    identical); elsewhere the function runs as it is and the log-sum-exp is left to the caller."""
-    original = F.scaled_dot_product_attention
+# ---- catching the queries and keys a joint-attention processor hands to its attention kernel
+#
+# A processor's ``__call__`` is run as a copy of itself whose globals map ``dispatch_attention_fn``
+# (diffusers' attention dispatcher: FLUX.1, FLUX.2, Qwen-Image) and ``F`` (torch.nn.functional: SD3's
+# processor calls scaled_dot_product_attention itself) to the spies below. Nothing outside that one
+# call changes: no torch or diffusers function is replaced, other threads and models are untouched,
+# and the attention backend a user selected (``model.set_attention_backend``, ``attention_backend``)
+# still runs; only the default ("native") on the CPU runs the same kernel through a door that also
+# returns the log-sum-exp.
 
-    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        s = scale if scale is not None else query.shape[-1] ** -0.5
-        plain = not kw or kw == {"enable_gqa": False}  # (Flux's dispatcher passes enable_gqa=False)
-        if query.device.type == "cpu" and attn_mask is None and not is_causal and dropout_p == 0.0 and plain \
-                and not torch.is_grad_enabled():
-            if torch.is_autocast_enabled("cpu"):  # what autocast does to this function's float32 inputs
-                low = torch.get_autocast_dtype("cpu")
-                query, key, value = (x.to(low) if x.dtype == torch.float32 else x for x in (query, key, value))
-            if query.dtype == key.dtype == value.dtype:
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
-                                                                                       scale=scale)
-                seen.append((query, key, lse, s, out))
-                return out
-        out = original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
-        seen.append((query, key, None, s, out))
-        return out
-    F.scaled_dot_product_attention = spy
+_SEEN: contextvars.ContextVar = contextvars.ContextVar("saam_seen", default=None)
+
+
+def _sdpa_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """``F.scaled_dot_product_attention`` that also leaves (queries, keys, log-sum-exp over all keys or
+    None, scale, output, mask) in the current call's list. On the CPU, an unmasked call runs the very
+    kernel the function itself would (``_scaled_dot_product_flash_attention_for_cpu``, with autocast's
+    casts made first), which returns the log-sum-exp as well (tested: outputs identical)."""
+    seen = _SEEN.get()
+    s = scale if scale is not None else query.shape[-1] ** -0.5
+    plain = not kw or kw == {"enable_gqa": False}
+    if seen is not None and query.device.type == "cpu" and attn_mask is None and not is_causal \
+            and dropout_p == 0.0 and plain and not torch.is_grad_enabled():
+        if torch.is_autocast_enabled("cpu"):  # what autocast does to this function's float32 inputs
+            low = torch.get_autocast_dtype("cpu")
+            query, key, value = (x.to(low) if x.dtype == torch.float32 else x for x in (query, key, value))
+        if query.dtype == key.dtype == value.dtype:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                                   scale=scale)
+            seen.append((query, key, lse, s, out, None))
+            return out
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, **kw)
+    if seen is not None:
+        seen.append((query, key, None, s, out, attn_mask))
+    return out
+
+
+def _dispatch_spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+    """diffusers' ``dispatch_attention_fn`` ([n, tokens, heads, d] layout) that also records what it
+    attended (in [n, heads, tokens, d], as :func:`_sdpa_spy`). The native backend runs as diffusers
+    runs it (permute, scaled_dot_product_attention, permute back) through :func:`_sdpa_spy`; any other
+    backend runs through the dispatcher itself."""
+    from diffusers.models import attention_dispatch as ad
+    name = backend if backend is not None else ad._AttentionBackendRegistry.get_active_backend()[0]
+    if str(getattr(name, "value", name)) == "native" and parallel_config is None and not attention_kwargs:
+        mask = attn_mask
+        if mask is not None and mask.ndim == 2 and mask.shape == (query.shape[0], key.shape[1]):
+            mask = mask[:, None, None, :]  # as diffusers' native backend reshapes it
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return _sdpa_spy(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                         **kw).permute(0, 2, 1, 3)
+    out = ad.dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                   scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs,
+                                   backend=backend, parallel_config=parallel_config)
+    seen = _SEEN.get()
+    if seen is not None:
+        mask = attn_mask[:, None, None, :] if attn_mask is not None and attn_mask.ndim == 2 else attn_mask
+        seen.append((query.transpose(1, 2), key.transpose(1, 2), None,
+                     scale if scale is not None else query.shape[-1] ** -0.5, out.transpose(1, 2), mask))
+    return out
+
+
+class _SpiedF:
+    """torch.nn.functional as a spied processor sees it: scaled_dot_product_attention is :func:`_sdpa_spy`."""
+    scaled_dot_product_attention = staticmethod(_sdpa_spy)
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+_SPIED: dict = {}
+
+
+def _spied(processor):
+    """The processor's ``__call__`` as a function whose globals see the spies, or None where it calls
+    neither the dispatcher nor ``F`` (then its queries and keys are formed again)."""
+    fn = type(processor).__call__
+    if fn is torch.nn.Module.__call__:
+        fn = type(processor).forward
+    fn = getattr(fn, "__func__", fn)
+    if fn not in _SPIED:
+        g = getattr(fn, "__globals__", {})
+        swap = {}
+        if "dispatch_attention_fn" in g:
+            swap["dispatch_attention_fn"] = _dispatch_spy
+        if g.get("F") is F:
+            swap["F"] = _SpiedF()
+        if not swap or not hasattr(fn, "__code__"):
+            _SPIED[fn] = None
+        else:
+            copy = types.FunctionType(fn.__code__, {**g, **swap}, fn.__name__, fn.__defaults__, fn.__closure__)
+            copy.__kwdefaults__ = fn.__kwdefaults__
+            _SPIED[fn] = copy
+    return _SPIED[fn]
+
+
+def _run_spied(processor, seen: list, *args, **kwargs):
+    """``processor(*args, **kwargs)`` with what its attention kernel saw appended to ``seen``."""
+    fn = _spied(processor)
+    token = _SEEN.set(seen)
     try:
-        yield
+        return processor(*args, **kwargs) if fn is None else fn(processor, *args, **kwargs)
     finally:
-        F.scaled_dot_product_attention = original
+        _SEEN.reset(token)
+
+
+def _rows_mask(mask, rows, image: slice):
+    """An attention mask ([n, 1 or heads, 1 or queries, keys], bool or additive) for the recorded
+    rows and the image queries; None stays None."""
+    if mask is None:
+        return None
+    m = mask[rows] if mask.shape[0] > 1 else mask
+    return m[:, :, image] if m.shape[2] > 1 else m
 
 
 class JointCaptureProcessor:
@@ -615,38 +709,49 @@ class JointCaptureProcessor:
     recorded rows go to the tracker's observer (``MapRecorder.add``).
 
     The probabilities come from the queries and keys the processor hands to its attention kernel
-    (after QK-normalisation and Flux's rotary embedding), caught there (:func:`_sdpa_spy`): on the
-    CPU with the kernel's own log-sum-exp, so only the image-to-text logits are formed again;
-    elsewhere by one more fused attention (:func:`text_probs`). A processor that calls no such
-    kernel (or several) gets its queries and keys projected again (:func:`joint_queries_keys`)."""
+    (after QK-normalisation and rotary embeddings), caught at diffusers' dispatcher or at
+    ``F.scaled_dot_product_attention`` as that one call sees them (:func:`_run_spied`): with the native
+    backend on the CPU with the kernel's own log-sum-exp, so only the image-to-text logits are formed
+    again; with any other backend or a mask by one more fused attention (:func:`text_probs`). A
+    processor that calls no such kernel (or several) gets its queries and keys projected again
+    (:func:`joint_queries_keys`; SD3 and FLUX.1 only)."""
 
     def __init__(self, base, layer: str, tracker: "JointTracker"):
         self.base, self.layer, self.tracker = base, layer, tracker
+        self._sig = inspect.signature(base.__call__)  # (attn, hidden_states, ...) as the base declares them
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **kwargs):
-        if image_rotary_emb is not None:
-            kwargs["image_rotary_emb"] = image_rotary_emb
+        def call(*args, **kwargs):
+            return self._capture(*args, **kwargs)
+        # what an attention module inspects to choose the arguments it passes (FLUX.2, Qwen-Image): the base's
+        call.__signature__ = self._sig
+        self.__call__ = call
+
+    def __call__(self, *args, **kwargs):
+        return self._capture(*args, **kwargs)
+
+    def _capture(self, attn, *args, **kwargs):
         tr = self.tracker
         if tr.side_len is not None:  # a concept-stream side call (saam.stream): all its rows, the concepts as text
             r, text_len = slice(None), tr.side_len
         elif tr.rows is not None and tr.n is not None and tr.observer.generation:
             r, text_len = tr.rows, tr.text_len
         else:
-            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.base(attn, *args, **kwargs)
+        named = self._sig.bind(attn, *args, **kwargs).arguments
+        hidden_states = named["hidden_states"]
+        encoder_hidden_states, image_rotary_emb = named.get("encoder_hidden_states"), named.get("image_rotary_emb")
         seen: list = []
-        with _sdpa_spy(seen):
-            out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        out = _run_spied(self.base, seen, attn, *args, **kwargs)
         with torch.no_grad():
             outputs = None
             if len(seen) == 1:
-                q, k, lse, scale, o = seen[0]
+                q, k, lse, scale, o, mask = seen[0]
                 t = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else text_len
                 text = tr.family.text_slice(k.shape[2], t)
                 image = slice(t, None) if text.start == 0 else slice(0, text.start)
                 q, k = q[r], k[r]
                 if lse is None:
-                    p = text_probs(q[:, :, image], k, text)
+                    p = text_probs(q[:, :, image], k, text, _rows_mask(mask, r, image), scale)
                 else:  # the joint softmax on the text keys: exp(logit - log-sum-exp over all keys)
                     logits = (q[:, :, image].float() @ k[:, :, text].float().transpose(-1, -2)) * scale
                     p = torch.exp(logits - lse[r][:, :, image, None].float())

@@ -142,7 +142,7 @@ def _generate(pipe, params: dict, a, words: list[str] | None):
     if a.max_sequence_length:
         kw["max_sequence_length"] = a.max_sequence_length
     with trace(pipe, words=None if is_dit(pipe) else words) as tc:
-        image = pipe(a.prompt, **kw).images[0]
+        image = pipe(prompt=a.prompt, **kw).images[0]
     return image, tc[0]
 
 

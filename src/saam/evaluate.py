@@ -296,7 +296,7 @@ class LatentImg2Img:
             sched.timesteps = sched.timesteps[n - keep:]
         sched.set_timesteps = tail
         try:
-            return p(prompts, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            return p(prompt=prompts, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      generator=generator, output_type=output_type, height=z.shape[-2] * p.vae_scale_factor,
                      width=z.shape[-1] * p.vae_scale_factor, **kw)
         finally:

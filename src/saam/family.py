@@ -39,6 +39,12 @@ class Family:
     # the optional caption cleaners (bs4, ftfy) are missing, and falls back to lower-casing the prompt
     quiet_loggers: tuple[str, ...] = ()
     img2img: str = "auto"  # "auto": diffusers' AutoPipelineForImage2Image; "latents": noised latents (evaluate.LatentImg2Img)
+    # MM-DiTs whose encoder reads the prompt inside a template: "chat" (the tokenizer's chat template, one user
+    # turn: FLUX.2 [klein]), "pipeline" (the pipeline's prompt_template_encode, its first
+    # prompt_template_encode_start_idx tokens dropped: Qwen-Image); "" none
+    template: str = ""
+    rotary: str = "joint"  # MM-DiTs: one rotary table over [text; image] ("joint", Flux) or (image, text) ("split", Qwen-Image)
+    context_in: str = "context_embedder"  # how encoder states enter the blocks: "context_embedder", or "txt_norm+txt_in"
 
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
@@ -77,12 +83,28 @@ class Family:
         """Where the ``text_len`` text keys lie among ``total`` keys of a joint call."""
         return slice(0, text_len) if self.text_first else slice(total - text_len, total)
 
+    def templated(self, pipe):
+        """The word encoder's tokenizer as the pipeline applies it, inside its template (``words.Templated``)."""
+        from .words import Templated
+        tok = pipe.tokenizer
+        if self.template == "pipeline":
+            prefix, _, suffix = pipe.prompt_template_encode.partition("{}")
+            return Templated(tok, prefix, suffix, drop=pipe.prompt_template_encode_start_idx)
+        mark = "\x00"
+        text = tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True,
+                                       enable_thinking=False)
+        prefix, _, suffix = text.partition(mark)
+        return Templated(tok, prefix, suffix)
+
     def text_segments(self, pipe, text_len: int) -> list[tuple[int, object, int]]:
         """(offset, tokenizer, length) of each text encoder's tokens in a text sequence of
         ``text_len``: UNets one tokenizer; Flux T5's alone (CLIP gives only the pooled vector);
-        SD3 CLIP-L/G's 77 (feature-concatenated), then T5's."""
+        SD3 CLIP-L/G's 77 (feature-concatenated), then T5's; FLUX.2 and Qwen-Image one templated
+        tokenizer (``templated``)."""
         if not self.dit:
             return [(0, pipe.tokenizer, text_len)]
+        if self.template:
+            return [(0, self.templated(pipe), text_len)]
         if self.word_encoder == "text_encoder_2":
             return [(0, pipe.tokenizer_2, text_len)]
         clip = pipe.tokenizer.model_max_length
@@ -94,18 +116,83 @@ class Family:
         denoiser call on ``hidden_states``."""
         if not self.packed:
             return tuple(hidden_states.shape[-2:]), None
-        ids = kwargs["img_ids"]  # packed 2 x 2 latent patches: (row, column) of each
+        if kwargs.get("img_shapes") is not None:  # Qwen-Image: (frames, rows, columns) of packed patches per image
+            _, h, w = kwargs["img_shapes"][0][0]
+            return (2 * int(h), 2 * int(w)), False
+        ids = kwargs["img_ids"]  # packed 2 x 2 latent patches: (row, column) of each (FLUX.2: (t, row, column, l))
+        ids = ids[0] if ids.ndim == 3 else ids
         return (2 * (int(ids[:, 1].max()) + 1), 2 * (int(ids[:, 2].max()) + 1)), False
 
     def encode_words_kwargs(self) -> dict:
         """What ``encode_prompt`` needs besides the words to encode them alone, unguided."""
-        return {} if self.word_encoder == "text_encoder_2" else dict(prompt_3=None, do_classifier_free_guidance=False)
+        if self.name == "sd3":
+            return dict(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+        return dict(prompt_2=None) if self.name == "flux" else {}
+
+    def embed_context(self, model, states: torch.Tensor) -> torch.Tensor:
+        """Encoder states as the first block receives them (the MM-DiT's context embedding)."""
+        if self.context_in == "txt_norm+txt_in":
+            return model.txt_in(model.txt_norm(states))
+        return model.context_embedder(states)
+
+    def side_rotary(self, rot, text_len: int, n: int):
+        """The rotary table of a concept-stream side call whose ``n`` text tokens replace the prompt's
+        ``text_len``: the concept tokens where the prompt's first ``n`` tokens are (FLUX.1 puts every
+        text token at position 0, FLUX.2 and Qwen-Image count them along their own axis)."""
+        if self.rotary == "split":  # Qwen-Image: (image, text) tables
+            img, txt = rot
+            if n > txt.shape[0]:
+                raise ValueError(f"the concept stream has {n} tokens, more than the {txt.shape[0]} text positions "
+                                 "this generation's rotary table holds: use fewer or shorter concept words")
+            return img, txt[:n]
+        out = []
+        for r in rot:
+            text = r[:text_len]
+            if torch.equal(text, text[:1].expand_as(text)):
+                text = text[:1].expand(n, *text.shape[1:])
+            elif n <= text_len:
+                text = text[:n]
+            else:
+                raise ValueError(f"the concept stream has {n} tokens, more than the prompt's {text_len} text positions")
+            out.append(torch.cat([text, r[text_len:]]))
+        return tuple(out)
+
+    def side_call(self, block, kwargs: dict, row: int, stream: torch.Tensor, text_len: int) -> torch.Tensor:
+        """One concept-stream side call: ``block`` run as the generation ran it (``kwargs``) for batch
+        row ``row``, its text replaced by ``stream`` [n, inner]; returns the stream's states after it."""
+        hs = kwargs["hidden_states"]
+        batch, n = hs.shape[0], len(stream)
+
+        def row_of(v):
+            if torch.is_tensor(v):
+                return v[row:row + 1] if v.ndim and v.shape[0] == batch and batch > 1 else v
+            if isinstance(v, (tuple, list)):
+                return type(v)(row_of(x) for x in v)
+            return v
+        call = {k: row_of(v) for k, v in kwargs.items() if k not in ("hidden_states", "image_rotary_emb")}
+        single = kwargs.get("encoder_hidden_states") is None  # a single-stream block: [text; image] in one
+        if single:
+            call["hidden_states"] = torch.cat([stream[None].to(hs.dtype), hs[row:row + 1, text_len:]], 1)
+        else:
+            call["hidden_states"], call["encoder_hidden_states"] = hs[row:row + 1], stream[None].to(hs.dtype)
+        if call.get("encoder_hidden_states_mask") is not None:
+            call["encoder_hidden_states_mask"] = call["encoder_hidden_states_mask"].new_ones(1, n)
+        if kwargs.get("image_rotary_emb") is not None:
+            call["image_rotary_emb"] = self.side_rotary(kwargs["image_rotary_emb"], text_len, n)
+        out = block(**call)
+        if torch.is_tensor(out):  # FLUX.2's single-stream block: the joint sequence
+            return out[0, :n]
+        return None if out[0] is None else out[0][0]  # (text, image): SD3's last block returns no text
 
 
 UNET = Family("unet", dit=False)
 SD3 = Family("sd3", dit=True, denoiser_attr="transformer", fp32_output=True)
 FLUX = Family("flux", dit=True, text_first=True, word_encoder="text_encoder_2", packed=True, true_cfg=True,
               denoiser_attr="transformer", fp32_output=True)
+FLUX2 = Family("flux2", dit=True, text_first=True, packed=True, true_cfg=True, denoiser_attr="transformer",
+               start_token=False, fp32_output=True, template="chat")
+QWEN = Family("qwenimage", dit=True, text_first=True, packed=True, true_cfg=True, denoiser_attr="transformer",
+              start_token=False, fp32_output=True, template="pipeline", rotary="split", context_in="txt_norm+txt_in")
 # a cross-attention DiT (PixArt-Sigma): image patches attend to T5's states in each block's attn2, as a UNet's
 # layers attend to CLIP's; HRV's construction applies directly, without a start token
 PIXART = Family("pixart", dit=False, denoiser_attr="transformer", start_token=False, projects_context=True,
@@ -117,14 +204,18 @@ def of_model(model) -> Family:
     """The family of a denoiser module, by its structure."""
     if hasattr(model, "up_blocks"):
         return UNET
+    if hasattr(model, "double_stream_modulation_img"):
+        return FLUX2
     if hasattr(model, "single_transformer_blocks"):
         return FLUX
+    if hasattr(model, "txt_in") and hasattr(model, "img_in") and hasattr(model, "transformer_blocks"):
+        return QWEN
     if hasattr(model, "transformer_blocks") and hasattr(model, "context_embedder"):
         return SD3
     if hasattr(model, "transformer_blocks") and hasattr(model, "caption_projection"):
         return PIXART
     raise TypeError(f"{type(model).__name__} is neither a UNet nor a DiT this package knows "
-                    "(SD 1.x/2.x/XL, SD3/3.5, FLUX.1, PixArt-Sigma)")
+                    "(SD 1.x/2.x/XL, SD3/3.5, FLUX.1, FLUX.2, Qwen-Image, PixArt-Sigma)")
 
 
 def of(pipe) -> Family:

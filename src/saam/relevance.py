@@ -371,7 +371,7 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
 
     def batch(prompts, gens, start):
         rec.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)), words_cache)
-        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
              height=height, width=width, output_type="latent")
         return rec.take()
     with install(pipe, rec):

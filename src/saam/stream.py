@@ -46,12 +46,12 @@ def encode_stream_words(pipe, words: list[str], max_sequence_length: int | None 
     transformer's ``context_embedder``: the states its tokens (in every text encoder's segment,
     SD3: CLIP's and T5's) have when they enter the first block: [n_tokens, inner] per word."""
     from .words import WordNotFound, token_positions
-    kw = dict(prompt=words, prompt_2=None, device=pipe.transformer.device, num_images_per_prompt=1,
-              **family.of(pipe).encode_words_kwargs())
+    fam = family.of(pipe)
+    kw = dict(prompt=words, device=pipe.transformer.device, num_images_per_prompt=1, **fam.encode_words_kwargs())
     if max_sequence_length is not None:
         kw["max_sequence_length"] = max_sequence_length
     emb = pipe.encode_prompt(**kw)[0]
-    states = pipe.transformer.context_embedder(emb.to(pipe.transformer.dtype))
+    states = fam.embed_context(pipe.transformer, emb.to(pipe.transformer.dtype))
     out = []
     for i, w in enumerate(words):
         pos = []
@@ -122,23 +122,18 @@ class StreamVoter(Observer):
         name = self._names[id(block)]
         if self._stream is None:
             self._draw()
-        hs, temb = kwargs["hidden_states"], kwargs["temb"]
-        rot, text_len = kwargs.get("image_rotary_emb"), kwargs["encoder_hidden_states"].shape[1]
+        fam, text_len = tr.family, tr.text_len
         for j, r in enumerate(range(tr.rows.start, tr.rows.stop)):
             stream = self._entry[j] if self.variant == "direct" else self._stream[j]
-            call = dict(hidden_states=hs[r:r + 1], encoder_hidden_states=stream[None].to(hs.dtype), temb=temb[r:r + 1],
-                        joint_attention_kwargs=kwargs.get("joint_attention_kwargs"))
-            if rot is not None:
-                call["image_rotary_emb"] = _stream_rotary(rot, text_len, len(stream))
             self.side, tr.side_len = (j, self._segs[j]), len(stream)
             try:
-                text, _ = block(**call)
+                text = fam.side_call(block, kwargs, r, stream, text_len)
             finally:
                 self.side, tr.side_len = None, None
             if text is not None:
-                self._stream[j] = text[0]
+                self._stream[j] = text
                 if self.keep_states:
-                    self.states[j][name] = text[0].detach().clone()
+                    self.states[j][name] = text.detach().clone()
         return None
 
     def add(self, layer, probs) -> None:
@@ -153,19 +148,6 @@ class StreamVoter(Observer):
 
     def take(self) -> dict:
         return self.counter.take()
-
-
-def _stream_rotary(rot, text_len: int, n: int):
-    """Flux's rotary embedding for a side call: the concept tokens at the text tokens' position
-    (Flux's pipelines place every text token at position 0), then the image tokens' own."""
-    out = []
-    for r in rot:
-        text = r[:text_len]
-        if not torch.equal(text, text[:1].expand_as(text)):
-            raise CaptureError("the prompt's text tokens have different rotary positions; the concept stream "
-                               "places its tokens where the text tokens are and needs them at one position")
-        out.append(torch.cat([text[:1].expand(n, *text.shape[1:]), r[text_len:]]))
-    return tuple(out)
 
 
 def blocks(transformer) -> dict[str, torch.nn.Module]:
@@ -215,7 +197,7 @@ def stream_votes(pipe, concepts: dict[str, list[str]], prompts: list[str], *, st
 
     def batch(prompts, gens, start):
         voter.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)), max_sequence_length)
-        pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=height, width=width,
+        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=height, width=width,
              output_type="latent", **extra)
         return voter.take()
     with concept_stream(pipe, voter):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -187,6 +188,70 @@ def _t5_text(vocab: int, d_model: int, seed: int = 0):
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
 
 
+# Qwen's chat format (one turn each; FLUX.2 [klein]'s pipeline asks for no thinking): written here, not copied
+_QWEN_CHAT = ("{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+              "{%- endif %}")
+
+
+@lru_cache(maxsize=None)
+def qwen_tokenizer(vocab_size: int = 3000):
+    """A Qwen-style tokenizer built offline: byte-level BPE merges trained in code (``tokenizers``) on
+    ShapesWorld captions, HRV's concept words and Qwen-Image's system prompt, wrapped by transformers'
+    ``Qwen2Tokenizer`` (Qwen's own pre-tokenizer), with Qwen's chat tokens and a chat template. Stands
+    in for Qwen2.5-VL's (Qwen-Image) and Qwen3's (FLUX.2 [klein]) in the tiny pipelines; Qwen-Image's
+    system prompt comes out as the 34 tokens its pipeline drops, as with the real tokenizer."""
+    from diffusers import QwenImagePipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from .relevance import load_concepts
+    from .shapes.world import sample_scene
+    corpus = [sample_scene(i, split="test").caption for i in range(3000)]
+    corpus += [w for ws in load_concepts("hrv").values() for w in ws]
+    corpus += ["a photo of a cat and a dog on a red sofa next to a green lamp in a wooden room",
+               "the man's car isn't red!!!", "a rose-colored vase", "user assistant system"]
+    system = QwenImagePipeline.__init__.__code__.co_consts  # the template is set in __init__; read it from there
+    template = next(c for c in system if isinstance(c, str) and c.startswith("<|im_start|>system"))
+    corpus += [part for part in re.split(r"<\|im_start\|>|<\|im_end\|>", template.replace("{}", "")) if part] * 50
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = _QWEN_CHAT
+    return tok
+
+
+def _qwen3_text(tok, hidden: int = 16, layers: int = 27, seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                        head_dim=8, max_position_embeddings=512, bos_token_id=None,
+                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()
+
+
+def _qwen25vl_text(tok, hidden: int = 32, seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    vocab = len(tok) + 3  # and three vision tokens (unused: no image is given)
+    cfg = Qwen2_5_VLConfig(text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, vocab_size=vocab,
+                                            rope_scaling=dict(mrope_section=[2, 2, 4], rope_type="default", type="default"),
+                                            rope_theta=1000000.0, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id),
+                           vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=hidden),
+                           hidden_size=hidden, vocab_size=vocab, vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 2,
+                           vision_token_id=vocab - 1, image_token_id=vocab - 1, video_token_id=vocab - 1,
+                           bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
 def _vae16(seed: int = 0):
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
@@ -243,7 +308,33 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             norm_num_groups=4).eval()
         return PixArtSigmaPipeline(tokenizer=t5tok, text_encoder=t5, vae=vae, transformer=tr, scheduler=sched)
-    raise ValueError(f"unknown tiny DiT pipeline {kind!r}; use sd3, sd35, flux or pixart")
+    if kind == "flux2-klein":  # FLUX.2 [klein]: Qwen3's hidden states of layers 9, 18, 27 stacked, a chat template
+        from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+        qtok = qwen_tokenizer()
+        torch.manual_seed(seed)
+        cfg = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                   num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=64, axes_dims_rope=(2, 2, 2, 2),
+                   guidance_embeds=False, mlp_ratio=2.0)
+        tr = Flux2Transformer2DModel(**{**cfg, **transformer}).eval()
+        torch.manual_seed(seed)
+        vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                                 latent_channels=4, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False).eval()
+        return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                                  text_encoder=_qwen3_text(qtok, seed=seed + 2), tokenizer=qtok, transformer=tr)
+    if kind == "qwenimage":  # Qwen-Image: Qwen2.5-VL's last hidden states after a system prompt it drops
+        from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+        qtok = qwen_tokenizer()
+        torch.manual_seed(seed)
+        cfg = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+                   joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+        tr = QwenImageTransformer2DModel(**{**cfg, **transformer}).eval()
+        torch.manual_seed(seed)
+        vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                     temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+        return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                                 text_encoder=_qwen25vl_text(qtok, seed=seed + 2), tokenizer=qtok, transformer=tr)
+    raise ValueError(f"unknown tiny DiT pipeline {kind!r}; use sd3, sd35, flux, flux2-klein, qwenimage or pixart")
 
 
 # The released models' numbers (their model_index / unet / vae / text_encoder / scheduler configs).

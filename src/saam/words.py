@@ -121,8 +121,80 @@ def segment_classes(prompt: str, segments: list[tuple[int, object, int]]) -> dic
     tokenized as the pipeline pads it, its classes placed at the segment's offset."""
     out: dict[str, list[int]] = {c: [] for c in CLASSES}
     for offset, tok, length in segments:
+        if hasattr(tok, "classes"):  # a templated prompt (words.Templated)
+            for c, pos in tok.classes(prompt, length).items():
+                out[c] += [offset + p for p in pos]
+            continue
         ids = tok(prompt, padding="max_length", max_length=length, truncation=True).input_ids
         opens = ids[0] in {getattr(tok, a, None) for a in ("bos_token_id", "cls_token_id")} - {None}
         for c, pos in classes_of(ids, tok, length, start=opens).items():
             out[c] += [offset + p for p in pos]
     return out
+
+
+class Templated:
+    """A tokenizer as a pipeline applies it inside a prompt template (a chat template: Qwen-Image, FLUX.2):
+    the prompt's tokens where the model sees them, the template's never counted as the prompt's.
+
+    ``prefix`` + prompt + ``suffix`` is what the pipeline tokenizes; its first ``drop`` tokens are
+    dropped before the denoiser sees the sequence (Qwen-Image drops its system prompt). Called like
+    the tokenizer on a prompt, it returns the ids of that sequence with each token's characters in
+    the *prompt's* coordinates (a template token: (0, 0)), so ``token_positions`` and
+    ``segment_classes`` work on it unchanged; every other attribute is the tokenizer's. Checked when
+    made: the dropped tokens must be the template's own (else the prompt's first words would be cut
+    or template tokens taken for words).
+    """
+
+    is_fast = True
+
+    def __init__(self, tokenizer, prefix: str, suffix: str = "", drop: int = 0, max_length: int | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(f"a templated prompt needs a fast tokenizer (offsets); got {type(tokenizer).__name__}")
+        self.tokenizer, self.prefix, self.suffix, self.drop = tokenizer, prefix, suffix, drop
+        self.model_max_length = max_length or 10**9
+        own = len(tokenizer(prefix, add_special_tokens=True).input_ids)
+        if drop > own:
+            raise ValueError(f"the pipeline drops the first {drop} tokens of its template, but this tokenizer "
+                             f"({type(tokenizer).__name__}) cuts the template's text before the prompt into {own}: "
+                             "the prompt's first words would be dropped; this tokenizer does not belong to the pipeline")
+
+    def __getattr__(self, name):
+        tok = self.__dict__.get("tokenizer")
+        if tok is None or name.startswith("__"):  # (unpickling asks before the state is set)
+            raise AttributeError(name)
+        return getattr(tok, name)
+
+    def encode(self, prompt: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids the denoiser sees for ``prompt`` (template included, ``drop`` removed) and each one's
+        characters in ``prompt`` ((0, 0) for the template's)."""
+        at = len(self.prefix)
+        enc = self.tokenizer(self.prefix + prompt + self.suffix, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = [(max(a, at) - at, min(b, at + len(prompt)) - at) if b > at and a < at + len(prompt) else (0, 0)
+                   for a, b in enc["offset_mapping"]]
+        return list(enc.input_ids[self.drop:]), offsets[self.drop:]
+
+    def __call__(self, prompt: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False,
+                 truncation: bool = False, padding=False, max_length: int | None = None, **_):
+        from transformers import BatchEncoding
+        ids, offsets = self.encode(prompt)
+        if truncation and max_length:
+            ids, offsets = ids[:max_length], offsets[:max_length]
+        if padding == "max_length" and max_length and len(ids) < max_length:
+            pad = self.tokenizer.pad_token_id
+            offsets += [(0, 0)] * (max_length - len(ids))
+            ids = ids + [pad] * (max_length - len(ids))
+        out = {"input_ids": ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = offsets
+        return BatchEncoding(out)
+
+    def classes(self, prompt: str, length: int) -> dict[str, list[int]]:
+        """Positions of a ``length``-token sequence by class: the template before the prompt as "start",
+        the prompt's tokens as "words", the template after it as "end", then "padding"."""
+        ids, offsets = self.encode(prompt)
+        ids, offsets = ids[:length], offsets[:length]
+        words = [i for i, (a, b) in enumerate(offsets) if b > a]
+        first = words[0] if words else len(ids)
+        last = words[-1] if words else len(ids) - 1
+        return dict(start=list(range(first)), words=list(range(first, last + 1)),
+                    end=list(range(last + 1, len(ids))), padding=list(range(len(ids), length)))
