@@ -27,14 +27,15 @@ class Counting:
 
 
 def _pipe(kind):
-    from saam.testing import tiny_dit_pipeline, tiny_pipeline
-    p = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux", "pixart") else tiny_pipeline(kind)
+    from saam.testing import DIT_KINDS, tiny_dit_pipeline, tiny_pipeline
+    p = tiny_dit_pipeline(kind) if kind in DIT_KINDS else tiny_pipeline(kind)
     p.set_progress_bar_config(disable=True)
     return p
 
 
 @pytest.mark.parametrize("kind,name", [("sd1", "unet"), ("sd2", "unet"), ("sdxl", "unet"), ("sd3", "sd3"),
-                                       ("sd35", "sd3"), ("flux", "flux"), ("pixart", "pixart"), ("organism", "unet")])
+                                       ("sd35", "sd3"), ("flux", "flux"), ("flux2-klein", "flux2"), ("qwenimage", "qwenimage"),
+                                       ("pixart", "pixart"), ("organism", "unet")])
 def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
     from saam.capture import install
     if kind == "organism":
@@ -45,13 +46,13 @@ def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
         kw = {}
     else:
         pipe = _pipe(kind)
-        kw = (dict(height=32, width=32, max_sequence_length=32) if kind in ("sd3", "sd35", "flux") else
+        kw = (dict(height=32, width=32, max_sequence_length=32) if kind in ("sd3", "sd35", "flux", "flux2-klein", "qwenimage") else
               dict(max_sequence_length=32) if kind == "pixart" else dict(height=64, width=64))
     fam = family.of(pipe)
     assert fam.name == name
     c = Counting()
     with install(pipe, c.obs) as layers:
-        pipe(["a red cat", "a blue dog"], num_inference_steps=2, guidance_scale=3.5,
+        pipe(prompt=["a red cat", "a blue dog"], num_inference_steps=2, guidance_scale=3.5,
              generator=torch.Generator().manual_seed(0), output_type="latent", **kw)
     assert c.obs.starts == 1 and set(c.obs.calls) == set(layers) == set(fam.layers(fam.denoiser(pipe)))
     assert set(c.obs.calls.values()) == {2}  # every traced layer, once per step
@@ -65,6 +66,7 @@ def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
 def test_families_are_told_apart_by_structure_and_refuse_what_they_do_not_know():
     assert family.of(_pipe("flux")).text_first and not family.of(_pipe("sd3")).text_first
     assert family.SD3.text_slice(10, 4) == slice(6, 10) and family.FLUX.text_slice(10, 4) == slice(0, 4)
+    assert family.of(_pipe("flux2-klein")) is family.FLUX2 and family.of(_pipe("qwenimage")) is family.QWEN
     with pytest.raises(TypeError, match="neither a UNet nor a DiT"):
         family.of_model(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="neither a UNet nor a transformer"):

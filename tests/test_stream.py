@@ -99,3 +99,23 @@ def test_stream_relevance_on_a_dit(dit):
     assert all(w.shape[-1] == pipe.transformer.inner_dim for w in words)
     with pytest.raises(ValueError, match="variant must be one of"):
         relevance_pass(pipe, CONCEPTS, prompts, batch_size=2, variant="sideways", **kw)
+
+
+def test_a_concept_stream_longer_than_the_prompt_on_qwen_image():
+    """Qwen-Image gives text tokens positions of their own after the image's: a concept stream with more
+    tokens than the prompt has gets its table from the denoiser's own rotary embedding, whose first rows
+    are the prompt's (a stream of the prompt's length is placed exactly where the prompt is)."""
+    pipe = tiny_dit_pipeline("qwenimage")
+    fam = family.of(pipe)
+    shapes = [[(1, 4, 4)]]
+    img, txt = pipe.transformer.pos_embed(shapes, max_txt_seq_len=5, device="cpu")
+    img2, txt2 = fam.side_rotary((img, txt), 5, 12, pipe.transformer, dict(img_shapes=shapes))
+    assert torch.equal(img2, img) and txt2.shape[0] == 12 and torch.equal(txt2[:5], txt)
+    assert torch.equal(fam.side_rotary((img, txt), 5, 3)[1], txt[:3])
+    words = ["red", "blue", "green", "yellow", "purple", "orange", "circle", "square", "triangle", "star", "large", "small"]
+    many = {f"c{i}": [w] for i, w in enumerate(words)}
+    n = sum(len(w) for ws in encode_stream_words(pipe, words) for w in [ws])
+    assert n > len(pipe.tokenizer("a red circle").input_ids) + 5  # longer than the prompt's text (its template's tail included)
+    rel = relevance_pass(pipe, many, ["a red circle"], batch_size=1, steps=2, guidance=1.0, seed=0, height=32,
+                         width=32, max_sequence_length=32, progress=False)
+    assert (rel.prompt_votes.sum(-1) == 2).all()

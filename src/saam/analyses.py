@@ -158,7 +158,7 @@ def polysemy(pipe, rel, params: dict, n_prompts: int | None = None, n_seeds: int
                 f"{it['competing']} heads": head_sets(rel, it["competing"], params, ["top"])["top"]}
         for s in range(n_seeds):
             with trace(pipe) as tc:
-                img = pipe(it["prompt"], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                img = pipe(prompt=it["prompt"], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
                            generator=generators(params, 1, start=1000 * i + s), output_type="np").images[0]
             maps = {name: word_map(tc[0], it["word"], heads=h.heads, weights=h.weights) for name, h in sets.items()}
             mass = {name: float(m.mean()) for name, m in maps.items()}

@@ -776,6 +776,7 @@ class JointTracker(Tracker):
     def __init__(self, pipe, observer, branch="cond", cfg=None):
         super().__init__(pipe, observer, branch, cfg)
         self.text_len = 0
+        self.call_kwargs: dict = {}  # the transformer call's keyword arguments (the concept stream's side calls)
         self.prompts: list[str] | None = None
         self._last_t = None
 
@@ -803,7 +804,7 @@ class JointTracker(Tracker):
             self.rows = None
             return
         self._last_t = t0
-        self.text_len = ehs.shape[1]
+        self.text_len, self.call_kwargs = ehs.shape[1], kwargs
         if self.cfg is None and cfg is not None:
             self.cfg = cfg
         if self._fresh and self.prompts is not None:

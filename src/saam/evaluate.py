@@ -273,9 +273,9 @@ class LatentImg2Img:
         self.pipe = pipe
 
     @torch.no_grad()
-    def __call__(self, prompts, image, strength: float, num_inference_steps: int, guidance_scale: float,
+    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
                  generator, output_type: str = "latent", **kw):
-        p = self.pipe
+        p, prompts = self.pipe, prompt
         keep = min(num_inference_steps, int(num_inference_steps * strength))
         if keep < 1:
             raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no denoising step")
@@ -303,12 +303,74 @@ class LatentImg2Img:
             del sched.set_timesteps
 
 
+class FlowImg2Img:
+    """Image-to-image for a flow-matching pipeline diffusers gives none (FLUX.2: its ``image`` is a
+    reference to edit from, not a start): the image encoded as the pipeline encodes its reference
+    images (``_encode_vae_image``), handed over as its ``latents``; the pipeline's own schedule (with
+    the shift it picks for this image size) cut to its last ``int(steps * strength)`` steps; and at the
+    first kept step the latents replaced by ``(1 - sigma) z + sigma noise``, flow matching's
+    interpolation at that step's sigma, in whatever layout the pipeline packs them (the first
+    denoiser call's input and the scheduler's first step both get it). ``pipe`` is what a trace wraps."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @torch.no_grad()
+    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
+                 generator, output_type: str = "latent", **kw):
+        from .family import of
+        p, prompts = self.pipe, prompt
+        keep = min(num_inference_steps, int(num_inference_steps * strength))
+        if keep < 1:
+            raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no denoising step")
+        x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
+        gens = generator if isinstance(generator, list) else [generator] * len(x)
+        z = torch.cat([p._encode_vae_image(x[i:i + 1], gens[i]) for i in range(len(x))])
+        sched, state = p.scheduler, {}
+        set_timesteps, step = sched.set_timesteps, sched.step
+
+        def tail(*a, **k):  # the pipeline's own schedule, its last `keep` steps
+            set_timesteps(*a, **k)
+            n = len(sched.timesteps)
+            sched.timesteps, sched.sigmas = sched.timesteps[n - keep:], sched.sigmas[n - keep:]
+
+        def noised(clean):  # once per call, in the layout the pipeline packed the clean latents in
+            if "x" not in state:
+                sigma = float(sched.sigmas[0])
+                noise = torch.cat([torch.randn(clean[i:i + 1].shape, generator=gens[i], dtype=torch.float32)
+                                   for i in range(len(clean))]).to(clean.device)
+                state["x"] = ((1 - sigma) * clean.float() + sigma * noise).to(clean.dtype)
+            return state["x"]
+
+        def first_call(module, args, kwargs):
+            if "stepped" not in state:
+                kwargs["hidden_states"] = noised(kwargs["hidden_states"]).to(kwargs["hidden_states"].dtype)
+            return args, kwargs
+
+        def first_step(model_output, t, sample, *a, **k):
+            if "stepped" not in state:
+                state["stepped"], sample = True, noised(sample).to(sample.dtype)
+            return step(model_output, t, sample, *a, **k)
+        import inspect
+        tail.__signature__ = inspect.signature(set_timesteps)  # pipelines read which arguments it takes (sigmas, mu)
+        sched.set_timesteps, sched.step = tail, first_step
+        hook = of(p).denoiser(p).register_forward_pre_hook(first_call, with_kwargs=True)
+        try:
+            return p(prompt=prompts, latents=z, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                     generator=generator, output_type=output_type, height=x.shape[-2], width=x.shape[-1], **kw)
+        finally:
+            hook.remove()
+            del sched.set_timesteps, sched.step
+
+
 def img2img(pipe):
     """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, SD3, Flux,
     ShapesWorld: diffusers' own), or :class:`LatentImg2Img` where diffusers has none (PixArt-Sigma)."""
     from .family import of
     if of(pipe).img2img == "latents":
         return LatentImg2Img(pipe)
+    if of(pipe).img2img == "flow":
+        return FlowImg2Img(pipe)
     from .progress import quiet
     with quiet():  # importing the auto pipelines also imports every pipeline's image processors
         from diffusers import AutoPipelineForImage2Image
@@ -333,13 +395,18 @@ def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, st
     from PIL import Image
     from .runs import run_batches
     i2i = img2img(pipe)
+    import inspect
+    h, w = items[0].image.shape[:2] if len(items) else (None, None)
+    # pipelines that take a size (Qwen-Image's img2img) would otherwise resize the image to their default
+    takes = {"height", "width"} <= set(inspect.signature(i2i.__call__).parameters) and not isinstance(i2i, FlowImg2Img)
+    size = dict(height=h, width=w) if takes else {}
 
     def batch(items, gens, start):
         records, cut = [], []
         with trace(getattr(i2i, "pipe", i2i)) as tc:  # LatentImg2Img: its pipeline is what runs
-            i2i([it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
+            i2i(prompt=[it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
                 strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                generator=gens, output_type="latent")
+                generator=gens, output_type="latent", **size)
         for j, (it, hm) in enumerate(zip(items, tc)):
             words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]
             records += records_of(hm, it.caption, words, start + j, heads, it.n_objects, cut)

@@ -38,7 +38,9 @@ class Family:
     # loggers set to errors only when a pipeline of the family is loaded: PixArt's warns at every call that
     # the optional caption cleaners (bs4, ftfy) are missing, and falls back to lower-casing the prompt
     quiet_loggers: tuple[str, ...] = ()
-    img2img: str = "auto"  # "auto": diffusers' AutoPipelineForImage2Image; "latents": noised latents (evaluate.LatentImg2Img)
+    # "auto": diffusers' AutoPipelineForImage2Image; "latents": noised latents (evaluate.LatentImg2Img); "flow": flow
+    # matching's interpolation at the first kept step (evaluate.FlowImg2Img)
+    img2img: str = "auto"
     # MM-DiTs whose encoder reads the prompt inside a template: "chat" (the tokenizer's chat template, one user
     # turn: FLUX.2 [klein]), "pipeline" (the pipeline's prompt_template_encode, its first
     # prompt_template_encode_start_idx tokens dropped: Qwen-Image); "" none
@@ -131,20 +133,23 @@ class Family:
 
     def embed_context(self, model, states: torch.Tensor) -> torch.Tensor:
         """Encoder states as the first block receives them (the MM-DiT's context embedding)."""
+        def into(m, x):  # in the module's own weights' dtype (bf16 where models.autocast_bf16 stored them so)
+            return m(x.to(m.weight.dtype))
         if self.context_in == "txt_norm+txt_in":
-            return model.txt_in(model.txt_norm(states))
-        return model.context_embedder(states)
+            return into(model.txt_in, into(model.txt_norm, states))
+        return into(model.context_embedder, states)
 
-    def side_rotary(self, rot, text_len: int, n: int):
+    def side_rotary(self, rot, text_len: int, n: int, model=None, denoiser_call: dict | None = None):
         """The rotary table of a concept-stream side call whose ``n`` text tokens replace the prompt's
         ``text_len``: the concept tokens where the prompt's first ``n`` tokens are (FLUX.1 puts every
-        text token at position 0, FLUX.2 and Qwen-Image count them along their own axis)."""
+        text token at position 0, FLUX.2 and Qwen-Image count them along their own axis; Qwen-Image's
+        table is made again for ``n`` text tokens by the denoiser's own ``pos_embed`` where the prompt
+        has fewer: ``model`` and its call's arguments ``denoiser_call``)."""
         if self.rotary == "split":  # Qwen-Image: (image, text) tables
             img, txt = rot
-            if n > txt.shape[0]:
-                raise ValueError(f"the concept stream has {n} tokens, more than the {txt.shape[0]} text positions "
-                                 "this generation's rotary table holds: use fewer or shorter concept words")
-            return img, txt[:n]
+            if n <= txt.shape[0]:
+                return img, txt[:n]
+            return model.pos_embed(denoiser_call["img_shapes"], max_txt_seq_len=n, device=txt.device)
         out = []
         for r in rot:
             text = r[:text_len]
@@ -157,9 +162,11 @@ class Family:
             out.append(torch.cat([text, r[text_len:]]))
         return tuple(out)
 
-    def side_call(self, block, kwargs: dict, row: int, stream: torch.Tensor, text_len: int) -> torch.Tensor:
+    def side_call(self, block, kwargs: dict, row: int, stream: torch.Tensor, text_len: int, model=None,
+                  denoiser_call: dict | None = None) -> torch.Tensor:
         """One concept-stream side call: ``block`` run as the generation ran it (``kwargs``) for batch
-        row ``row``, its text replaced by ``stream`` [n, inner]; returns the stream's states after it."""
+        row ``row``, its text replaced by ``stream`` [n, inner]; returns the stream's states after it.
+        ``model``, ``denoiser_call``: the denoiser and its call's arguments (``side_rotary``)."""
         hs = kwargs["hidden_states"]
         batch, n = hs.shape[0], len(stream)
 
@@ -178,7 +185,7 @@ class Family:
         if call.get("encoder_hidden_states_mask") is not None:
             call["encoder_hidden_states_mask"] = call["encoder_hidden_states_mask"].new_ones(1, n)
         if kwargs.get("image_rotary_emb") is not None:
-            call["image_rotary_emb"] = self.side_rotary(kwargs["image_rotary_emb"], text_len, n)
+            call["image_rotary_emb"] = self.side_rotary(kwargs["image_rotary_emb"], text_len, n, model, denoiser_call)
         out = block(**call)
         if torch.is_tensor(out):  # FLUX.2's single-stream block: the joint sequence
             return out[0, :n]
@@ -190,7 +197,7 @@ SD3 = Family("sd3", dit=True, denoiser_attr="transformer", fp32_output=True)
 FLUX = Family("flux", dit=True, text_first=True, word_encoder="text_encoder_2", packed=True, true_cfg=True,
               denoiser_attr="transformer", fp32_output=True)
 FLUX2 = Family("flux2", dit=True, text_first=True, packed=True, true_cfg=True, denoiser_attr="transformer",
-               start_token=False, fp32_output=True, template="chat")
+               start_token=False, fp32_output=True, template="chat", img2img="flow")
 QWEN = Family("qwenimage", dit=True, text_first=True, packed=True, true_cfg=True, denoiser_attr="transformer",
               start_token=False, fp32_output=True, template="pipeline", rotary="split", context_in="txt_norm+txt_in")
 # a cross-attention DiT (PixArt-Sigma): image patches attend to T5's states in each block's attn2, as a UNet's
@@ -242,7 +249,8 @@ def is_joint(pipe) -> bool:
 
 # profile key -> the family a folder must hold (``models.check_model_folder``)
 FAMILIES = {"sd14": "SD v1.x", "sd15": "SD v1.x", "sd21": "SD v2.x", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5",
-            "flux": "Flux", "pixart": "PixArt-Sigma"}
+            "flux": "Flux", "flux2": "FLUX.2 [dev]", "flux2-klein": "FLUX.2 [klein]", "qwenimage": "Qwen-Image",
+            "pixart": "PixArt-Sigma"}
 # what each pipeline class needs besides its denoiser, VAE, first text encoder and scheduler
 COMPONENTS = {"StableDiffusionXLPipeline": ["text_encoder_2", "tokenizer_2"],
               "StableDiffusion3Pipeline": ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"],
@@ -263,7 +271,8 @@ def folder_family(index: dict, config: dict) -> str:
         return "Flux"
     if cls == "PixArtSigmaPipeline":
         return "PixArt-Sigma"
-    return str(cls)
+    return {"Flux2Pipeline": "FLUX.2 [dev]", "Flux2KleinPipeline": "FLUX.2 [klein]",
+            "QwenImagePipeline": "Qwen-Image"}.get(cls, str(cls))
 
 
 def width_rules(cls: str | None, denoiser: str, encoders: list[dict]) -> list[tuple[str, int | None, str]]:
@@ -284,6 +293,13 @@ def width_rules(cls: str | None, denoiser: str, encoders: list[dict]) -> list[tu
                 ("pooled_projection_dim", encoders[0].get("hidden_size"), "text_encoder's hidden_size")]
     if cls == "PixArtSigmaPipeline" and len(encoders) == 1:
         return [("caption_channels", encoders[0].get("d_model"), "text_encoder's d_model")]
+    if cls in ("Flux2Pipeline", "Flux2KleinPipeline") and len(encoders) == 1:  # three layers' states, concatenated
+        width = (encoders[0].get("text_config") or encoders[0]).get("hidden_size")
+        return [("joint_attention_dim", None if width is None else 3 * width,
+                 "three times text_encoder's hidden_size (the pipeline stacks three of its layers)")]
+    if cls == "QwenImagePipeline" and len(encoders) == 1:
+        return [("joint_attention_dim", (encoders[0].get("text_config") or encoders[0]).get("hidden_size"),
+                 "text_encoder's hidden_size")]
     return []
 
 

@@ -127,7 +127,7 @@ class StreamVoter(Observer):
             stream = self._entry[j] if self.variant == "direct" else self._stream[j]
             self.side, tr.side_len = (j, self._segs[j]), len(stream)
             try:
-                text = fam.side_call(block, kwargs, r, stream, text_len)
+                text = fam.side_call(block, kwargs, r, stream, text_len, fam.denoiser(tr.pipe), tr.call_kwargs)
             finally:
                 self.side, tr.side_len = None, None
             if text is not None:

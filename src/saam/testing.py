@@ -261,6 +261,9 @@ def _vae16(seed: int = 0):
                          shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
+DIT_KINDS = ("sd3", "sd35", "flux", "flux2-klein", "qwenimage", "pixart")  # what tiny_dit_pipeline builds
+
+
 def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
     """A tiny random-weight MM-DiT pipeline, offline: ``sd3`` (Stable Diffusion 3: joint blocks over
     CLIP-L + CLIP-G + T5 text, flow matching), ``sd35`` (SD 3.5's QK-normalisation and dual attention
@@ -455,7 +458,7 @@ def as_probs(hm_map: torch.Tensor) -> torch.Tensor:
 
 def save_tiny(kind: str, folder) -> Path:
     """Save a tiny pipeline as a diffusers folder (``from_pretrained`` loads it offline)."""
-    pipe = tiny_dit_pipeline(kind) if kind in ("sd3", "sd35", "flux", "pixart") else tiny_pipeline(kind)
+    pipe = tiny_dit_pipeline(kind) if kind in DIT_KINDS else tiny_pipeline(kind)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
@@ -485,7 +488,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Save a random-weight pipeline as a diffusers folder (offline)")
     sub = ap.add_subparsers(dest="size", required=True)
     tiny = sub.add_parser("tiny", help="toy width, SD's code path (seconds)")
-    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout", "sd3", "sd35", "flux", "pixart"])
+    tiny.add_argument("kind", choices=["sd1", "sd2", "sdxl", "sd14-layout", "sdxl-layout", *DIT_KINDS])
     full = sub.add_parser("full-size", help="the released model's exact architecture (GBs)")
     full.add_argument("kind", choices=sorted(FULL_SIZE))
     full.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
