@@ -34,7 +34,7 @@ def _pipe(kind):
 
 
 @pytest.mark.parametrize("kind,name", [("sd1", "unet"), ("sd2", "unet"), ("sdxl", "unet"), ("sd3", "sd3"),
-                                       ("sd35", "sd3"), ("flux", "flux"), ("flux2-klein", "flux2"), ("qwenimage", "qwenimage"),
+                                       ("sd35", "sd3"), ("flux", "flux"), ("flux2", "flux2"), ("flux2-klein", "flux2"), ("qwenimage", "qwenimage"),
                                        ("pixart", "pixart"), ("organism", "unet")])
 def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
     from saam.capture import install
@@ -46,7 +46,7 @@ def test_a_custom_observer_sees_every_layer_on_every_family(kind, name):
         kw = {}
     else:
         pipe = _pipe(kind)
-        kw = (dict(height=32, width=32, max_sequence_length=32) if kind in ("sd3", "sd35", "flux", "flux2-klein", "qwenimage") else
+        kw = (dict(height=32, width=32, max_sequence_length=32) if kind in ("sd3", "sd35", "flux", "flux2-klein", "qwenimage") else dict(height=32, width=32, max_sequence_length=64) if kind == "flux2" else
               dict(max_sequence_length=32) if kind == "pixart" else dict(height=64, width=64))
     fam = family.of(pipe)
     assert fam.name == name

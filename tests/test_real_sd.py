@@ -102,7 +102,8 @@ def test_readme_first_screen_snippet_runs_as_printed(tiny_sd14):
 @pytest.mark.slow
 @pytest.mark.parametrize("profile,kind", [("sd14", "sd14-layout"), ("sdxl", "sdxl-layout"), ("sd15", "sd14-layout"),
                                           ("sd21", "sd2"), ("sd3", "sd3"), ("sd35", "sd35"), ("flux", "flux"),
-                                          ("pixart", "pixart"), ("flux2-klein", "flux2-klein"), ("qwenimage", "qwenimage")])
+                                          ("pixart", "pixart"), ("flux2", "flux2"), ("flux2-klein", "flux2-klein"),
+                                          ("qwenimage", "qwenimage")])
 def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_path):
     """sd15 and sd21 run the HRV pass (HRV's 340 words, McDonald's included, through CLIP's real
     vocabulary); sd21's tiny pipeline has SD v2.1's flags (v-prediction, upcast_attention); sd3,
@@ -120,7 +121,7 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     import pandas as pd
     t1 = pd.read_csv(out / "figures" / "tab1-miou.csv")
     from saam.select import METHODS
-    dit = profile in ("sd3", "sd35", "flux", "flux2-klein", "qwenimage")  # ConceptAttention's output-space maps: one more method on MM-DiTs
+    dit = profile in ("sd3", "sd35", "flux", "flux2", "flux2-klein", "qwenimage")  # ConceptAttention's output-space maps: one more method on MM-DiTs
     from saam.selection import ORACLE  # the cross-fitted bound, beside the five methods on data with masks
     assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 6 + dit and (t1.n_words > 0).all()
     assert (METHODS["output"] in set(t1.method)) == dit and ORACLE in set(t1.method)

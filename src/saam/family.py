@@ -86,17 +86,25 @@ class Family:
         return slice(0, text_len) if self.text_first else slice(total - text_len, total)
 
     def templated(self, pipe):
-        """The word encoder's tokenizer as the pipeline applies it, inside its template (``words.Templated``)."""
+        """The word encoder's tokenizer as the pipeline applies it, inside its template (``words.Templated``):
+        Qwen-Image's prompt_template_encode; FLUX.2 [klein]'s chat template, one user turn, no thinking;
+        FLUX.2 [dev]'s, its system prompt (``pipe.system_message``) first (its tokenizer may be a
+        processor around the tokenizer)."""
         from .words import Templated
-        tok = pipe.tokenizer
         if self.template == "pipeline":
             prefix, _, suffix = pipe.prompt_template_encode.partition("{}")
-            return Templated(tok, prefix, suffix, drop=pipe.prompt_template_encode_start_idx)
-        mark = "\x00"
-        text = tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True,
-                                       enable_thinking=False)
+            return Templated(pipe.tokenizer, prefix, suffix, drop=pipe.prompt_template_encode_start_idx)
+        chat, mark = pipe.tokenizer, "\x00"
+        system = getattr(pipe, "system_message", None)
+        if system is None:
+            text = chat.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                            add_generation_prompt=True, enable_thinking=False)
+        else:
+            text = chat.apply_chat_template([{"role": "system", "content": [{"type": "text", "text": system}]},
+                                             {"role": "user", "content": [{"type": "text", "text": mark}]}],
+                                            tokenize=False, add_generation_prompt=False)
         prefix, _, suffix = text.partition(mark)
-        return Templated(tok, prefix, suffix)
+        return Templated(getattr(chat, "tokenizer", chat), prefix, suffix)
 
     def text_segments(self, pipe, text_len: int) -> list[tuple[int, object, int]]:
         """(offset, tokenizer, length) of each text encoder's tokens in a text sequence of

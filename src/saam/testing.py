@@ -227,6 +227,76 @@ def qwen_tokenizer(vocab_size: int = 3000):
     return tok
 
 
+# Mistral's chat format as FLUX.2 [dev]'s pipeline uses it (a system turn, a user turn, contents as lists of text
+# parts): written here, not copied
+_MISTRAL_CHAT = ("{{ bos_token }}{%- for m in messages %}"
+                 "{%- set c = m['content'] if m['content'] is string else (m['content'] | map(attribute='text') | join('')) %}"
+                 "{%- if m['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + c + '[/SYSTEM_PROMPT]' }}"
+                 "{%- elif m['role'] == 'user' %}{{ '[INST]' + c + '[/INST]' }}{%- else %}{{ c + eos_token }}{%- endif %}"
+                 "{%- endfor %}")
+
+
+def _bpe(corpus: list[str], vocab_size: int):
+    """Byte-level BPE (vocabulary, merges) trained in code on ``corpus`` (``tokenizers``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(bpe.to_str())["model"]
+    return model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+
+
+def _corpus() -> list[str]:
+    from .relevance import load_concepts
+    from .shapes.world import sample_scene
+    corpus = [sample_scene(i, split="test").caption for i in range(3000)]
+    corpus += [w for ws in load_concepts("hrv").values() for w in ws]
+    return corpus + ["a photo of a cat and a dog on a red sofa next to a green lamp in a wooden room",
+                     "the man's car isn't red!!!", "a rose-colored vase", "user assistant system"]
+
+
+@lru_cache(maxsize=None)
+def mistral_tokenizer(vocab_size: int = 3000):
+    """A Mistral-style tokenizer built offline (byte-level BPE trained in code, a start token ``<s>``,
+    Mistral's instruction and image tokens, a chat template). Stands in for Mistral Small 3.1's in the
+    tiny FLUX.2 [dev] pipeline, as the tokenizer itself: the real pipeline holds it inside a
+    ``PixtralProcessor``, which transformers builds only with torchvision (a CUDA build of several GB
+    here); both render the chat and tokenize it without adding a second start token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    vocab, merges = _bpe(_corpus() + [SYSTEM_MESSAGE] * 20, vocab_size)
+    special = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
+               "[IMG_BREAK]", "[IMG_END]"]
+    vocab = {**{t: i for i, t in enumerate(special)}, **{t: i + len(special) for t, i in vocab.items()}}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(special)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", model_max_length=512)
+    tok.chat_template = _MISTRAL_CHAT
+    return tok
+
+
+def _mistral3_text(tok, hidden: int = 16, layers: int = 31, seed: int = 0):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    torch.manual_seed(seed)
+    vocab = len(tok)
+    cfg = Mistral3Config(text_config=dict(model_type="mistral", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                          max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                         vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, head_dim=8, image_size=32, patch_size=16),
+                         image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1,
+                         projector_hidden_act="gelu", vision_feature_layer=-1)
+    return Mistral3ForConditionalGeneration(cfg).eval()
+
+
 def _qwen3_text(tok, hidden: int = 16, layers: int = 27, seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
@@ -261,7 +331,7 @@ def _vae16(seed: int = 0):
                          shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
-DIT_KINDS = ("sd3", "sd35", "flux", "flux2-klein", "qwenimage", "pixart")  # what tiny_dit_pipeline builds
+DIT_KINDS = ("sd3", "sd35", "flux", "flux2", "flux2-klein", "qwenimage", "pixart")  # what tiny_dit_pipeline builds
 
 
 def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
@@ -311,6 +381,20 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             norm_num_groups=4).eval()
         return PixArtSigmaPipeline(tokenizer=t5tok, text_encoder=t5, vae=vae, transformer=tr, scheduler=sched)
+    if kind == "flux2":  # FLUX.2 [dev]: Mistral Small 3.1's hidden states of layers 10, 20, 30 stacked, a system prompt
+        from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
+        mtok = mistral_tokenizer()
+        torch.manual_seed(seed)
+        cfg = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                   num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=64, axes_dims_rope=(2, 2, 2, 2),
+                   guidance_embeds=True, mlp_ratio=2.0)
+        tr = Flux2Transformer2DModel(**{**cfg, **transformer}).eval()
+        torch.manual_seed(seed)
+        vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                                 latent_channels=4, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False).eval()
+        return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                             text_encoder=_mistral3_text(mtok, seed=seed + 2), tokenizer=mtok, transformer=tr)
     if kind == "flux2-klein":  # FLUX.2 [klein]: Qwen3's hidden states of layers 9, 18, 27 stacked, a chat template
         from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
         qtok = qwen_tokenizer()

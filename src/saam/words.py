@@ -152,7 +152,10 @@ class Templated:
             raise TypeError(f"a templated prompt needs a fast tokenizer (offsets); got {type(tokenizer).__name__}")
         self.tokenizer, self.prefix, self.suffix, self.drop = tokenizer, prefix, suffix, drop
         self.model_max_length = max_length or 10**9
-        own = len(tokenizer(prefix, add_special_tokens=True).input_ids)
+        # a rendered chat that opens with the start token gets no second one (transformers' rule for chat templates)
+        bos = getattr(tokenizer, "bos_token", None)
+        self.special = not (bos and prefix.startswith(bos))
+        own = len(tokenizer(prefix, add_special_tokens=self.special).input_ids)
         if drop > own:
             raise ValueError(f"the pipeline drops the first {drop} tokens of its template, but this tokenizer "
                              f"({type(tokenizer).__name__}) cuts the template's text before the prompt into {own}: "
@@ -168,7 +171,7 @@ class Templated:
         """The ids the denoiser sees for ``prompt`` (template included, ``drop`` removed) and each one's
         characters in ``prompt`` ((0, 0) for the template's)."""
         at = len(self.prefix)
-        enc = self.tokenizer(self.prefix + prompt + self.suffix, add_special_tokens=True, return_offsets_mapping=True)
+        enc = self.tokenizer(self.prefix + prompt + self.suffix, add_special_tokens=self.special, return_offsets_mapping=True)
         offsets = [(max(a, at) - at, min(b, at + len(prompt)) - at) if b > at and a < at + len(prompt) else (0, 0)
                    for a, b in enc["offset_mapping"]]
         return list(enc.input_ids[self.drop:]), offsets[self.drop:]
