@@ -275,3 +275,59 @@ def test_capture_goes_through_the_dispatcher_with_any_cpu_backend(kind):
     assert seen and all(seen)
     for layer, m in maps["native"].items():
         torch.testing.assert_close(maps["_native_math"][layer], m, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,shape,head,total", [
+    ("sd3", (16, 16), [0.004527, 0.004578, 0.004661, 0.004749, 0.004801, 0.004691], 1.207471),
+    ("flux", (16, 16), [0.005215, 0.006276, 0.00805, 0.008258, 0.00676, 0.006405], 1.935397),
+    ("flux2", (16, 16), [0.008939, 0.0093, 0.009971, 0.009034, 0.007025, 0.005678], 2.024553),
+    ("flux2-klein", (16, 16), [0.008161, 0.007862, 0.007414, 0.007248, 0.007589, 0.007258], 1.971286),
+    ("qwenimage", (8, 8), [0.060021, 0.051658, 0.038154, 0.042437, 0.062888, 0.066369], 2.850035)])
+def test_pinned_word_map_slices_on_dits(kind, shape, head, total):
+    """As diffusers pins a slice of every pipeline's output: the DAAM word map of "cat" on each tiny MM-DiT
+    (seed 0, 2 steps, guidance 5: FLUX.2 [klein]'s negative prompt runs as a call of its own, FLUX.2
+    [dev]'s and FLUX.1's guidance is distilled, Qwen-Image ignores it), recorded when this test was written."""
+    import numpy as np
+    pipe = tiny_dit_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    with trace(pipe) as tc:
+        pipe(prompt="a red cat", num_inference_steps=2, guidance_scale=5.0, height=32, width=32, max_sequence_length=64,
+             generator=torch.Generator().manual_seed(0), output_type="latent")
+    m = word_map(tc[0], "cat")
+    assert tuple(m.shape) == shape
+    np.testing.assert_allclose(m.flatten()[:6].numpy(), head, rtol=1e-3, atol=1e-6)
+    assert float(m.sum()) == pytest.approx(total, rel=1e-4)
+
+
+def test_flux2_img2img_denoises_the_last_steps_of_the_pipelines_own_schedule():
+    """FLUX.2 has no img2img pipeline (evaluate.FlowImg2Img): at strength s of n steps it runs the last
+    int(n * s) timesteps of the schedule the pipeline itself picks at this size, and its first denoiser
+    input is flow matching's interpolation (1 - sigma) z + sigma noise of the image's packed latents."""
+    import numpy as np
+    from PIL import Image
+    from saam.evaluate import FlowImg2Img, img2img
+    pipe = tiny_dit_pipeline("flux2-klein")
+    pipe.set_progress_bar_config(disable=True)
+    i2i = img2img(pipe)
+    assert isinstance(i2i, FlowImg2Img)
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype(np.uint8))
+    with trace(pipe) as full:
+        run(pipe, prompt="a red cat", num_inference_steps=4)
+    first = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: first.append(k["hidden_states"].clone()),
+                                                      with_kwargs=True)
+    try:
+        with trace(pipe) as tc:
+            i2i(prompt="a red cat", image=[image], strength=0.5, num_inference_steps=4, guidance_scale=1.0,
+                generator=[torch.Generator().manual_seed(0)], output_type="latent")
+    finally:
+        hook.remove()
+    assert tc[0].steps == 2 and tc[0].timesteps == full[0].timesteps[-2:]
+    x = pipe.image_processor.preprocess([image])
+    clean = pipe._pack_latents(pipe._encode_vae_image(x, torch.Generator().manual_seed(0)))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    sigma = tc[0].timesteps[0] / 1000
+    torch.testing.assert_close(first[0], (1 - sigma) * clean + sigma * noise, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        i2i(prompt="a red cat", image=[image], strength=0.1, num_inference_steps=4, guidance_scale=1.0,
+            generator=[torch.Generator().manual_seed(0)])

@@ -121,3 +121,25 @@ def test_every_word_of_coco_style_captions_has_its_tokens(which, bert):
         for w in split_words(caption):
             if w.isalpha():
                 token_positions(caption, w, tok, occurrence="all")
+
+
+def test_a_templated_prompt_counts_only_the_prompts_tokens_and_refuses_a_foreign_tokenizer():
+    """words.Templated: a word's positions inside a chat template are its own tokens (a template token
+    that spells the same word is not), and a pipeline that drops more tokens than the tokenizer makes of
+    the template before the prompt is refused (the prompt's first words would be dropped)."""
+    from saam.testing import qwen_tokenizer
+    from saam.words import Templated, segment_classes, token_positions
+    tok = qwen_tokenizer()
+    t = Templated(tok, "<|im_start|>user\nDescribe the color:", "<|im_end|>\n<|im_start|>assistant\n")
+    ids, _ = t.encode("a red cat")
+    assert tok.convert_ids_to_tokens([ids[p] for p in token_positions("a red cat", "cat", t)]) == ["Ġcat"]
+    both = t.encode("the color red")[0]
+    colour = tok.convert_tokens_to_ids("Ġcolor")
+    [pos] = token_positions("the color red", "color", t)  # the prompt's "color", not the template's
+    assert both[pos] == colour and both.index(colour) < pos
+    cls = segment_classes("a red cat", [(0, t, 20)])
+    assert tok.decode([ids[p] for p in cls["words"]]) == "a red cat"
+    assert tok.decode([ids[p] for p in cls["start"]]) == t.prefix
+    assert cls["padding"] == list(range(len(ids), 20))
+    with pytest.raises(ValueError, match="prompt's first words would be dropped"):
+        Templated(tok, "<|im_start|>user\n", "", drop=10)

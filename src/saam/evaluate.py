@@ -262,6 +262,15 @@ def generated_words(scene, image: np.ndarray) -> tuple[list[tuple], list]:
     return words, det
 
 
+def _img2img_inputs(p, image, strength: float, steps: int, generator):
+    """(steps kept, the images as the pipeline preprocesses them, one generator per image)."""
+    keep = min(steps, int(steps * strength))
+    if keep < 1:
+        raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step")
+    x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
+    return keep, x, generator if isinstance(generator, list) else [generator] * len(x)
+
+
 class LatentImg2Img:
     """Image-to-image for a pipeline diffusers gives none (PixArt-Sigma), as SD's img2img does it:
     the image encoded by the VAE, noised to ``strength`` of the schedule (the scheduler's own
@@ -275,14 +284,10 @@ class LatentImg2Img:
     @torch.no_grad()
     def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
                  generator, output_type: str = "latent", **kw):
-        p, prompts = self.pipe, prompt
-        keep = min(num_inference_steps, int(num_inference_steps * strength))
-        if keep < 1:
-            raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no denoising step")
         from .family import of
+        p, prompts = self.pipe, prompt
+        keep, x, gens = _img2img_inputs(p, image, strength, num_inference_steps, generator)
         den = of(p).denoiser(p)
-        x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
-        gens = generator if isinstance(generator, list) else [generator] * len(x)
         z = torch.cat([p.vae.encode(x[i:i + 1]).latent_dist.sample(gens[i]) for i in range(len(x))]) * p.vae.config.scaling_factor
         noise = torch.cat([torch.randn(z[i:i + 1].shape, generator=gens[i], dtype=z.dtype) for i in range(len(x))])
         sched = p.scheduler
@@ -320,11 +325,7 @@ class FlowImg2Img:
                  generator, output_type: str = "latent", **kw):
         from .family import of
         p, prompts = self.pipe, prompt
-        keep = min(num_inference_steps, int(num_inference_steps * strength))
-        if keep < 1:
-            raise ValueError(f"strength {strength} of {num_inference_steps} steps leaves no denoising step")
-        x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
-        gens = generator if isinstance(generator, list) else [generator] * len(x)
+        keep, x, gens = _img2img_inputs(p, image, strength, num_inference_steps, generator)
         z = torch.cat([p._encode_vae_image(x[i:i + 1], gens[i]) for i in range(len(x))])
         sched, state = p.scheduler, {}
         set_timesteps, step = sched.set_timesteps, sched.step

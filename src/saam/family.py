@@ -325,6 +325,11 @@ SUPPORT = (
      "-", "yes", "trained, exact masks"),
     ("PixArt-Sigma (cross-attention DiT)", "pixart", "yes", "HRV's pass (no start token: T5)", "top/bottom/random/soft",
      "-", "yes", "tiny random; float64 softmax; images bit-identical"),
-    ("FLUX.2, Qwen-Image, Sana", "-", "no", "-", "-", "-", "-", "not yet (issue 27)"),
+    ("FLUX.2 [dev] / [klein] (MM-DiT)", "flux2, flux2-klein", "yes", "concept stream / direct", "top/bottom/random/soft",
+     "ConceptAttention", "yes", "tiny random (Mistral-3 / Qwen3 text, chat templates); float64 softmax; images "
+     "bit-identical; CPU attention backends"),
+    ("Qwen-Image (MM-DiT)", "qwenimage", "yes", "concept stream / direct", "top/bottom/random/soft", "ConceptAttention",
+     "yes", "tiny random (Qwen2.5-VL text, dropped system prompt); float64 softmax; images bit-identical; CPU attention backends"),
+    ("Sana", "-", "no", "-", "-", "-", "-", "not yet"),
 )
 SUPPORT_COLUMNS = ("family", "profiles", "trace", "relevance", "selection (+ oracle-k bound where masks exist)", "output maps", "every chapter", "tested how")

@@ -162,12 +162,7 @@ def t5_tokenizer(vocab_size: int = 2000, max_length: int = 64):
     ``T5TokenizerFast`` wraps it. Stands in for T5's own (which SD3 and Flux use) in the tiny pipelines."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import T5TokenizerFast
-    from .relevance import load_concepts
-    from .shapes.world import sample_scene
-    corpus = [sample_scene(i, split="test").caption for i in range(3000)]
-    corpus += [w for ws in load_concepts("hrv").values() for w in ws]
-    corpus += ["a photo of a cat and a dog on a red sofa next to a green lamp in a wooden room",
-               "the man's car isn't red!!!", "a rose-colored vase"]
+    corpus = _corpus()
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -203,24 +198,12 @@ def qwen_tokenizer(vocab_size: int = 3000):
     in for Qwen2.5-VL's (Qwen-Image) and Qwen3's (FLUX.2 [klein]) in the tiny pipelines; Qwen-Image's
     system prompt comes out as the 34 tokens its pipeline drops, as with the real tokenizer."""
     from diffusers import QwenImagePipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
-    from .relevance import load_concepts
-    from .shapes.world import sample_scene
-    corpus = [sample_scene(i, split="test").caption for i in range(3000)]
-    corpus += [w for ws in load_concepts("hrv").values() for w in ws]
-    corpus += ["a photo of a cat and a dog on a red sofa next to a green lamp in a wooden room",
-               "the man's car isn't red!!!", "a rose-colored vase", "user assistant system"]
     system = QwenImagePipeline.__init__.__code__.co_consts  # the template is set in __init__; read it from there
     template = next(c for c in system if isinstance(c, str) and c.startswith("<|im_start|>system"))
-    corpus += [part for part in re.split(r"<\|im_start\|>|<\|im_end\|>", template.replace("{}", "")) if part] * 50
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    parts = [part for part in re.split(r"<\|im_start\|>|<\|im_end\|>", template.replace("{}", "")) if part]
+    vocab, merges = _bpe(_corpus() + ["user assistant system"] + parts * 50, vocab_size)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.add_tokens(["<think>", "</think>"])
     tok.chat_template = _QWEN_CHAT
@@ -248,12 +231,13 @@ def _bpe(corpus: list[str], vocab_size: int):
 
 
 def _corpus() -> list[str]:
+    """What the tiny pipelines' tokenizers are trained on: ShapesWorld captions, HRV's concept words, a few sentences."""
     from .relevance import load_concepts
     from .shapes.world import sample_scene
     corpus = [sample_scene(i, split="test").caption for i in range(3000)]
     corpus += [w for ws in load_concepts("hrv").values() for w in ws]
     return corpus + ["a photo of a cat and a dog on a red sofa next to a green lamp in a wooden room",
-                     "the man's car isn't red!!!", "a rose-colored vase", "user assistant system"]
+                     "the man's car isn't red!!!", "a rose-colored vase"]
 
 
 @lru_cache(maxsize=None)
@@ -266,7 +250,7 @@ def mistral_tokenizer(vocab_size: int = 3000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
-    vocab, merges = _bpe(_corpus() + [SYSTEM_MESSAGE] * 20, vocab_size)
+    vocab, merges = _bpe(_corpus() + ["user assistant system"] + [SYSTEM_MESSAGE] * 20, vocab_size)
     special = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]",
                "[IMG_BREAK]", "[IMG_END]"]
     vocab = {**{t: i for i, t in enumerate(special)}, **{t: i + len(special) for t, i in vocab.items()}}
@@ -381,34 +365,24 @@ def tiny_dit_pipeline(kind: str = "sd3", seed: int = 0, **transformer):
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             norm_num_groups=4).eval()
         return PixArtSigmaPipeline(tokenizer=t5tok, text_encoder=t5, vae=vae, transformer=tr, scheduler=sched)
-    if kind == "flux2":  # FLUX.2 [dev]: Mistral Small 3.1's hidden states of layers 10, 20, 30 stacked, a system prompt
-        from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
-        mtok = mistral_tokenizer()
+    if kind in ("flux2", "flux2-klein"):
+        # FLUX.2 [dev]: Mistral Small 3.1's hidden states of layers 10, 20, 30 stacked, a system prompt, distilled
+        # guidance; [klein]: Qwen3's of layers 9, 18, 27, one user turn, guidance as a call of its own
+        from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+        dev = kind == "flux2"
+        tok = mistral_tokenizer() if dev else qwen_tokenizer()
         torch.manual_seed(seed)
         cfg = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
                    num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=64, axes_dims_rope=(2, 2, 2, 2),
-                   guidance_embeds=True, mlp_ratio=2.0)
+                   guidance_embeds=dev, mlp_ratio=2.0)
         tr = Flux2Transformer2DModel(**{**cfg, **transformer}).eval()
         torch.manual_seed(seed)
         vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
                                  latent_channels=4, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False).eval()
-        return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
-                             text_encoder=_mistral3_text(mtok, seed=seed + 2), tokenizer=mtok, transformer=tr)
-    if kind == "flux2-klein":  # FLUX.2 [klein]: Qwen3's hidden states of layers 9, 18, 27 stacked, a chat template
-        from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
-        qtok = qwen_tokenizer()
-        torch.manual_seed(seed)
-        cfg = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                   num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=64, axes_dims_rope=(2, 2, 2, 2),
-                   guidance_embeds=False, mlp_ratio=2.0)
-        tr = Flux2Transformer2DModel(**{**cfg, **transformer}).eval()
-        torch.manual_seed(seed)
-        vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                 up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                                 latent_channels=4, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False).eval()
-        return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
-                                  text_encoder=_qwen3_text(qtok, seed=seed + 2), tokenizer=qtok, transformer=tr)
+        text = _mistral3_text(tok, seed=seed + 2) if dev else _qwen3_text(tok, seed=seed + 2)
+        return (Flux2Pipeline if dev else Flux2KleinPipeline)(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae,
+                                                              text_encoder=text, tokenizer=tok, transformer=tr)
     if kind == "qwenimage":  # Qwen-Image: Qwen2.5-VL's last hidden states after a system prompt it drops
         from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
         qtok = qwen_tokenizer()
