@@ -213,12 +213,14 @@ def share_cores(device: str) -> None:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16; Linux's /proc/cpuinfo flags)."""
+    """Whether this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16; Linux's /proc/cpuinfo flags) and
+    torch may use those instructions (its kernels at AVX512: ``ATEN_CPU_CAPABILITY=avx2`` keeps them
+    off, as on an AVX2-only CPU; docs/performance.md uses that to measure such a machine's times)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    return (" amx_bf16" in flags or " avx512_bf16" in flags) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def precision(params: dict) -> str:
