@@ -136,7 +136,7 @@ def output_map(hm: HeadMaps, word: str, occurrence: int | str = 0) -> torch.Tens
     steps. Not a head set: every head's output enters the products (ConceptAttention's
     construction, with the prompt's words as its concepts)."""
     if not hm.outputs:
-        raise ValueError("output-space maps come from an MM-DiT trace (SD3, Flux); this trace has none")
+        raise ValueError("output-space maps come from an MM-DiT trace (SD3, FLUX, Qwen-Image); this trace has none")
     cols = hm.columns(hm.token_positions(word, occurrence))
     maps = torch.stack([m[cols].float().mean(0) for m in hm.outputs.values()])  # the joint layers share one grid
     return upsample((maps.mean(0) / max(hm.steps, 1))[None], tuple(hm.latent_size))[0]

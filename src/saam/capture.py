@@ -512,10 +512,10 @@ def _installed(pipe, model, tracker, cross: dict[str, object], wrap, hooks, on_e
         tracker.proj.clear()
 
 
-# ------------------------------------------------------------------ MM-DiTs (SD3, SD3.5, Flux)
+# ------------------------------------------------------------------ MM-DiTs (SD3, SD3.5, FLUX.1, FLUX.2, Qwen-Image)
 
 def is_dit(pipe) -> bool:
-    """Whether ``pipe`` denoises with an MM-DiT (joint attention: SD3 / SD3.5 / Flux) rather than a UNet
+    """Whether ``pipe`` denoises with an MM-DiT (joint attention: SD3 / SD3.5 / FLUX / Qwen-Image) rather than a UNet
     or a cross-attention DiT (``family.is_joint``)."""
     return family.is_joint(pipe)
 
@@ -835,8 +835,8 @@ def trace(pipe, *, branch: str = "cond", cfg: bool | None = None, per_step: bool
     """Record per-head cross-attention maps of every image the pipeline generates inside.
 
     Args:
-        pipe: a diffusers pipeline: SD 1.x/2.x, SDXL, img2img, ShapesWorld (UNets), SD3/3.5, FLUX.1
-            (MM-DiTs), PixArt-Sigma (a cross-attention DiT).
+        pipe: a diffusers pipeline: SD 1.x/2.x, SDXL, img2img, ShapesWorld (UNets), SD3/3.5, FLUX.1,
+            FLUX.2 [dev]/[klein], Qwen-Image (MM-DiTs), PixArt-Sigma (a cross-attention DiT).
         branch: ``"cond"`` (the prompt's branch, default) or ``"uncond"`` (the negative prompt's)
             under classifier-free guidance.
         cfg: whether the UNet batch is [uncond; cond]. None reads the pipeline's own

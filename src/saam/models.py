@@ -257,7 +257,7 @@ def _low(t, dtype: torch.dtype):
 
 
 def denoiser(pipe):
-    """The pipeline's denoiser: its UNet, or (SD3, Flux) its transformer."""
+    """The pipeline's denoiser: its UNet, or (DiTs) its transformer."""
     from .family import of
     return of(pipe).denoiser(pipe)
 

@@ -343,7 +343,7 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
         cache: cache each batch's votes under this (name, key) (``saam.runs.run_batches``).
         words_cache: cache the concepts' encoded words under this (name, key): its key must name the
             text encoder(s) and tokenizer(s) (``models.text_fingerprint``) and the concepts.
-        variant: MM-DiTs (SD3, Flux) only: ``"stream"`` (default) or ``"direct"`` (``saam.stream``).
+        variant: MM-DiTs (SD3, FLUX, Qwen-Image) only: ``"stream"`` (default) or ``"direct"`` (``saam.stream``).
         max_sequence_length: MM-DiTs only: T5's window, as the pipeline is called with it.
     """
     from .runs import item_rngs, run_batches

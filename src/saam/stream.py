@@ -1,4 +1,4 @@
-"""Head relevance on MM-DiTs (SD3, SD3.5, Flux): HRV's vote, read from a concept stream.
+"""Head relevance on MM-DiTs (SD3, SD3.5, FLUX.1, FLUX.2, Qwen-Image): HRV's vote, read from a concept stream.
 
 HRV projects each concept word with a UNet layer's key projection. In an MM-DiT the text a block
 attends to has been transformed by every block before it, so a word's key at block 10 is not its
@@ -162,7 +162,7 @@ class concept_stream:
 
     def __init__(self, pipe, voter: StreamVoter):
         if not is_dit(pipe):
-            raise TypeError(f"the concept stream is for MM-DiT pipelines (SD3, Flux), got {type(pipe).__name__}")
+            raise TypeError(f"the concept stream is for MM-DiT pipelines (SD3, FLUX, Qwen-Image), got {type(pipe).__name__}")
         self.pipe, self.voter = pipe, voter
 
     def __enter__(self):
