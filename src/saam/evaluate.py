@@ -262,31 +262,35 @@ def generated_words(scene, image: np.ndarray) -> tuple[list[tuple], list]:
     return words, det
 
 
-def _img2img_inputs(p, image, strength: float, steps: int, generator):
-    """(steps kept, the images as the pipeline preprocesses them, one generator per image)."""
-    keep = min(steps, int(steps * strength))
-    if keep < 1:
-        raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step")
-    x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
-    return keep, x, generator if isinstance(generator, list) else [generator] * len(x)
+class _Img2Img:
+    """What both image-to-image stand-ins share: the pipeline a trace wraps, and the inputs of a call."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def inputs(self, image, strength: float, steps: int, generator):
+        """(steps kept, the images as the pipeline preprocesses them, one generator per image)."""
+        keep = min(steps, int(steps * strength))
+        if keep < 1:
+            raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step")
+        p = self.pipe
+        x = p.image_processor.preprocess(image).to(p.vae.device, p.vae.dtype)
+        return keep, x, generator if isinstance(generator, list) else [generator] * len(x)
 
 
-class LatentImg2Img:
+class LatentImg2Img(_Img2Img):
     """Image-to-image for a pipeline diffusers gives none (PixArt-Sigma), as SD's img2img does it:
     the image encoded by the VAE, noised to ``strength`` of the schedule (the scheduler's own
     ``add_noise`` at the first kept timestep), and denoised by the pipeline itself from there (its
     ``latents`` argument; its scheduler's timesteps cut to the last ``int(steps * strength)``).
     ``pipe`` is the pipeline a trace wraps."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-
     @torch.no_grad()
     def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
                  generator, output_type: str = "latent", **kw):
         from .family import of
-        p, prompts = self.pipe, prompt
-        keep, x, gens = _img2img_inputs(p, image, strength, num_inference_steps, generator)
+        p = self.pipe
+        keep, x, gens = self.inputs(image, strength, num_inference_steps, generator)
         den = of(p).denoiser(p)
         z = torch.cat([p.vae.encode(x[i:i + 1]).latent_dist.sample(gens[i]) for i in range(len(x))]) * p.vae.config.scaling_factor
         noise = torch.cat([torch.randn(z[i:i + 1].shape, generator=gens[i], dtype=z.dtype) for i in range(len(x))])
@@ -301,14 +305,14 @@ class LatentImg2Img:
             sched.timesteps = sched.timesteps[n - keep:]
         sched.set_timesteps = tail
         try:
-            return p(prompt=prompts, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            return p(prompt=prompt, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      generator=generator, output_type=output_type, height=z.shape[-2] * p.vae_scale_factor,
                      width=z.shape[-1] * p.vae_scale_factor, **kw)
         finally:
             del sched.set_timesteps
 
 
-class FlowImg2Img:
+class FlowImg2Img(_Img2Img):
     """Image-to-image for a flow-matching pipeline diffusers gives none (FLUX.2: its ``image`` is a
     reference to edit from, not a start): the image encoded as the pipeline encodes its reference
     images (``_encode_vae_image``), handed over as its ``latents``; the pipeline's own schedule (with
@@ -317,15 +321,12 @@ class FlowImg2Img:
     interpolation at that step's sigma, in whatever layout the pipeline packs them (the first
     denoiser call's input and the scheduler's first step both get it). ``pipe`` is what a trace wraps."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-
     @torch.no_grad()
     def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
                  generator, output_type: str = "latent", **kw):
         from .family import of
-        p, prompts = self.pipe, prompt
-        keep, x, gens = _img2img_inputs(p, image, strength, num_inference_steps, generator)
+        p = self.pipe
+        keep, x, gens = self.inputs(image, strength, num_inference_steps, generator)
         z = torch.cat([p._encode_vae_image(x[i:i + 1], gens[i]) for i in range(len(x))])
         sched, state = p.scheduler, {}
         set_timesteps, step = sched.set_timesteps, sched.step
@@ -357,7 +358,7 @@ class FlowImg2Img:
         sched.set_timesteps, sched.step = tail, first_step
         hook = of(p).denoiser(p).register_forward_pre_hook(first_call, with_kwargs=True)
         try:
-            return p(prompt=prompts, latents=z, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            return p(prompt=prompt, latents=z, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      generator=generator, output_type=output_type, height=x.shape[-2], width=x.shape[-1], **kw)
         finally:
             hook.remove()
