@@ -141,17 +141,16 @@ class Templated:
     the tokenizer on a prompt, it returns the ids of that sequence with each token's characters in
     the *prompt's* coordinates (a template token: (0, 0)), so ``token_positions`` and
     ``segment_classes`` work on it unchanged; every other attribute is the tokenizer's. Checked when
-    made: the dropped tokens must be the template's own (else the prompt's first words would be cut
-    or template tokens taken for words).
+    made: the dropped tokens must all lie before the prompt (else its first words would be cut).
     """
 
     is_fast = True
+    model_max_length = 10**9  # no window of its own: the pipeline's max_sequence_length cuts the sequence
 
-    def __init__(self, tokenizer, prefix: str, suffix: str = "", drop: int = 0, max_length: int | None = None):
+    def __init__(self, tokenizer, prefix: str, suffix: str = "", drop: int = 0):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError(f"a templated prompt needs a fast tokenizer (offsets); got {type(tokenizer).__name__}")
         self.tokenizer, self.prefix, self.suffix, self.drop = tokenizer, prefix, suffix, drop
-        self.model_max_length = max_length or 10**9
         # a rendered chat that opens with the start token gets no second one (transformers' rule for chat templates)
         bos = getattr(tokenizer, "bos_token", None)
         self.special = not (bos and prefix.startswith(bos))
