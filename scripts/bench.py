@@ -1,5 +1,7 @@
 """Capture and relevance overhead on the ShapesWorld pipeline (CPU), measured side by side,
-and the per-notebook times of the last `make all` (build/<profile>/timings.json).
+the measured cold `make all` times with their machines (``saam.profiles.MEASURED_RUNS``), and the
+per-notebook times of the last `make all` here, with the machine and arithmetic each chapter ran on
+(build/<profile>/timings.json).
 
 Writes figures/bench-capture.json (overhead_ratio = traced / plain wall time, median of
 interleaved repeats; peak RSS overhead at two step counts, to show memory is flat in steps),
@@ -168,9 +170,13 @@ def main() -> None:
         (figures / "bench-allocator.json").write_text(json.dumps(alloc, indent=1))
     sys.path.insert(0, str(Path(__file__).parent))
     from run_notebook import timings_report
+    from saam.profiles import measured_runs
+    print("cold make all of the paper profile, as measured (saam.profiles.MEASURED_RUNS; docs/performance.md):")
+    for line in measured_runs():
+        print("  " + line)
     for profile in ("paper", "smoke"):
         if (paths.BUILD / profile / "timings.json").exists():
-            print("last make all, " + timings_report(paths.BUILD / profile))
+            print("last make all here, " + timings_report(paths.BUILD / profile))
 
 
 # MM-DiTs whose blocks have the released models' widths (SD3 Medium: 24 heads of 64; Flux: heads of 128,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -69,8 +68,8 @@ def main() -> None:
                 "streamed, warm": run("streamed", folder, Path(cache))}
     if len({r["fingerprint"] for r in rows.values()}) != 1:
         raise SystemExit(f"the ways disagree: {rows}")
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    from saam.models import machine
+    cpu = machine()["cpu"]
     res = dict(model=a.model, folder_gb=size / 1e9, largest_file_gb=biggest / 1e9, cpu=cpu, ways=rows)
     (ROOT / "figures" / "bench-fingerprint.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"fingerprint of a {size / 1e9:.1f} GB {a.model} folder (largest file {biggest / 1e9:.1f} GB; {cpu}):")

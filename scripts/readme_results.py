@@ -29,6 +29,17 @@ def artefact_map() -> str:
     return "\n".join(rows)
 
 
+TIMES_START, TIMES_END = "<!-- times:start -->", "<!-- times:end -->"
+
+
+def times() -> str:
+    """The README's measured `make all` times, each with its machine (``saam.profiles.MEASURED_RUNS``)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from saam.profiles import measured_runs
+    return ("**How long `make all` takes** (paper profile, cold cache; `make check` estimates it for your machine, "
+            "`make bench` prints these and your last run's chapters): " + "; ".join(measured_runs()) + ".")
+
+
 FAM_START, FAM_END = "<!-- families:start -->", "<!-- families:end -->"
 
 
@@ -218,6 +229,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = replace(readme.read_text(), MAP_START, MAP_END, artefact_map())
     text = replace(text, FAM_START, FAM_END, families_table())
+    text = replace(text, TIMES_START, TIMES_END, times())
     if "--map-only" not in sys.argv:
         text = replace(text, START, END, block())
         text = replace(text, ANSWER_START, ANSWER_END, answer())

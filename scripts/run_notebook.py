@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 
-def check(profile: str, overrides: str, say: bool = False) -> None:
+def check(profile: str, overrides: str, say: bool = False) -> dict:
     """A bad profile or override, or missing weights, stop here, before any kernel starts; with
-    ``say`` (``make check``) the run's size is printed, and a warning where it is past an hour."""
+    ``say`` (``make check``) the run's size is printed, and a warning where it is past an hour.
+    Returns the loaded profile."""
     from saam.chapter import load
     try:
         p = load(profile, overrides)
@@ -32,6 +33,7 @@ def check(profile: str, overrides: str, say: bool = False) -> None:
         print(line)
         if warn:
             print(warn, file=sys.stderr)
+    return p
 
 
 def deps(outdir: str, notebooks: list[str]) -> str:
@@ -54,24 +56,33 @@ def deps(outdir: str, notebooks: list[str]) -> str:
     return "\n".join(rules) + "\n"
 
 
-def record(f: Path, name: str, start: float, end: float) -> None:
-    """Add a chapter's start and end (epoch seconds) to timings.json (under a lock: two chapters may
-    finish at once, as ``make all`` runs two at a time)."""
+def record(f: Path, name: str, start: float, end: float, ran_on: dict | None = None) -> None:
+    """Add a chapter's start and end (epoch seconds) and what it ran on (``ran_on``: the machine and
+    the UNet's arithmetic) to timings.json (under a lock: two chapters may finish at once)."""
     import fcntl
     with open(f.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         t = json.loads(f.read_text()) if f.exists() else {}
-        t[name] = dict(start=start, end=end, seconds=end - start)
+        t[name] = dict(start=start, end=end, seconds=end - start, **({"ran_on": ran_on} if ran_on else {}))
         tmp = f.with_suffix(".tmp")
         tmp.write_text(json.dumps(t, indent=1))
         os.replace(tmp, f)
+
+
+def ran_on(m: dict) -> str:
+    """A chapter's machine in words: "2 cores of an Intel(R) Xeon(R) Processor, torch at AVX512, bf16"."""
+    where = f"{m['cuda']} (CUDA)" if m.get("cuda") else f"{m['cores']} cores of an {m['cpu']}, torch at {m['capability']}"
+    return f"{where}, {m['precision']}"
 
 
 def timings_report(folder: Path) -> str:
     """Each chapter's time and the wall time from the first start to the last end."""
     f = folder / "timings.json"
     t = {k: v for k, v in (json.loads(f.read_text()) if f.exists() else {}).items() if isinstance(v, dict)}
-    lines = [f"notebook times ({folder}):"] + [f"  {k:32s} {t[k]['seconds']:7.1f} s" for k in sorted(t)]
+    on = {k: ran_on(v["ran_on"]) for k, v in t.items() if "ran_on" in v}
+    one = on[next(iter(on))] if on and len(set(on.values())) == 1 and len(on) == len(t) else None
+    lines = [f"notebook times ({folder}" + (f"; {one}" if one else "") + "):"]
+    lines += [f"  {k:32s} {t[k]['seconds']:7.1f} s" + ("" if one or k not in on else f"  ({on[k]})") for k in sorted(t)]
     if t:
         wall = max(v["end"] for v in t.values()) - min(v["start"] for v in t.values())
         lines += [f"  {'sum':32s} {sum(v['seconds'] for v in t.values()):7.1f} s",
@@ -119,7 +130,7 @@ def main() -> None:
     tmp = dst.with_name(dst.stem + ".partial.ipynb")
     t0 = time.time()
     import papermill as pm
-    check(a.profile, a.set)
+    p = check(a.profile, a.set)
     # the kernel is stopped at once after its last cell (whose outputs have all arrived and whose files
     # are written: every write in a cell is synchronous); a graceful shutdown waited 2.4 s per chapter
     # for the interpreter to tear down torch
@@ -131,7 +142,8 @@ def main() -> None:
                         extra_arguments=["--IPKernelApp.log_level=ERROR"])
     os.replace(tmp, dst)  # only a finished notebook counts as built
     if not rank:
-        record(dst.parent / "timings.json", dst.stem, t0, time.time())
+        from saam.models import machine, precision
+        record(dst.parent / "timings.json", dst.stem, t0, time.time(), dict(machine(), precision=precision(p)))
     print(f"{dst}: {time.time() - t0:.1f} s", file=sys.stderr)
 
 

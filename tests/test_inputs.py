@@ -323,6 +323,38 @@ def test_make_check_refuses_what_cannot_run(override, match):
     assert re.search(match, r.stderr), r.stderr
 
 
+def test_make_check_counts_cached_batches_once():
+    """Chapter 06 generates nothing for the organism the other chapters ran when its ablation counts
+    are whole batches of theirs (saam.runs keys a batch on its start, size and items); the other
+    organisms cost their generation run, two fidelity groups and their relevance prompts."""
+    from saam.profiles import load as load_profile, run_size
+    p = load_profile("paper")
+    a, steps = p["ablation"], p["steps"]
+    size = run_size(p)
+    own = (max(a["n_eval"], a["n_sinks"]) + 2 * a["n_fidelity"] + a["n_relevance_prompts"]) * steps
+    assert "organism D" not in size and size["organism A"] == size["organism C"] == own
+    assert size["generation"] == max(p["n_eval"], p["n_sinks"]) * steps
+    assert size["relevance"] == p["relevance_pool"] * steps  # the relevance pass's prompts open the pool
+    odd = dict(p, ablation=dict(a, n_eval=p["batch_size"] + 1))  # a batch of its own: generated again
+    assert run_size(odd)["organism D"] == (p["batch_size"] + 1 + 2 * a["n_fidelity"] + a["n_relevance_prompts"]) * steps
+    assert "organism D" in run_size(load_profile("smoke"))  # 6 of 12 scenes in batches of 16: not the same batch
+
+
+def test_measured_times_are_declared_once():
+    """The README quotes the measured `make all` times as saam.profiles.MEASURED_RUNS has them, each with
+    its machine, and `make check`'s rate for an arithmetic is its slowest measured machine's."""
+    import sys
+    from saam import paths
+    from saam.profiles import MEASURED_RUNS, RATES
+    sys.path.insert(0, str(paths.ROOT / "scripts"))
+    import readme_results
+    block = readme_results.times()
+    assert f"{readme_results.TIMES_START}\n{block}\n{readme_results.TIMES_END}" in (paths.ROOT / "README.md").read_text()
+    for r in MEASURED_RUNS:
+        assert f"{r['minutes']:.1f} min on {r['machine']}" in block
+        assert RATES[("shapesworld", r["arithmetic"])] >= r["minutes"] * 60 / r["image_steps"]
+
+
 def test_make_check_estimates_the_run_and_warns_past_an_hour():
     from saam import paths
     from saam.profiles import estimate, load as load_profile, run_size

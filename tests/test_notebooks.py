@@ -67,6 +67,13 @@ def test_chapters_write_what_they_declare(smoke_chapters):
     assert t1["n_words"] > 0 and 0 <= t1["miou_daam"] <= 1 and 0 <= t1["miou_top"] <= 1
     assert set(res["concentration_top25_hrv34"]) >= {"Color", "Shape", "Size"}
     assert set(res["organisms"]) == {"A", "D"}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_notebook import timings_report
+    from saam.chapter import load
+    from saam.models import machine, precision
+    head, *rows = timings_report(SMOKE).splitlines()  # every time names the machine and arithmetic it ran on
+    assert machine()["cpu"] in head and head.endswith(f", {precision(load('smoke'))}):")
+    assert all(any(r.split()[0] == n for r in rows) for n in notebooks)
 
 
 @pytest.mark.slow
@@ -145,3 +152,17 @@ def test_pinned_smoke_table1(tmp_path, monkeypatch):
     assert len(recs) == 48 and int(t.n_words.iloc[0]) == 47
     for m, v in want.items():
         assert t.loc[METHODS[m], "mIoU"] == pytest.approx(v, abs=2e-3), m
+
+
+def test_timings_name_the_machine_of_each_chapter(tmp_path):
+    """One machine: named once, in the heading; chapters run on different ones: each names its own."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from run_notebook import record, timings_report
+    amx = dict(cpu="Intel(R) Xeon(R) Processor", capability="AVX512", bf16=True, cores=2, cuda=None, precision="bf16")
+    record(tmp_path / "timings.json", "00-a", 0.0, 10.0, amx)
+    record(tmp_path / "timings.json", "01-b", 10.0, 15.0, amx)
+    assert timings_report(tmp_path).splitlines()[0].endswith("; 2 cores of an Intel(R) Xeon(R) Processor, torch at AVX512, bf16):")
+    record(tmp_path / "timings.json", "01-b", 10.0, 40.0, dict(amx, capability="AVX2", bf16=False, precision="fp32"))
+    head, a, b, total, wall = timings_report(tmp_path).splitlines()
+    assert "torch at" not in head and a.endswith("torch at AVX512, bf16)") and b.endswith("torch at AVX2, fp32)")
+    assert total.split()[-2] == "40.0" and wall.split()[-2] == "40.0"

@@ -223,6 +223,20 @@ def cpu_has_bf16() -> bool:
     return (" amx_bf16" in flags or " avx512_bf16" in flags) and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def machine() -> dict:
+    """What a measured time ran on, as every quoted time names it: the CPU's model name
+    (/proc/cpuinfo), torch's CPU capability (``AVX2`` where torch is held there), whether bf16 is
+    native (:func:`cpu_has_bf16`), the cores and the CUDA device, if any."""
+    import platform
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), platform.processor() or "unknown")
+    return dict(cpu=cpu, capability=torch.backends.cpu.get_cpu_capability(), bf16=cpu_has_bf16(),
+                cores=os.cpu_count(), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
 def precision(params: dict) -> str:
     """The arithmetic a profile's UNet runs in: ``fp16`` on CUDA (weights in half precision);
     on the CPU ``bf16`` (weights in fp32, the UNet under ``torch.autocast`` in bfloat16) where the

@@ -191,30 +191,63 @@ def load(profile: str | None = None, overrides: str | dict | None = None) -> dic
     return p
 
 
-# Measured seconds per image and denoising step (classifier-free guidance included), by model and
-# arithmetic: what `make check` turns into an estimate of a run's time. ShapesWorld bf16: `make bench`
-# (figures/bench-allocator.json: 32 images x 10 steps in 4.5 s on a 2-core AMX-BF16 Xeon); fp32: 3.5x
-# that (a cold `make all` took 32 min on a 2-core AVX2-only CPU against 9.2 min on the AMX one). Real
-# models on a 2-core CPU: figures/bench-fullsize.json (512/768/1024 px). None measured on a GPU yet.
-RATES = {("shapesworld", "bf16"): 0.014, ("shapesworld", "fp32"): 0.049,
+# Cold `make all` runs of the paper profile as measured (docs/performance.md tells each), declared once:
+# `make check` estimates with their seconds per image-step (wall time over :func:`run_size`'s image-steps,
+# so relevance's 1.17x, the VAE, scoring and kernel starts are in it; the slowest measured machine of an
+# arithmetic), `make bench` and the README quote them with their machines.
+MEASURED_RUNS = (
+    dict(when="2026-12-03", machine="2 cores of an Intel(R) Xeon(R) Processor with AMX-BF16", arithmetic="bf16",
+         minutes=9.0, image_steps=32_400),
+    dict(when="2026-11 (issue 26, before chapter 03's convergence pool)", machine="2 cores of an AVX2-only CPU",
+         arithmetic="fp32", minutes=31.8, image_steps=30_000),
+)
+# Real models on a 2-core CPU, the denoiser alone: figures/bench-fullsize.json (512/768/1024 px). None on a GPU yet.
+RATES = {**{("shapesworld", a): max(r["minutes"] * 60 / r["image_steps"] for r in MEASURED_RUNS if r["arithmetic"] == a)
+            for a in {r["arithmetic"] for r in MEASURED_RUNS}},
          ("sd14", "fp32"): 12.9, ("sd14", "bf16"): 4.0, ("sd15", "fp32"): 12.9, ("sd15", "bf16"): 4.0,
          ("sd21", "fp32"): 47.8, ("sd21", "bf16"): 18.5, ("sdxl", "fp32"): 77.8, ("sdxl", "bf16"): 14.2}
+
+
+def measured_runs() -> list[str]:
+    """Each measured cold `make all` of the paper profile in words, with its machine."""
+    return [f"{r['minutes']:.1f} min on {r['machine']} ({r['arithmetic']}; {r['when']})" for r in MEASURED_RUNS]
+
+
 HOUR = 3600.0
 MAX_BATCH = 64  # the largest batch measured (organism, paper profile: 48 and 64 no faster than 32)
 
 
+def _reused(part: int, whole: int, batch: int) -> bool:
+    """Whether the first ``part`` items of a pass are batches the ``whole`` pass already cached: every
+    batch the same items (``saam.runs`` keys a batch on its start, size and items)."""
+    return part == whole or (part <= whole and part % batch == 0)
+
+
 def run_size(p: dict) -> dict[str, int]:
-    """Images x denoising steps of each pass a profile's chapters run (an upper estimate: passes that
-    share batches through the cache count once each here)."""
+    """Images x denoising steps each pass of a profile's chapters generates (a relevance pass counted
+    as generations). Batches an earlier pass cached count once: the generation run feeds the word
+    records and the attention budget, the relevance pass's prompts are the first of its convergence
+    pool, and chapter 06 generates nothing for the organism the other chapters ran where the ablation's
+    counts are whole batches of theirs (or the same counts)."""
     steps, strengths = p["steps"], p.get("strengths") or []
     real = p.get("model", "shapesworld") != "shapesworld"
     out = {}
     if not real:
-        out["generation"] = max(p["n_eval"], p.get("n_sinks", 32)) * steps
+        from .models import model_path
+        from .shapes.model import variant_of
+        ran = variant_of(model_path(p))["variant"]
+        b = p.get("batch_size", 16)
+        gen = max(p["n_eval"], p.get("n_sinks", 32))
+        rel = max(p.get("n_relevance_prompts") or 64, p.get("relevance_pool") or 0)
+        out["generation"] = gen * steps
         out["fidelity"] = 3 * p["n_fidelity"] * steps
         for v in p.get("variants") or []:
             a = {**{k: p.get(k, 0) for k in ABLATION_KEYS}, **(p.get("ablation") or {})}
-            out[f"organism {v}"] = (a["n_eval"] + 3 * a["n_fidelity"] + a["n_relevance_prompts"] + a["n_sinks"]) * steps
+            passes = [(max(a["n_eval"], a["n_sinks"]), gen), (a["n_fidelity"], p["n_fidelity"]),
+                      (a["n_fidelity"], p["n_fidelity"]), (a["n_relevance_prompts"], rel)]  # fidelity: single, two
+            if v == ran and all(_reused(x, whole, b) for x, whole in passes):
+                continue
+            out[f"organism {v}"] = sum(x for x, _ in passes) * steps
     n_eval = p.get("n_eval") or 0
     for s in strengths:
         out[f"real images (strength {s})"] = int(n_eval * steps * s)
