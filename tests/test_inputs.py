@@ -351,7 +351,7 @@ def test_measured_times_are_declared_once():
     block = readme_results.times()
     assert f"{readme_results.TIMES_START}\n{block}\n{readme_results.TIMES_END}" in (paths.ROOT / "README.md").read_text()
     for r in MEASURED_RUNS:
-        assert f"{r['minutes']:.1f} min on {r['machine']}" in block
+        assert f"{r['minutes']:.1f} min in {r['arithmetic']} on {r['machine']}" in block
         assert RATES[("shapesworld", r["arithmetic"])] >= r["minutes"] * 60 / r["image_steps"]
 
 
