@@ -132,10 +132,18 @@ def test_export_refuses_a_non_empty_folder(tmp_path):
                                             ("k=1.5", "k must be"), ("strengths=[0.01]", "leaves no denoising step"),
                                             ("k_sweep=[]", "k_sweep must be a non-empty list"),
                                             ("tau_sweep=[0,0.4]", "tau_sweep must be"), ("resolution=100", "multiple of 8"),
-                                            ("ablation={n_eval: 0}", "is not a YAML value")])
+                                            ("ablation={n_eval: 0}", "is not a YAML value"),
+                                            ("guidance=-1", "guidance must be >= 0"), ("guidance=high", "key .guidance. must be int or float or null")])
 def test_profile_values_are_checked_by_range(override, match):
     with pytest.raises(ProfileError, match=match):
         load("smoke", override)
+
+
+def test_guidance_null_leaves_the_pipeline_its_own():
+    """``guidance: null`` (the qwenimage profile) hands the pipeline no guidance_scale at all; a number is passed as given."""
+    from saam.models import guidance_arg
+    assert load("smoke", "guidance=null")["guidance"] is None and load("qwenimage")["guidance"] is None
+    assert guidance_arg(None) == {} and guidance_arg(0) == {"guidance_scale": 0} and guidance_arg(5.0) == {"guidance_scale": 5.0}
 
 
 def test_overrides_get_folders_of_their_own_and_make_agrees(tmp_path):

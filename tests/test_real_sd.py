@@ -129,6 +129,11 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     poly = pd.read_csv(out / "figures" / "tab5-polysemy.csv")  # chapter 05's case study on SD profiles
     assert len(poly) == 2 * 2 and poly.competing_share.between(0, 1).all()
     assert (out / "figures" / "fig5-polysemy.png").exists()
+    import nbformat  # no pipeline was handed an argument it has no use for (Qwen-Image warned at every call)
+    for nb in sorted(out.glob("[0-9][0-9]-*.ipynb")):
+        err = "".join(o.get("text", "") for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"
+                      for o in c.outputs if o.get("output_type") == "stream" and o.get("name") == "stderr")
+        assert "ignored" not in err, f"{nb.name}: {err[-600:]}"
 
 
 def test_real_profile_without_weights_stops_at_once():

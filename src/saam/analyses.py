@@ -11,6 +11,7 @@ import pandas as pd
 from . import paths
 from .aggregate import mean_map, normalize, word_map
 from .evaluate import binding_score, mask_ious, per_head_iou
+from .models import guidance_arg
 from .select import METHODS, head_set
 from .steps import KINDS, generators
 from .tables import eligible, head_sets
@@ -158,7 +159,7 @@ def polysemy(pipe, rel, params: dict, n_prompts: int | None = None, n_seeds: int
                 f"{it['competing']} heads": head_sets(rel, it["competing"], params, ["top"])["top"]}
         for s in range(n_seeds):
             with trace(pipe) as tc:
-                img = pipe(prompt=it["prompt"], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+                img = pipe(prompt=it["prompt"], num_inference_steps=params["steps"], **guidance_arg(params["guidance"]),
                            generator=generators(params, 1, start=1000 * i + s), output_type="np").images[0]
             maps = {name: word_map(tc[0], it["word"], heads=h.heads, weights=h.weights) for name, h in sets.items()}
             mass = {name: float(m.mean()) for name, m in maps.items()}

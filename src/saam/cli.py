@@ -130,13 +130,13 @@ def infer_concept(word: str, rel) -> str:
 def _generate(pipe, params: dict, a, words: list[str] | None):
     import torch
     from .capture import is_dit, trace
+    from .models import guidance_arg
     kw = dict(generator=torch.Generator().manual_seed(a.seed), output_type="np")
     steps = a.steps or params.get("steps")
     guidance = a.guidance if a.guidance is not None else params.get("guidance")
     if steps:
         kw["num_inference_steps"] = steps
-    if guidance is not None:
-        kw["guidance_scale"] = guidance
+    kw.update(guidance_arg(guidance))
     if a.size:
         kw.update(height=a.size, width=a.size)
     if a.max_sequence_length:

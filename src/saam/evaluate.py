@@ -25,6 +25,7 @@ import torch
 from .aggregate import DAAM_TAU, mean_maps, normalize, output_map, per_head_maps, to_mask
 from .capture import trace
 from .heads import HeadId
+from .models import guidance_arg
 from .select import METHODS, NOT_HEAD_SETS, head_set
 from .words import WordNotFound
 
@@ -286,7 +287,7 @@ class LatentImg2Img(_Img2Img):
     ``pipe`` is the pipeline a trace wraps."""
 
     @torch.no_grad()
-    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
+    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float | None,
                  generator, output_type: str = "latent", **kw):
         from .family import of
         p = self.pipe
@@ -305,7 +306,7 @@ class LatentImg2Img(_Img2Img):
             sched.timesteps = sched.timesteps[n - keep:]
         sched.set_timesteps = tail
         try:
-            return p(prompt=prompt, latents=latents, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            return p(prompt=prompt, latents=latents, num_inference_steps=num_inference_steps, **guidance_arg(guidance_scale),
                      generator=generator, output_type=output_type, height=z.shape[-2] * p.vae_scale_factor,
                      width=z.shape[-1] * p.vae_scale_factor, **kw)
         finally:
@@ -322,7 +323,7 @@ class FlowImg2Img(_Img2Img):
     denoiser call's input and the scheduler's first step both get it). ``pipe`` is what a trace wraps."""
 
     @torch.no_grad()
-    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float,
+    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float | None,
                  generator, output_type: str = "latent", **kw):
         from .family import of
         p = self.pipe
@@ -358,7 +359,7 @@ class FlowImg2Img(_Img2Img):
         sched.set_timesteps, sched.step = tail, first_step
         hook = of(p).denoiser(p).register_forward_pre_hook(first_call, with_kwargs=True)
         try:
-            return p(prompt=prompt, latents=z, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            return p(prompt=prompt, latents=z, num_inference_steps=num_inference_steps, **guidance_arg(guidance_scale),
                      generator=generator, output_type=output_type, height=x.shape[-2], width=x.shape[-1], **kw)
         finally:
             hook.remove()
@@ -407,7 +408,7 @@ def real_image_protocol(pipe, items, heads: list[HeadId], *, strength: float, st
         records, cut = [], []
         with trace(getattr(i2i, "pipe", i2i)) as tc:  # LatentImg2Img: its pipeline is what runs
             i2i(prompt=[it.caption for it in items], image=[Image.fromarray(it.image) for it in items],
-                strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                strength=strength, num_inference_steps=steps, **guidance_arg(guidance),
                 generator=gens, output_type="latent", **size)
         for j, (it, hm) in enumerate(zip(items, tc)):
             words = [(w.word, w.occurrence, w.kind, w.obj, w.mask, None) for w in it.words]

@@ -237,6 +237,13 @@ def machine() -> dict:
                 cores=os.cpu_count(), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 
 
+def guidance_arg(guidance: float | None) -> dict:
+    """A pipeline call's guidance argument: ``guidance_scale=guidance``, or none where a profile says
+    ``guidance: null`` (the pipeline's own: Qwen-Image has no guidance input, and its true CFG needs a
+    negative prompt; handed a scale, it warns at every call that it ignores it)."""
+    return {} if guidance is None else {"guidance_scale": guidance}
+
+
 def precision(params: dict) -> str:
     """The arithmetic a profile's UNet runs in: ``fp16`` on CUDA (weights in half precision);
     on the CPU ``bf16`` (weights in fp32, the UNet under ``torch.autocast`` in bfloat16) where the

@@ -20,7 +20,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
     "model": ((str,), True, True),
     "seed": ((int,), True, True),
     "steps": ((int,), True, True),
-    "guidance": (NUM, True, True),
+    "guidance": ((int, float, type(None)), True, True),  # null: the pipeline's own (saam.models.guidance_arg)
     "k": (NUM, True, True),
     "tau": (NUM, True, True),
     "include_mid": ((bool,), True, True),
@@ -133,7 +133,7 @@ def check_ranges(p: dict, source: str) -> None:
             bad(key, f"must be at least 1, got {p[key]}")
     if "seed" in p and p["seed"] < 0:
         bad("seed", f"must be >= 0, got {p['seed']}")
-    if "guidance" in p and p["guidance"] < 0:
+    if p.get("guidance") is not None and p["guidance"] < 0:
         bad("guidance", f"must be >= 0, got {p['guidance']}")
     if "k" in p and not _k_ok(p["k"]):
         bad("k", f"must be a head count (int >= 1) or a fraction of the eligible heads in (0, 1], got {p['k']!r}")

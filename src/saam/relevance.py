@@ -30,6 +30,7 @@ import yaml
 from .cache import cached
 from .capture import Observer, check_pipeline, install, is_dit, keys, probs
 from .heads import HeadId, from_hrv_names, head_ids
+from .models import guidance_arg
 from .votes import VoteCounter
 from .words import token_positions
 
@@ -371,7 +372,7 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
 
     def batch(prompts, gens, start):
         rec.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)), words_cache)
-        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+        pipe(prompt=prompts, num_inference_steps=steps, **guidance_arg(guidance), generator=gens,
              height=height, width=width, output_type="latent")
         return rec.take()
     with install(pipe, rec):

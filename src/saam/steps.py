@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import __version__, paths
 from .cache import cached, code_fingerprint, digest
-from .models import data_dir, model_fingerprint, precision, text_fingerprint
+from .models import data_dir, guidance_arg, model_fingerprint, precision, text_fingerprint
 from .runs import generators as _generators
 from .runs import run_batches
 
@@ -95,7 +95,7 @@ def native_size(pipe, params: dict) -> tuple[int, int]:
 def samples(pipe, params: dict, n: int = 16):
     """``n`` held-out scenes and the model's images of their captions, uint8."""
     scenes = eval_scenes(params, "test", n, seed_offset=7_000_000)
-    imgs = pipe(prompt=[s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+    imgs = pipe(prompt=[s.caption for s in scenes], num_inference_steps=params["steps"], **guidance_arg(params["guidance"]),
                 generator=generators(params, n), output_type="np").images
     return scenes, [(i * 255).round().astype(np.uint8) for i in imgs]
 
@@ -151,7 +151,7 @@ def generation_run(pipe, params: dict) -> list[dict]:
 
     def batch(scenes, gens, start):
         with trace(pipe) as tc:
-            out = pipe(prompt=[s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+            out = pipe(prompt=[s.caption for s in scenes], num_inference_steps=params["steps"], **guidance_arg(params["guidance"]),
                        generator=gens, output_type="np").images
         records, images, budgets = [], [], []
         for j, (scene, hm, img) in enumerate(zip(scenes, tc, out)):
@@ -213,7 +213,7 @@ def _budgets(pipe, params: dict, n: int) -> list[pd.DataFrame]:
 
     def batch(scenes, gens, start):
         with trace(pipe) as tc:
-            pipe(prompt=[s.caption for s in scenes], num_inference_steps=params["steps"], guidance_scale=params["guidance"],
+            pipe(prompt=[s.caption for s in scenes], num_inference_steps=params["steps"], **guidance_arg(params["guidance"]),
                  generator=gens, output_type="latent")
         return [attention_budget(hm) for hm in tc]
     scenes = eval_scenes(params, "test", n, seed_offset=3_000_000)

@@ -35,6 +35,7 @@ import torch
 
 from . import family
 from .capture import CaptureError, Observer, install_joint, is_dit, joint_attention_layers, text_segments
+from .models import guidance_arg
 from .votes import VoteCounter
 
 VARIANTS = ("stream", "direct")
@@ -197,7 +198,7 @@ def stream_votes(pipe, concepts: dict[str, list[str]], prompts: list[str], *, st
 
     def batch(prompts, gens, start):
         voter.prepare(pipe, concepts, item_rngs(seed, start, len(prompts)), max_sequence_length)
-        pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=height, width=width,
+        pipe(prompt=prompts, num_inference_steps=steps, **guidance_arg(guidance), generator=gens, height=height, width=width,
              output_type="latent", **extra)
         return voter.take()
     with concept_stream(pipe, voter):
