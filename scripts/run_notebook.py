@@ -80,7 +80,8 @@ def timings_report(folder: Path) -> str:
     f = folder / "timings.json"
     t = {k: v for k, v in (json.loads(f.read_text()) if f.exists() else {}).items() if isinstance(v, dict)}
     on = {k: ran_on(v["ran_on"]) for k, v in t.items() if "ran_on" in v}
-    one = on[next(iter(on))] if on and len(set(on.values())) == 1 and len(on) == len(t) else None
+    kinds = set(on.values())
+    one = kinds.pop() if len(kinds) == 1 and len(on) == len(t) else None
     lines = [f"notebook times ({folder}" + (f"; {one}" if one else "") + "):"]
     lines += [f"  {k:32s} {t[k]['seconds']:7.1f} s" + ("" if one or k not in on else f"  ({on[k]})") for k in sorted(t)]
     if t:

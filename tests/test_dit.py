@@ -331,3 +331,6 @@ def test_flux2_img2img_denoises_the_last_steps_of_the_pipelines_own_schedule():
     with pytest.raises(ValueError, match="leaves no denoising step"):
         i2i(prompt="a red cat", image=[image], strength=0.1, num_inference_steps=4, guidance_scale=1.0,
             generator=[torch.Generator().manual_seed(0)])
+    # guidance: null in a profile hands the stand-in no guidance_scale; the pipeline's own runs
+    assert i2i(prompt="a red cat", image=[image], strength=0.5, num_inference_steps=4,
+               generator=[torch.Generator().manual_seed(0)], output_type="latent").images.shape[0] == 1

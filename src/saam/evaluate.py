@@ -287,8 +287,8 @@ class LatentImg2Img(_Img2Img):
     ``pipe`` is the pipeline a trace wraps."""
 
     @torch.no_grad()
-    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float | None,
-                 generator, output_type: str = "latent", **kw):
+    def __call__(self, prompt, image, strength: float, num_inference_steps: int, generator,
+                 guidance_scale: float | None = None, output_type: str = "latent", **kw):
         from .family import of
         p = self.pipe
         keep, x, gens = self.inputs(image, strength, num_inference_steps, generator)
@@ -323,8 +323,8 @@ class FlowImg2Img(_Img2Img):
     denoiser call's input and the scheduler's first step both get it). ``pipe`` is what a trace wraps."""
 
     @torch.no_grad()
-    def __call__(self, prompt, image, strength: float, num_inference_steps: int, guidance_scale: float | None,
-                 generator, output_type: str = "latent", **kw):
+    def __call__(self, prompt, image, strength: float, num_inference_steps: int, generator,
+                 guidance_scale: float | None = None, output_type: str = "latent", **kw):
         from .family import of
         p = self.pipe
         keep, x, gens = self.inputs(image, strength, num_inference_steps, generator)

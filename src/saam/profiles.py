@@ -233,6 +233,7 @@ def run_size(p: dict) -> dict[str, int]:
     counts are whole batches of theirs (or the same counts)."""
     steps, strengths = p["steps"], p.get("strengths") or []
     real = p.get("model", "shapesworld") != "shapesworld"
+    rel = max(p.get("n_relevance_prompts") or 64, p.get("relevance_pool") or 0)
     out = {}
     if not real:
         from .models import model_path
@@ -240,7 +241,6 @@ def run_size(p: dict) -> dict[str, int]:
         ran = variant_of(model_path(p))["variant"]
         b = p.get("batch_size", 16)
         gen = max(p["n_eval"], p.get("n_sinks", 32))
-        rel = max(p.get("n_relevance_prompts") or 64, p.get("relevance_pool") or 0)
         out["generation"] = gen * steps
         out["fidelity"] = 3 * p["n_fidelity"] * steps
         for v in p.get("variants") or []:
@@ -254,7 +254,7 @@ def run_size(p: dict) -> dict[str, int]:
     for s in strengths:
         out[f"real images (strength {s})"] = int(n_eval * steps * s)
     if not (real and p.get("hrv_vectors")):  # published vectors need no relevance pass
-        out["relevance"] = max(p.get("n_relevance_prompts") or 64, p.get("relevance_pool") or 0) * steps
+        out["relevance"] = rel * steps
     if real:
         out["attention budget"] = p.get("n_sinks", 32) * steps
     return out
