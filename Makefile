@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PROFILE ?= paper
 SET ?=
 VARIANT ?= C
+# minutes of training per `make model` call (time-budgeted, resumable): VARIANT=mmdit trains for about 4 CPU hours
+MINUTES ?= 60
 # processes per chapter: one per GPU where there are GPUs, else one (measured on 2 cores: two CPU
 # processes of one thread each made chapter 00 slower, 191 s against 159 s, as its batches do not split evenly)
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
@@ -110,7 +112,7 @@ test-unit: $(STAMP)  ## unit tests only (no notebooks)
 # time budget at 4,111 VAE and 6,644 UNet steps), so the recipe and the README say the same
 model: $(STAMP)  ## retrain organism VARIANT (A: from scratch, GPU ~20 min; B/C/D: fine-tuned from A, GPU ~9 min; mmdit: an SD3-style MM-DiT; resumable)
 ifeq ($(VARIANT),mmdit)
-	$(BIN)/python -m saam.shapes.dit train --run data/runs/mmdit --init data/shapesworld-model --steps 20000 --batch 256
+	$(BIN)/python -m saam.shapes.dit train --run data/runs/mmdit --init data/shapesworld-model --steps 20000 --batch 64 --minutes $(MINUTES)
 	$(BIN)/python -m saam.shapes.dit assemble --run data/runs/mmdit --init data/shapesworld-model --out data/variants/mmdit
 else ifeq ($(VARIANT),A)
 	$(BIN)/python -m saam.shapes.train vae --run data/runs/model --steps 4111 --batch 64

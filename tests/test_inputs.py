@@ -394,3 +394,50 @@ def test_a_folder_whose_denoiser_and_text_encoder_disagree_in_width(tmp_path):
         f.write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match=f"{den}/config.json has {key} .* but .* is .*different models"):
             check_model_folder(folder, profile, profile)
+
+
+# issue 37: file names that leave the dataset folder, case and Unicode in words, malformed RLE
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd", "img/../../outside.png", "C:\\x.png", ""])
+def test_coco_file_names_stay_inside_the_dataset_folder(tmp_path, name):
+    d = tmp_path / "ds"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "outside.png")
+    _dataset(d, images=[dict(id=1, file_name=name, height=20, width=30)])
+    with pytest.raises(DatasetError, match=r"images\[0\] has file_name .*relative path inside the dataset folder") as e:
+        read_coco(d)
+    assert "exist" not in str(e.value)  # nothing said about files outside
+
+
+def test_a_link_out_of_the_dataset_folder_is_refused(tmp_path):
+    d = tmp_path / "ds"
+    _dataset(d)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "outside.png")
+    (d / "img" / "a.png").unlink()
+    (d / "img" / "a.png").symlink_to(tmp_path / "outside.png")
+    with pytest.raises(DatasetError, match="links outside the dataset folder"):
+        read_coco(d)
+
+
+def test_category_names_and_caption_words_match_across_case_and_unicode(tmp_path):
+    _dataset(tmp_path, cats=[dict(id=1, name="Dog")])  # the word map says "dog"
+    assert read_coco(tmp_path)[0].words[0].mask is not None
+    (tmp_path / "word_categories.yaml").write_text("circulo: {concept: Geometry, words: [círculo]}\n")
+    import unicodedata
+    nfd = unicodedata.normalize("NFD", "un círculo rojo")
+    assert nfd != "un círculo rojo"
+    _dataset(tmp_path, cats=[dict(id=1, name="circulo")], captions=[dict(id=1, image_id=1, caption=nfd)])
+    (tmp_path / "word_categories.yaml").write_text("circulo: {concept: Geometry, words: [círculo]}\n")
+    items = read_coco(tmp_path)
+    assert [w.word for w in items[0].words] == ["círculo"] and items[0].words[0].mask is not None
+
+
+def test_rle_that_does_not_cover_its_image_is_an_error(tmp_path):
+    ann = dict(id=3, image_id=1, category_id=1, area=1, bbox=[0, 0, 1, 1], iscrowd=1)
+    _dataset(tmp_path, anns=[dict(ann, segmentation=dict(size=[20, 30], counts=[100, 50, 10]))])
+    with pytest.raises(DatasetError, match=r"id 3: RLE counts sum to 160 pixels, not the image's 20 x 30 = 600"):
+        read_coco(tmp_path)
+    _dataset(tmp_path, anns=[dict(ann, segmentation=dict(size=[30, 20], counts=[100, 500]))])
+    with pytest.raises(DatasetError, match=r"RLE size \[30, 20\] is not .*swapped"):
+        read_coco(tmp_path)
+    _dataset(tmp_path, anns=[dict(ann, segmentation=dict(size=[20, 30], counts=[100, 500]))])
+    assert read_coco(tmp_path)[0].words[0].mask.sum() == 500

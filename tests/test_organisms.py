@@ -1,4 +1,6 @@
 """Profiles, the attention budget, relevance with the start token, and the organism variants."""
+import json
+
 import pandas as pd
 import numpy as np
 import pytest
@@ -222,8 +224,16 @@ def test_the_mmdit_organism_recipe_trains_resumes_and_runs(tmp_path, monkeypatch
     monkeypatch.setattr(paths, "CACHE", tmp_path / "cache")
     run = tmp_path / "run"
     run.mkdir()
-    assert dit.train(run, paths.MODEL_DIR, minutes=5, steps=2, batch=4, lr=1e-4, seed=0, workers=0) == 2
-    assert dit.train(run, paths.MODEL_DIR, minutes=5, steps=3, batch=4, lr=1e-4, seed=0, workers=0) == 3  # resumed at 2
+    kw = dict(minutes=5, batch=4, lr=1e-4, seed=0, pool_batches=1, fidelity_every=2, fidelity_n=2, stop_at_targets=False)
+    assert dit.train(run, paths.MODEL_DIR, steps=2, **kw) == 2  # step 0 fills the pool, step 1 draws from it
+    assert (run / "pool" / "built.json").exists() and (run / "mmdit-fidelity-log.jsonl").exists()
+    packed = dit.pack(run, tmp_path / "resume.pt")
+    again = tmp_path / "again"  # a new session: the ignored run folder is gone, the packed checkpoint committed
+    again.mkdir()
+    assert dit.train(again, paths.MODEL_DIR, steps=3, resume=packed, **kw) == 3  # resumed at 2, the pool rebuilt
+    assert json.loads((again / "pool" / "built.json").read_text())["batches"] == 1
+    np.testing.assert_array_equal(np.load(again / "pool" / "latents.npy"), np.load(run / "pool" / "latents.npy"))
+    run = again
     out = dit.assemble(run, paths.MODEL_DIR, tmp_path / "mmdit")
     p = chapter.load("smoke", f"model_path={out} steps=2 n_eval=2 n_sinks=1 n_relevance_prompts=2 batch_size=2")
     pipe = models.load_model(p)

@@ -15,6 +15,7 @@ scoring path, two readers.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,11 +143,54 @@ def _check_unique(path: Path, entries: list, what: str) -> None:
         first[e["id"]] = i
 
 
+def _check_file_name(path: Path, i: int, name: str) -> None:
+    """An image's ``file_name`` must name a file inside the dataset folder: a relative path without
+    ``..`` (an absolute or escaping name is refused before anything is opened, so the error says
+    nothing about files outside)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not name.strip() or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() \
+            or PureWindowsPath(name).drive or ".." in parts or "\0" in name:
+        raise DatasetError(f"{path}: images[{i}] has file_name {name!r}: it must be a relative path inside the "
+                           "dataset folder (no absolute path, no '..')")
+
+
 def _image_file(folder: Path, name: str) -> Path:
+    root = Path(folder).resolve()
     for f in (Path(folder) / name, *(d / name for d in sorted(Path(folder).iterdir()) if d.is_dir())):
         if f.exists():
+            if not f.resolve().is_relative_to(root):  # a link that leads out of the folder
+                raise DatasetError(f"image {name} in {folder} links outside the dataset folder; copy the file in")
             return f
     raise FileNotFoundError(f"image {name} is not in {folder} or a subfolder of it")
+
+
+def _norm(word: str) -> str:
+    """How words and category names are compared: Unicode NFC, case-folded (a caption's "Square",
+    a category "square", an NFD "círculo" and an NFC one are each the same word)."""
+    return unicodedata.normalize("NFC", word).casefold()
+
+
+def _check_rle(path: Path, a: dict, h: int, w: int) -> None:
+    """An RLE segmentation's size is its image's (height, width), and uncompressed counts cover
+    exactly H x W pixels (fewer would leave a wrong mask, a swapped size a broadcast error)."""
+    seg = a["segmentation"]
+    if not isinstance(seg, dict):
+        return
+    size, counts = seg.get("size"), seg.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        raise DatasetError(f"{path}: annotation id {a['id']}: an RLE segmentation needs size [height, width], got {size!r}")
+    if list(size) != [h, w]:
+        raise DatasetError(f"{path}: annotation id {a['id']}: RLE size {size} is not its image's [height, width] "
+                           f"[{h}, {w}]" + ("; height and width swapped?" if list(size) == [w, h] else ""))
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and c >= 0 for c in counts):
+            raise DatasetError(f"{path}: annotation id {a['id']}: RLE counts must be non-negative integers")
+        if sum(counts) != h * w:
+            raise DatasetError(f"{path}: annotation id {a['id']}: RLE counts sum to {sum(counts)} pixels, "
+                               f"not the image's {h} x {w} = {h * w}")
+    elif not isinstance(counts, str):
+        raise DatasetError(f"{path}: annotation id {a['id']}: RLE counts must be a list or a compressed string")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -208,7 +252,7 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
     folder = Path(folder)
     wf = Path(word_file or word_map_for(folder))
     wmap = read_word_map(wf)
-    by_word = {w: cat for cat, v in wmap.items() for w in v["words"]}
+    by_word = {_norm(w): cat for cat, v in wmap.items() for w in v["words"]}
     fi, fc = _find(folder, "instances*.json", split), _find(folder, "captions*.json", split)
     data = _read_json(fi, ("images", "annotations", "categories"))
     _check_entries(fi, data["images"], dict(id=int, file_name=str, height=int, width=int), "images")
@@ -217,6 +261,9 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
                    "annotations")
     for what in ("images", "categories", "annotations"):
         _check_unique(fi, data[what], what)
+    for i, im in enumerate(data["images"]):
+        _check_file_name(fi, i, im["file_name"])
+    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
     cats, imgs = {c["id"] for c in data["categories"]}, {i["id"] for i in data["images"]}
     for i, a in enumerate(data["annotations"]):
         if a["category_id"] not in cats:
@@ -226,6 +273,7 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
             raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has image_id {a['image_id']}, not among its images")
         if not a["segmentation"]:
             raise DatasetError(f"{fi}: annotations[{i}] (id {a['id']}) has an empty segmentation (a polygon or RLE mask is needed)")
+        _check_rle(fi, a, *sizes[a["image_id"]])
     inst = COCO()
     inst.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
@@ -242,11 +290,11 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
             continue
         info = inst.loadImgs(img_id)[0]
         h, w = info["height"], info["width"]
-        caption = captions[img_id][0]
+        caption = unicodedata.normalize("NFC", captions[img_id][0])  # an NFD accent would split a word
         counts: dict[str, int] = {}
         found, unmapped = [], []
         for tok in split_words(caption):
-            low = tok.lower()
+            low = _norm(tok)
             if low not in by_word:
                 continue
             occ = counts.get(low, 0)
@@ -272,12 +320,12 @@ def read_coco(folder: Path, size: tuple[int, int] | None = None, n: int | None =
                 m = inst.annToMask(a).astype(bool)
             except Exception as e:  # pycocotools raises bare errors on malformed masks
                 raise DatasetError(f"{fi}: annotation id {a['id']}: unreadable segmentation ({type(e).__name__}: {e})") from None
-            name = cat_name[a["category_id"]]
+            name = _norm(cat_name[a["category_id"]])  # "Square" in the file is the word map's "square"
             masks[name] = masks.get(name, np.zeros((h, w), bool)) | m
         if size is not None and tuple(size) != image.shape[:2]:
             image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
             masks = {k: np.asarray(Image.fromarray(m).resize((size[1], size[0]), Image.NEAREST)) for k, m in masks.items()}
-        words = [Word(tok, occ, wmap[cat]["concept"], masks.get(cat)) for tok, occ, cat in found]
+        words = [Word(tok, occ, wmap[cat]["concept"], masks.get(_norm(cat))) for tok, occ, cat in found]
         items.append(Item(image, caption, words, n_objects=len(anns), source=info["file_name"], unmapped=unmapped))
         if n is not None and len(items) >= n:
             break

@@ -79,12 +79,12 @@ def _pipeline_class():
         @torch.no_grad()
         def encode_prompt(self, prompt, device=None, num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
                           negative_prompt=None, **unused):
-            """(prompt states [n, 77, 384], negative states or None, pooled [n, 384], negative pooled or None)."""
+            """(prompt states [n, TEXT_LENGTH, 384], negative states or None, pooled [n, 384], negative pooled or None)."""
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
             device = device or self.transformer.device
 
             def enc(texts):
-                ids = self.tokenizer(texts, padding="max_length", max_length=M.MAX_LENGTH, truncation=True,
+                ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
                                      return_tensors="pt").input_ids.to(device)
                 states = self.text_encoder(ids)[0]
                 pooled = _pooled(states, ids, self.tokenizer.pad_token_id)
@@ -143,54 +143,189 @@ def load(path: Path, device: str = "cpu"):
     with quiet():
         tr = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True).float()
         vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).float()
-    enc, tok = M.load_text_encoder(causal=True)
+    enc, tok = text_encoder()
     pipe = _pipeline_class()(vae=vae.eval(), text_encoder=enc, tokenizer=tok, transformer=tr.eval(), scheduler=build_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def train(run: Path, init: Path, minutes: float, steps: int, batch: int, lr: float, seed: int, warmup: int = 500,
-          p_uncond: float = 0.1, workers: int | None = None) -> int:
-    """Flow-matching training of the transformer (resumes from ``<run>/mmdit.pt``); returns the step reached."""
-    from diffusers import AutoencoderKL
-    from .train import _SceneStream, _log, _save_atomic, warmup_cosine
+TEXT_LENGTH = 32  # the organism's text window: every ShapesWorld caption fits (at most 21 tokens with [CLS]/[SEP])
+POOL_BATCHES = 2048  # batches of encoded scenes kept for reuse (131,072 scenes at batch 64; about 7 GB on disk)
+FIDELITY_EVERY = 1000  # steps between fidelity scores on the fixed prompt set (the curve in training.json)
+FIDELITY_N = 64  # prompts per fidelity group of the curve
+TARGETS = dict(single_color_accuracy=0.90, single_shape_accuracy=0.80, two_object_binding=0.50)  # the UNet organisms'
+
+
+def text_encoder():
+    """The organism's frozen causal text encoder (fp16 weights computed in fp32, as committed) and
+    its tokenizer, windowed to :data:`TEXT_LENGTH` tokens."""
+    enc, tok = M.load_text_encoder(causal=True)
+    tok.model_max_length = TEXT_LENGTH
+    return enc.half().float(), tok
+
+
+class Pool:
+    """Encoded training scenes, kept on disk (``<run>/pool``) and reused: each of the first
+    :data:`POOL_BATCHES` steps renders, encodes (VAE latent, text states) and trains on a fresh
+    batch of the seeded scene stream and appends it; later steps draw batches from the pool, a
+    seeded permutation per epoch. The VAE and the text encoder (together more than the transformer's
+    training step on a CPU: ``python -m saam.shapes.dit bench``) then run once per scene, not once
+    per visit. Captions are stored whole; the 10 % dropped for guidance are drawn per visit.
+
+    A pool lost with an ignored folder is rebuilt from the same seeds (bit-identical on one machine).
+    """
+
+    def __init__(self, folder: Path, batch: int, seed: int, n_batches: int = POOL_BATCHES):
+        self.dir, self.batch, self.seed, self.nb = Path(folder), batch, seed, n_batches
+        self.dir.mkdir(parents=True, exist_ok=True)
+        n = n_batches * batch
+        mode = lambda f: "r+" if (self.dir / f).exists() else "w+"
+        self.lat = np.lib.format.open_memmap(self.dir / "latents.npy", mode("latents.npy"), np.float32, (n, 4, 16, 16))
+        self.txt = np.lib.format.open_memmap(self.dir / "text.npy", mode("text.npy"), np.float32, (n, TEXT_LENGTH, 384))
+        self.ids = np.lib.format.open_memmap(self.dir / "ids.npy", mode("ids.npy"), np.int32, (n, TEXT_LENGTH))
+        meta = self.dir / "built.json"
+        self.built = json.loads(meta.read_text())["batches"] if meta.exists() else 0
+        if self.lat.shape[0] != n or (meta.exists() and json.loads(meta.read_text()).get("seed") != seed):
+            raise ValueError(f"{self.dir}: a pool of another size or seed; remove it to rebuild")
+
+    def add(self, b: int, lat: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor) -> None:
+        assert b <= self.built, (b, self.built)  # a batch again (after a crash between saves): the same data
+        sl = slice(b * self.batch, (b + 1) * self.batch)
+        self.lat[sl], self.txt[sl], self.ids[sl] = lat.numpy(), txt.numpy(), ids.numpy()
+        self.built = max(self.built, b + 1)
+        if self.built % 64 == 0 or self.built == self.nb:
+            for a in (self.lat, self.txt, self.ids):
+                a.flush()
+            (self.dir / "built.json").write_text(json.dumps(dict(batches=self.built, seed=self.seed)))
+
+    def draw(self, step: int) -> np.ndarray:
+        """The pool rows a step after the first ``n_batches`` trains on."""
+        n = self.nb * self.batch
+        k = (step - self.nb) * self.batch
+        epoch, off = divmod(k, n)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return np.sort(perm[off:off + self.batch])
+
+
+def _stream_batch(step: int, batch: int, seed: int, tok):
+    """Scene batch ``step`` of the seeded stream: captions' token ids and render parameters."""
+    from .train import batch_scenes
+    from .world import render_params
+    scenes = batch_scenes(step, batch, seed)
+    ids = tok([sc.caption for sc in scenes], padding="max_length", max_length=TEXT_LENGTH, truncation=True,
+              return_tensors="pt").input_ids
+    return ids, render_params([sc.objects for sc in scenes])
+
+
+@torch.no_grad()
+def _encode(vae, enc, tok, ids, params):
     from .world import render_from_params
+    x, _ = render_from_params(*params)
+    return vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor, enc(ids)[0]
+
+
+def fidelity_now(tr, vae, enc, tok, seed: int, n: int = FIDELITY_N) -> dict:
+    """The analyzer-scored fidelity of the transformer as it stands: ``n`` held-out prompts per
+    group (single, two-object, unseen combos; the chapters' seed stream, 25 steps, guidance 5)."""
+    from .analyzer import fidelity
+    from .world import sample_scene
+    groups = {name: [sample_scene(seed + 5_000_000 + i, k, split=split, p_color=1.0) for i in range(n)]
+              for name, k, split in (("single", 1, "test"), ("two", 2, "test"), ("unseen", 1, "unseen"))}
+    was = tr.training
+    pipe = _pipeline_class()(vae=vae, text_encoder=enc, tokenizer=tok, transformer=tr.eval(), scheduler=build_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        return fidelity(pipe, groups, 25, 5.0, seed)
+    finally:
+        tr.train(was)
+
+
+def met(fid: dict) -> bool:
+    return all(fid[k] >= v for k, v in TARGETS.items())
+
+
+def pack(run: Path, out: Path) -> Path:
+    """A compact resumable checkpoint to commit when a session ends: fp32 weights, the optimizer's
+    moments in bf16 (their range, not their last bits, matters), the step and the logs."""
+    s = torch.load(run / "mmdit.pt", map_location="cpu", weights_only=True)
+    opt = s["opt"]
+    opt["state"] = {k: {n: (v.to(torch.bfloat16) if v.is_floating_point() and v.dim() else v) for n, v in st.items()}
+                    for k, st in opt["state"].items()}
+    logs = {f.name: f.read_text() for f in sorted(run.glob("mmdit-*.jsonl"))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from .train import _save_atomic
+    _save_atomic(dict(model=s["model"], opt=opt, step=s["step"], logs=logs), out)
+    return out
+
+
+def train(run: Path, init: Path, minutes: float, steps: int, batch: int, lr: float, seed: int, warmup: int = 500,
+          p_uncond: float = 0.1, resume: Path | None = None,
+          pool_batches: int = POOL_BATCHES, fidelity_every: int = FIDELITY_EVERY, fidelity_n: int = FIDELITY_N,
+          stop_at_targets: bool = True) -> int:
+    """Flow-matching training of the transformer; returns the step reached.
+
+    Resumes from ``<run>/mmdit.pt``, else from ``resume`` (a :func:`pack`-ed checkpoint). Every
+    ``fidelity_every`` steps the fidelity is scored and logged; with ``stop_at_targets`` training
+    stops at the first score that meets :data:`TARGETS`."""
+    from diffusers import AutoencoderKL
+    from .train import _log, _save_atomic, warmup_cosine
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = AutoencoderKL.from_pretrained(Path(init) / "vae", local_files_only=True).float().to(dev).eval().requires_grad_(False)
-    enc, tok = M.load_text_encoder(causal=True)
-    enc = enc.half().float().to(dev)  # the committed encoder is fp16: train on exactly its values
+    enc, tok = text_encoder()
+    enc = enc.to(dev)
     torch.manual_seed(seed)  # the same initial weights however it is called (a resumed run loads its own)
     tr = build_transformer().to(dev)
     opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=1e-2)
     ck, step = run / "mmdit.pt", 0
-    if ck.exists():
-        s = torch.load(ck, map_location=dev, weights_only=True)
-        tr.load_state_dict(s["model"]); opt.load_state_dict(s["opt"]); step = s["step"]
+    src = ck if ck.exists() else (resume if resume is not None and Path(resume).exists() else None)
+    if src is not None:
+        s = torch.load(src, map_location=dev, weights_only=True)
+        tr.load_state_dict(s["model"])
+        for st in s["opt"]["state"].values():
+            for n, v in st.items():
+                if v.is_floating_point() and v.dim():
+                    st[n] = v.float()
+        opt.load_state_dict(s["opt"]); step = s["step"]
+        for name, text in s.get("logs", {}).items():  # a packed checkpoint carries the curves so far
+            if not (run / name).exists():
+                (run / name).write_text(text)
+    pool = Pool(run / "pool", batch, seed, pool_batches)
+    empty = enc(tok([""], padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt").input_ids.to(dev))[0]
     gen = torch.Generator(device=dev)
-    amp = dict(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else dict(device_type="cpu", enabled=False)
     t0 = last = time.time()
-    loader = torch.utils.data.DataLoader(_SceneStream(step, steps, batch, seed + 1, tok, p_uncond), batch_size=None,
-                                         num_workers=workers if workers is not None else min(6, os.cpu_count() or 1))
-    for k, ids, params in loader:
-        if time.time() - t0 >= minutes * 60:
-            break
-        assert k == step, (k, step)
+
+    def fresh(b):
+        ids, params = _stream_batch(b, batch, seed + 1, tok)
+        lat, txt = _encode(vae, enc, tok, ids.to(dev), [p.to(dev) for p in params])
+        pool.add(b, lat.cpu(), txt.cpu(), ids.to(torch.int32))
+        return lat, txt, ids
+
+    while pool.built < min(step, pool.nb):  # a lost pool: rebuild the batches already trained on
+        fresh(pool.built)
+        if pool.built % 64 == 0:
+            print(f"mmdit: pool rebuilt to batch {pool.built}/{min(step, pool.nb)}", flush=True)
+    while step < steps and time.time() - t0 < minutes * 60:
         gen.manual_seed(seed * 1_000_003 + step)
-        x, _ = render_from_params(*(p.to(dev) for p in params))
-        with torch.no_grad():
-            x0 = vae.encode(x * 2 - 1).latent_dist.mean * vae.config.scaling_factor
-            ids = ids.to(dev)
-            ctx = enc(ids)[0]
-            pooled = _pooled(ctx, ids, tok.pad_token_id)
+        if step < pool.nb:
+            x0, ctx, ids = fresh(step)
+        else:
+            rows = pool.draw(step)
+            x0, ctx = torch.from_numpy(pool.lat[rows]).to(dev), torch.from_numpy(pool.txt[rows]).to(dev)
+            ids = torch.from_numpy(pool.ids[rows].astype(np.int64))
+        ids = ids.to(dev)
+        drop = torch.rand(len(x0), generator=gen, device=dev) < p_uncond
+        ctx = torch.where(drop.view(-1, 1, 1), empty, ctx)
+        ids = torch.where(drop.view(-1, 1), tok.pad_token_id, ids)
+        ids[drop, 0], ids[drop, 1] = tok.cls_token_id, tok.sep_token_id
+        pooled = _pooled(ctx, ids, tok.pad_token_id)
         noise = torch.randn(x0.shape, generator=gen, device=dev)
         t = torch.sigmoid(torch.randn(len(x0), generator=gen, device=dev))  # logit-normal, as SD3
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
         for g in opt.param_groups:
             g["lr"] = warmup_cosine(step, lr, warmup, steps)
-        with torch.autocast(**amp):
-            pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=ctx, pooled_projections=pooled,
-                      return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
+        pred = tr(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=ctx, pooled_projections=pooled,
+                  return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
@@ -199,12 +334,83 @@ def train(run: Path, init: Path, minutes: float, steps: int, batch: int, lr: flo
         if step % 100 == 0 or step == steps:
             _log(run, "mmdit", dict(step=step, loss=loss.item(), grad_norm=gn.item(), lr=opt.param_groups[0]["lr"],
                                     time=time.time() - t0))
-        if time.time() - last > 90:
+        if time.time() - last > 300:
             _save_atomic(dict(model=tr.state_dict(), opt=opt.state_dict(), step=step), ck)
             last = time.time()
+        if fidelity_every and step % fidelity_every == 0:
+            f0 = time.time()
+            fid = fidelity_now(tr, vae, enc, tok, seed, fidelity_n)
+            _log(run, "mmdit-fidelity", dict(step=step, **fid, met=met(fid), seconds=time.time() - f0))
+            print(f"mmdit: step {step} fidelity " + ", ".join(f"{k} {fid[k]:.3f}" for k in TARGETS), flush=True)
+            if stop_at_targets and met(fid):
+                break
     _save_atomic(dict(model=tr.state_dict(), opt=opt.state_dict(), step=step), ck)
     print(f"mmdit: step {step}/{steps} in {time.time() - t0:.0f}s", flush=True)
     return step
+
+
+def bench(init: Path, batch: int = 64, repeats: int = 3) -> dict:
+    """The training step's parts and levers, measured side by side in one run (seconds per batch):
+    rendering, the VAE's encoder, the text encoder at 77 tokens and at :data:`TEXT_LENGTH`, the
+    transformer's step (forward, backward, AdamW) at both text lengths, in fp32 and, where this
+    CPU computes bf16 natively, under bf16 autocast, at all threads and at one; and what a step
+    costs with fresh scenes against one drawn from the pool."""
+    from diffusers import AutoencoderKL
+    from .. import models
+    from .train import batch_scenes
+    from .world import render_from_params, render_params
+    vae = AutoencoderKL.from_pretrained(Path(init) / "vae", local_files_only=True).float().eval().requires_grad_(False)
+    enc, tok = text_encoder()
+    tr = build_transformer()
+    opt = torch.optim.AdamW(tr.parameters(), lr=1e-5)
+    scenes = batch_scenes(0, batch, 1)
+    params = render_params([sc.objects for sc in scenes])
+
+    def timed(f):
+        f()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        return (time.perf_counter() - t) / repeats
+
+    def ids(n):
+        return tok([sc.caption for sc in scenes], padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+
+    x, _ = render_from_params(*params)
+    with torch.no_grad():
+        x0 = vae.encode(x * 2 - 1).latent_dist.mean
+        ctx = {n: enc(ids(n))[0] for n in (77, TEXT_LENGTH)}
+
+    def step(n, bf16=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = tr(hidden_states=x0, timestep=torch.rand(batch) * 1000, encoder_hidden_states=ctx[n],
+                      pooled_projections=ctx[n][:, 0], return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    out = dict(machine=models.machine(), batch=batch, threads=torch.get_num_threads())
+    with torch.no_grad():
+        out["render"] = timed(lambda: render_from_params(*params))
+        out["vae_encode"] = timed(lambda: vae.encode(x * 2 - 1))
+        for n in (77, TEXT_LENGTH):
+            i = ids(n)
+            out[f"text_{n}"] = timed(lambda: enc(i))
+    for n in (77, TEXT_LENGTH):
+        out[f"transformer_{n}"] = timed(lambda: step(n))
+    if models.cpu_has_bf16():
+        out[f"transformer_{TEXT_LENGTH}_bf16"] = timed(lambda: step(TEXT_LENGTH, True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out[f"transformer_{TEXT_LENGTH}_1thread"] = timed(lambda: step(TEXT_LENGTH))
+    torch.set_num_threads(threads)
+    out["fresh_step_77"] = out["render"] + out["vae_encode"] + out["text_77"] + out["transformer_77"]
+    out["pool_step"] = out[f"transformer_{TEXT_LENGTH}"]
+    out["speedup_pool_over_fresh_77"] = out["fresh_step_77"] / out["pool_step"]
+    for k, v in out.items():
+        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+    return out
 
 
 def assemble(run: Path, init: Path, out: Path) -> Path:
@@ -223,9 +429,12 @@ def assemble(run: Path, init: Path, out: Path) -> Path:
         _class_name="ShapesDiTPipeline", transformer=["diffusers", "SD3Transformer2DModel"],
         vae=["diffusers", "AutoencoderKL"], scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"]), indent=1))
     (tmp / "saam.json").write_text(json.dumps(dict(variant="mmdit", about=ABOUT), indent=1))
-    log = run / "mmdit-log.jsonl"
-    curves = [json.loads(l) for l in open(log)] if log.exists() else []
-    (tmp / "training.json").write_text(json.dumps(dict(variant="mmdit", init=str(init), steps=s["step"], curves=curves)))
+    read = lambda f: [json.loads(l) for l in open(f)] if f.exists() else []
+    fid = read(run / "mmdit-fidelity-log.jsonl")
+    (tmp / "training.json").write_text(json.dumps(dict(
+        variant="mmdit", init=str(init), steps=s["step"], text_length=TEXT_LENGTH, targets=TARGETS,
+        targets_met_at=next((r["step"] for r in fid if r["met"]), None), fidelity=fid,
+        curves=read(run / "mmdit-log.jsonl")), indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -233,7 +442,7 @@ def assemble(run: Path, init: Path, out: Path) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["train", "assemble"])
+    ap.add_argument("stage", choices=["train", "assemble", "pack", "bench"])
     ap.add_argument("--run", type=Path, default=Path("data/runs/mmdit"))
     ap.add_argument("--init", type=Path, default=Path("data/shapesworld-model"), help="the trained organism whose VAE is used")
     ap.add_argument("--out", type=Path, default=Path("data/variants/mmdit"))
@@ -243,12 +452,17 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--resume", type=Path, default=Path("data/mmdit-resume.pt"),
+                    help="a packed checkpoint to start from when --run has none (committed between sessions)")
     a = ap.parse_args(argv)
     a.run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
     if a.stage == "train":
-        train(a.run, a.init, a.minutes, a.steps, a.batch, a.lr, a.seed, a.warmup, workers=a.workers)
+        train(a.run, a.init, a.minutes, a.steps, a.batch, a.lr, a.seed, a.warmup, resume=a.resume)
+    elif a.stage == "pack":
+        print(pack(a.run, a.resume))
+    elif a.stage == "bench":
+        bench(a.init, a.batch)
     else:
         print(assemble(a.run, a.init, a.out))
 
