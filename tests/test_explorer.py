@@ -67,3 +67,66 @@ def test_the_static_page_switches_words_in_chromium(run, tmp_path):
         assert not [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         drv.quit()
+
+
+HOSTILE = '</script><img src=x onerror="window.pwned=1">"\' onmouseover="window.pwned=2" `${window.pwned=3}` __DATA__'
+
+
+def _hostile(run):
+    """The smoke run with a hostile string in every head (layer) name, word and caption, as a shared
+    relevance file or a user's prompt could carry."""
+    import dataclasses
+    from saam.heads import HeadId
+    p, rel, recs, images = run
+    rel = dataclasses.replace(rel, heads=[HeadId(h.layer + HOSTILE, h.head) for h in rel.heads])
+    recs = [dataclasses.replace(r, word=r.word + HOSTILE, caption=r.caption + HOSTILE) for r in recs]
+    return p, rel, recs, images
+
+
+def test_the_static_page_carries_names_as_data_only(run, tmp_path):
+    from saam import tables
+    from saam.explorer import write_page
+    p, rel, recs, images = _hostile(run)
+    mask = tables.eligible(p, run[1].heads)
+    text = write_page(tmp_path / "e.html", recs, rel, images, p, n_images=1, mask=mask).read_text()
+    assert text.count("</script>") == 1 and text.count("<img src=x") == 0 and "__DATA__" not in text.split("const DATA")[0]
+
+
+@pytest.mark.parametrize("case,match", [("none", "no word records"), ("mask", "eligibility mask of"),
+                                        ("heads", "maps of .* heads, the relevance"), ("images", "image\\(s\\) were given")])
+def test_the_explorer_refuses_what_it_cannot_draw(run, tmp_path, case, match):
+    import dataclasses
+    from saam import tables
+    from saam.explorer import write_page
+    p, rel, recs, images = run
+    mask = tables.eligible(p, rel.heads)
+    recs = [r for r in recs if r.gt is not None]
+    args = dict(none=([], rel, images, mask), mask=(recs, rel, images, mask[:-1]),
+                heads=([dataclasses.replace(recs[0], maps=recs[0].maps[:-1])], rel, images, mask),
+                images=(recs, rel, images[:0], mask))[case]
+    with pytest.raises(ValueError, match=match):
+        write_page(tmp_path / "e.html", args[0], args[1], args[2], p, mask=args[3])
+    assert not (tmp_path / "e.html").exists()
+
+
+@pytest.mark.slow
+def test_hostile_names_stay_text_in_chromium(run, tmp_path):
+    from saam import tables
+    from saam.explorer import write_page
+    p, rel, recs, images = _hostile(run)
+    page = write_page(tmp_path / "e.html", recs, rel, images, p, n_images=1, mask=tables.eligible(p, run[1].heads))
+    from conftest import chromium
+    drv = chromium()
+    try:
+        drv.get(page.as_uri())
+        b = drv.find_elements("css selector", "#img0 .words button")[0]
+        b.click()
+        fig = drv.find_elements("css selector", "#img0 .grid figure img")[0]
+        drv.execute_script("arguments[0].dispatchEvent(new MouseEvent('mouseover', {bubbles: true}))", fig)
+        assert drv.execute_script("return window.pwned === undefined")
+        assert HOSTILE in b.text and HOSTILE in fig.get_attribute("title")
+        assert HOSTILE in drv.find_element("css selector", "#img0 p").text
+        assert drv.execute_script("return Array.from(document.images).filter(i => i.getAttribute('src') === 'x').length") == 0
+        assert not [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        drv.quit()

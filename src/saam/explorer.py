@@ -89,10 +89,9 @@ class Explorer:
         self.recs, self.rel, self.images, self.params = list(recs), rel, images, params
         self.mask = eligible(params, rel.heads) if mask is None else mask
         self.by_image: dict[int, list[WordRecord]] = {}
+        check_inputs(self.recs, rel, images, self.mask)
         for r in self.recs:
             self.by_image.setdefault(r.image, []).append(r)
-        if not self.by_image:
-            raise ValueError("no word records to explore")
         first = next(iter(self.by_image))
         self.image = W.Dropdown(options=[(f"{i}: {rs[0].caption}", i) for i, rs in self.by_image.items()], value=first,
                                 description="image", layout=W.Layout(width="60%"))
@@ -154,17 +153,46 @@ class Explorer:
         self.shown = (r.image, r.word, self.concept.value, self.k.value)
 
 
+def check_inputs(recs: Sequence[WordRecord], rel, images, mask: np.ndarray) -> None:
+    """What the explorer draws must exist: records, an image for each, one map per head of the
+    relevance and a mask over those heads; each a ValueError that says which."""
+    if not len(recs):
+        raise ValueError("no word records to explore (with masks, where the page needs them): nothing to draw")
+    n = len(rel.heads)
+    if np.shape(mask) != (n,):
+        raise ValueError(f"an eligibility mask of {np.shape(mask)} for a relevance over {n} heads")
+    for r in recs:
+        if not 0 <= r.image < len(images):
+            raise ValueError(f"word record {r.word!r} is of image {r.image}, but {len(images)} image(s) were given")
+        if len(r.maps) != n:
+            raise ValueError(f"word record {r.word!r} has maps of {len(r.maps)} heads, the relevance {n}: records and "
+                             "relevance must come from the same model")
+
+
+def _script_json(data) -> str:
+    """JSON that is safe inside an inline ``<script>``: no ``<``, ``>`` or ``&`` (a name holding
+    ``</script>`` cannot end the element), line separators escaped too."""
+    text = json.dumps(data)  # ensure_ascii: U+2028/U+2029 are escaped already
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def write_page(path: Path, recs: Sequence[WordRecord], rel, images, params: dict, n_images: int = 4,
-               mask: np.ndarray | None = None) -> Path:
+               mask: np.ndarray | None = None, require_masks: bool = True) -> Path:
     """The explorer as one self-contained HTML page (thumbnails embedded): the first ``n_images``
     images with scored words; clicking a word shows its heads ordered by relevance to its kind,
-    with relevance and single-head IoU; the k slider marks the top-k."""
+    with relevance and single-head IoU; the k slider marks the top-k.
+
+    Every name (words, kinds, concepts, head names, captions) reaches the page as data: JSON
+    escaped for the script element, and HTML-escaped by the page's script where it is shown, so
+    a name from a shared relevance file cannot inject markup or script. ``require_masks=False``
+    shows records without masks too (their IoU as '-')."""
     from .tables import eligible
-    mask = eligible(params, rel.heads) if mask is None else mask
+    mask = eligible(params, rel.heads) if mask is None else np.asarray(mask, bool)
     by_image: dict[int, list[WordRecord]] = {}
     for r in recs:
-        if r.gt is not None and (r.image in by_image or len(by_image) < n_images):
+        if (r.gt is not None or not require_masks) and (r.image in by_image or len(by_image) < n_images):
             by_image.setdefault(r.image, []).append(r)
+    check_inputs([r for rs in by_image.values() for r in rs], rel, images, mask)
     data = []
     for i, rs in by_image.items():
         img = images[i]
@@ -173,19 +201,20 @@ def write_page(path: Path, recs: Sequence[WordRecord], rel, images, params: dict
             concept = rel.concepts[rel.index(r.kind)]
             heads = heads_of(r, rel, concept, mask, params["tau"])
             maps = method_maps(r, rel, concept, params["k"], mask, img.shape[:2])
-            words.append(dict(word=html.escape(r.word), kind=html.escape(r.kind), concept=concept,
+            words.append(dict(word=r.word, kind=r.kind, concept=concept,
                               methods={m: _jpeg(overlay_rgb(img, v)) for m, v in maps.items()},
                               heads=[dict(head=h.head, rank=int(h.rank), relevance=round(float(h.relevance), 4),
                                           iou=None if np.isnan(h.iou) else round(float(h.iou), 4),
                                           src=_jpeg(overlay_rgb(img, r.maps[h.index]), THUMB)) for h in heads.itertuples()]))
-        data.append(dict(image=int(i), caption=html.escape(rs[0].caption), src=_jpeg(np.asarray(img if img.dtype == np.uint8 else
+        data.append(dict(image=int(i), caption=rs[0].caption, src=_jpeg(np.asarray(img if img.dtype == np.uint8 else
                                                                                     (np.clip(img, 0, 1) * 255).round().astype(np.uint8))),
                          words=words))
     n_eligible = int(mask.sum())
     k0 = params["k"] if params["k"] > 1 else max(1, int(round(params["k"] * n_eligible)))
-    page = PAGE.replace("__DATA__", json.dumps(data)).replace("__K__", str(int(k0))).replace("__N__", str(n_eligible))
+    page = PAGE.replace("__K__", str(int(k0))).replace("__N__", str(n_eligible))
     page = page.replace("__T__", str(THUMB)).replace("__M__", str(2 * THUMB))
     page = page.replace("__TITLE__", html.escape(f"Head explorer: {params.get('profile', '')}"))
+    page = page.replace("__DATA__", _script_json(data))  # last: no placeholder is looked for inside the data
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -208,15 +237,16 @@ single-head IoU against the word's mask. The slider marks the top k heads (red f
 <div id="root"></div>
 <script>
 const DATA = __DATA__;
+function esc(s){return String(s).replace(/[&<>"'`]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;', '`': '&#96;'}[c]));}
 function k(){return +document.getElementById('k').value;}
 function show(i, j){
   const d = DATA[i], w = d.words[j], box = document.getElementById('img' + i);
   box.querySelectorAll('.words button').forEach((b, n) => b.classList.toggle('on', n === j));
   box.querySelector('.methods').innerHTML = ['daam', 'top', 'bottom'].map(m =>
-    `<figure><img src="${w.methods[m]}"><figcaption>${{daam: 'DAAM', top: 'top-k', bottom: 'bottom-k'}[m]}</figcaption></figure>`).join('');
+    `<figure><img src="${esc(w.methods[m])}"><figcaption>${{daam: 'DAAM', top: 'top-k', bottom: 'bottom-k'}[m]}</figcaption></figure>`).join('');
   const g = box.querySelector('.grid');
   g.dataset.word = w.word;
-  g.innerHTML = w.heads.map(h => `<figure data-rank="${h.rank}"><img src="${h.src}" title="${h.head}">
+  g.innerHTML = w.heads.map(h => `<figure data-rank="${h.rank}"><img src="${esc(h.src)}" title="${esc(h.head)}">
     <figcaption>#${h.rank} rel ${h.relevance.toFixed(2)}<br>IoU ${h.iou === null ? '-' : h.iou.toFixed(2)}</figcaption></figure>`).join('');
   mark();
 }
@@ -226,8 +256,8 @@ function mark(){
 }
 document.getElementById('k').addEventListener('input', mark);
 document.getElementById('root').innerHTML = DATA.map((d, i) => `<div class="img" id="img${i}">
-  <figure style="float:left;margin:0 1em 0 0"><img src="${d.src}"></figure><p>${d.caption}</p>
-  <div class="words">${d.words.map((w, j) => `<button onclick="show(${i},${j})">${w.word} <small>(${w.kind})</small></button>`).join('')}</div>
+  <figure style="float:left;margin:0 1em 0 0"><img src="${esc(d.src)}"></figure><p>${esc(d.caption)}</p>
+  <div class="words">${d.words.map((w, j) => `<button onclick="show(${i},${j})">${esc(w.word)} <small>(${esc(w.kind)})</small></button>`).join('')}</div>
   <div class="methods" style="clear:both"></div><div class="grid"></div></div>`).join('');
 DATA.forEach((d, i) => show(i, 0));
 </script></body></html>"""
