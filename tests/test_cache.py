@@ -132,3 +132,10 @@ def test_fingerprint_streams_and_remembers_each_file(tmp_path, monkeypatch):
     w.write_bytes(bytes(range(255, -1, -1)) * 3)
     os.utime(w, ns=(w.stat().st_atime_ns, w.stat().st_mtime_ns + 10**9))
     assert cache.fingerprint(folder) == whole(folder) != first and reads.count("w.safetensors") == 2
+    # weights swapped for others of the same size, the old modification time restored (issue 37)
+    second, st = cache.fingerprint(folder), w.stat()
+    (folder / "other").write_bytes(bytes(range(256)) * 3)
+    os.replace(folder / "other", w)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert w.stat().st_size == st.st_size and w.stat().st_mtime_ns == st.st_mtime_ns
+    assert cache.fingerprint(folder) == whole(folder) == first != second and reads.count("w.safetensors") == 3

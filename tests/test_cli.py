@@ -125,3 +125,62 @@ def test_plot_overlay_upsamples_normalises_and_refuses_bad_maps():
     with pytest.raises(ValueError, match="at the image's size"):
         plot_overlay(img, m, normalise=False)
     plt.close("all")
+
+
+def test_words_that_sanitise_alike_get_distinct_files():
+    from saam.cli import _stems
+    stems = _stems(["🔴", "⭐", "?", "red", "red!"])
+    assert len(set(stems.values())) == 5 and stems["red"] == "red"
+
+
+def test_bad_map_input_fails_before_any_work_and_loses_nothing(folders, tmp_path):
+    """issue 37: every input checked before generating, the output folder replaced whole or not at all,
+    maps.json saying what produced it, and relevance files refused on another model."""
+    root, f = folders
+    out = tmp_path / "m"
+    base = ("map", "a red cat on a blue sofa", "--model", f["sd1"], "--steps", 1, "--size", 64, "-q")
+    saam(*base, "--word", "cat", "--seed", 3, "-o", out)
+    about = json.loads((out / "maps.json").read_text())
+    assert about["steps"] == 1 and about["size"] == [64, 64] and about["seed"] == 3 and about["family"] == "unet"
+    assert "pipeline's" in str(about["guidance"]) and about["words"]["cat"]["files"] == ["cat-map.png", "cat-overlay.png"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for args, match in [(("--word", "dog"), "--word 'dog'.*nothing was generated"), (("--word", ""), "--word ''"),
+                        (("--word", "cat", "--size", 17), "--size 17: this model needs a multiple of"),
+                        (("--word", "cat", "--device", "cuda"), "--device cuda")]:
+        r = saam(*base, *args, "-o", out, check=False)
+        assert r.returncode == 2 and match.split(".*")[0] in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-800:])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier run intact
+    for args in (("--k", "nan"), ("--guidance", "-5"), ("--k", "inf")):
+        r = saam(*base, "--word", "cat", *args, "-o", out, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+    (tmp_path / "file").write_text("x")
+    r = saam(*base, "--word", "cat", "-o", tmp_path / "file", check=False)
+    assert r.returncode == 2 and "a file is there" in r.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = saam(*base, "--word", "cat", "-o", other, check=False)
+    assert r.returncode == 2 and "other files" in r.stderr and [p.name for p in other.iterdir()] == ["notes.txt"]
+    long = " ".join(["a photo"] * 40) + " of a cat"  # 'cat' past the 77-token window
+    r = saam("map", long, "--model", f["sd1"], "--word", "cat", "-o", tmp_path / "long", check=False)
+    assert r.returncode == 2 and "nothing was generated" in r.stderr and not (tmp_path / "long").exists()
+
+
+@pytest.mark.slow
+def test_relevance_files_carry_their_model_and_are_refused_on_another(folders, tmp_path):
+    root, f = folders
+    saam("heads", "--model", f["sd1"], "--prompts", root / "prompts.txt", "--n-prompts", 1, "--steps", 1, "-o", tmp_path / "h")
+    ident = json.loads((tmp_path / "h" / "relevance.json").read_text())["params"]["model_identity"]
+    assert ident["family"] == "unet" and ident["fingerprint"] and ident["n_heads"] > 0
+    base = ("map", "a red cat", "--word", "cat", "--heads", "top", "--steps", 1, "--size", 64, "-q")
+    r = saam(*base, "--model", f["sdxl"], "--relevance", tmp_path / "h" / "relevance.npz", "-o", tmp_path / "x", check=False)
+    assert r.returncode == 2 and "are not this model's" in r.stderr and "unet" in r.stderr and not (tmp_path / "x").exists()
+    (tmp_path / "junk.npz").write_bytes(os.urandom(500))
+    (tmp_path / "junk.json").write_text("{}")
+    r = saam(*base, "--model", f["sd1"], "--relevance", tmp_path / "junk.npz", "-o", tmp_path / "y", check=False)
+    assert r.returncode == 2 and "not a relevance file written by `saam heads`" in r.stderr
+    r = saam(*base, "--model", f["sd1"], "--relevance", tmp_path / "h" / "relevance.npz", "--k", 1000, "-o", tmp_path / "z",
+             check=False)
+    assert r.returncode == 2 and "--k 1000" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "z").exists()
+    r = saam(*base, "--model", f["sd1"], "--relevance", tmp_path / "h" / "relevance.npz", "-o", tmp_path / "z")
+    assert "warning" not in r.stderr and (tmp_path / "z" / "cat-map.png").exists()

@@ -60,11 +60,13 @@ def _known_digests(where: Path) -> dict:
 
 def known_digest(f: Path) -> bytes:
     """:func:`file_digest`, remembered under ``data/cache/file-digests.json`` by (resolved path, size,
-    modification time): a weight file is hashed once, not once per chapter and run; a file that
-    changed in size or time is hashed again."""
+    modification time, inode, status-change time): a weight file is hashed once, not once per
+    chapter and run; a file that changed is hashed again. The status-change time (ctime) moves with
+    every write, rename or ``touch`` and cannot be set back, so weights swapped for others of the
+    same size with their old modification time restored are hashed again too."""
     f = Path(f).resolve()
     st = f.stat()
-    k = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+    k = f"{f}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     where = _digests_file()
     known = _known_digests(where)
     if k not in known:

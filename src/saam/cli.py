@@ -35,7 +35,11 @@ class UsageError(Exception):
 
 def open_model(ref: str, device: str = "auto", precision: str = "auto"):
     """(pipeline, params) for ``--model``: the organism, a folder or a cached repo id."""
-    from .models import check_model_folder, family_of, load_model, resolve
+    from .models import check_model_folder, family_of, load_model, resolve, resolve_device
+    try:
+        resolve_device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device}: {e}; use --device cpu (or auto)") from None
     if ref == "shapesworld":
         from .profiles import load as load_profile
         p = load_profile("paper")
@@ -74,11 +78,7 @@ def get_relevance(pipe, params: dict, source: str, prompts: Path | None, n: int 
     from .capture import is_dit
     from .relevance import PUBLISHED, Relevance, load_published, relevance_pass
     if source not in ("auto", "published", "pass"):
-        f = Path(source)
-        if not f.exists() or not f.with_suffix(".json").exists():
-            raise UsageError(f"--relevance {source}: no such file (with its .json beside it); "
-                             "write one with `saam heads --model ... -o DIR` (DIR/relevance.npz)")
-        return Relevance.load(f)
+        return relevance_file(Path(source), pipe, params)
     family = params.get("model")
     if source in ("auto", "published") and family in PUBLISHED and not is_dit(pipe):
         from .capture import cross_attention_layers
@@ -106,12 +106,68 @@ def get_relevance(pipe, params: dict, source: str, prompts: Path | None, n: int 
         raise UsageError("this model has no published head relevance: give prompts for HRV's pass with "
                          "--prompts FILE (one per line; HRV used a few thousand unrelated prompts, 100+ is a start), "
                          "or --relevance DIR/relevance.npz from `saam heads`")
-    kw = {} if guidance is None else dict(guidance=guidance)
+    # the pipeline's own guidance and steps unless given (the help says so); the organism: its profile's
+    kw = dict(guidance=guidance if guidance is not None else params.get("guidance"))
     if is_dit(pipe) and max_sequence_length:
         kw["max_sequence_length"] = max_sequence_length
     print(f"saam: HRV's relevance pass over {len(lines)} prompt(s), {len(concepts_for(params))} concepts", file=sys.stderr)
-    return relevance_pass(pipe, concepts_for(params), lines, steps=steps or params.get("steps") or 30,
+    return relevance_pass(pipe, concepts_for(params), lines, steps=steps or params.get("steps") or call_default(pipe, "num_inference_steps"),
                           seed=params.get("seed", 0), batch_size=params.get("batch_size", 4), progress=True, **kw)
+
+
+def call_default(pipe, name: str):
+    """A pipeline call's default for ``name`` (``num_inference_steps``, ``guidance_scale``), from its signature."""
+    import inspect
+    p = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+def model_identity(pipe, params: dict) -> dict:
+    """What a relevance file records of the model it was measured on: family, head layout, and the
+    weights' fingerprint where the model is a folder."""
+    from .family import of
+    from .models import model_fingerprint
+    from .steps import denoiser_heads
+    heads = denoiser_heads(pipe)
+    fp = None
+    if params.get("model_path"):
+        try:
+            fp = model_fingerprint(params)
+        except (OSError, ValueError):
+            pass
+    return dict(family=of(pipe).name, model=params.get("model"), path=params.get("model_path"), fingerprint=fp,
+                n_heads=len(heads), layers=len({h.layer for h in heads}))
+
+
+def relevance_file(f: Path, pipe, params: dict):
+    """A ``relevance.npz`` (and its .json) from ``saam heads``, refused when its heads are not this
+    model's (another model's file would pick heads by position), with a warning when its weights'
+    fingerprint differs (a fine-tune of the same layout)."""
+    from .relevance import Relevance
+    from .steps import denoiser_heads
+    if not f.exists() or not f.with_suffix(".json").exists():
+        raise UsageError(f"--relevance {f}: no such file (with its .json beside it); "
+                         "write one with `saam heads --model ... -o DIR` (DIR/relevance.npz)")
+    try:
+        rel = Relevance.load(f)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one message
+        raise UsageError(f"--relevance {f}: not a relevance file written by `saam heads` ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    have, mine = list(rel.heads), denoiser_heads(pipe)
+    said = rel.params.get("model_identity") or {}
+    if have != mine:
+        where = f" (it says it was measured on {said.get('family')} at {said.get('path')})" if said else ""
+        raise UsageError(f"--relevance {f}: its {len(have)} heads in {len({h.layer for h in have})} layers are not this "
+                         f"model's {len(mine)} heads in {len({h.layer for h in mine})} layers{where}: relevance from "
+                         "another model would pick heads by position; run `saam heads` on this model")
+    fp = model_identity(pipe, params)["fingerprint"]
+    if said.get("fingerprint") and fp and said["fingerprint"] != fp:
+        print(f"saam: warning: --relevance {f} was measured on weights with fingerprint {said['fingerprint']}, this "
+              f"model's is {fp} (same heads, other weights: a fine-tune?); its head ranking may not hold", file=sys.stderr)
+    elif not said:
+        print(f"saam: warning: --relevance {f} does not say which model it came from (written before saam recorded "
+              "it); its heads match this model's layout", file=sys.stderr)
+    return rel
 
 
 def infer_concept(word: str, rel) -> str:
@@ -139,6 +195,9 @@ def _generate(pipe, params: dict, a, words: list[str] | None):
     kw.update(guidance_arg(guidance))
     if a.size:
         kw.update(height=a.size, width=a.size)
+        import inspect
+        if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+            kw["use_resolution_binning"] = False  # PixArt would generate at its nearest trained size and resize
     if a.max_sequence_length:
         kw["max_sequence_length"] = a.max_sequence_length
     with trace(pipe, words=None if is_dit(pipe) else words) as tc:
@@ -146,57 +205,168 @@ def _generate(pipe, params: dict, a, words: list[str] | None):
     return image, tc[0]
 
 
+def check_out(out: Path) -> Path:
+    """The output folder, checked before any work: not a file, in a writable place, and either new,
+    empty or a previous ``saam map`` output (which a successful run replaces whole)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: a file is there; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "maps.json").exists():
+        raise UsageError(f"-o {out}: the folder holds other files and no maps.json of an earlier `saam map`; "
+                         "give a new or empty folder (nothing was written)")
+    parent = next((d for d in (out, *out.parents) if d.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: cannot write in {parent}")
+    return out
+
+
+def check_size(pipe, size: int | None) -> None:
+    """``--size`` must give whole latent patches: a multiple of the VAE's factor times the
+    denoiser's (UNet: its down-sampling; MM-DiT: its patch, packed 2x2 where the family packs)."""
+    if not size:
+        return
+    from .family import of
+    fam = of(pipe)
+    den = fam.denoiser(pipe)
+    vae = getattr(pipe, "vae_scale_factor", 8)
+    cfg = den.config
+    if "down_block_types" in cfg:  # a UNet
+        inner = 2 ** (len(cfg["down_block_types"]) - 1)
+    else:  # a transformer: whole patches (Flux-style packing: 2 x 2 latents a token)
+        inner = int(cfg.get("patch_size") or 1) * (2 if fam.packed else 1)
+    step = vae * inner
+    if size % step:
+        raise UsageError(f"--size {size}: this model needs a multiple of {step} pixels (the VAE's {vae} x the "
+                         f"denoiser's {inner}); e.g. {max(step, size // step * step)} or {(size // step + 1) * step}")
+
+
+def check_words(pipe, prompt: str, words: list[str]) -> None:
+    """Every ``--word`` is a word of the prompt inside the text encoders' windows, before generating."""
+    from .family import of
+    from .words import WordNotFound, split_words, token_positions
+    fam = of(pipe)
+    for w in words:
+        if not w.strip():
+            raise UsageError("--word '': give a word of the prompt")
+    if fam.dit:
+        segs = fam.text_segments(pipe, 10**6)  # the windows past the first are the pipeline's (checked after tracing)
+    else:
+        segs = [(0, pipe.tokenizer, pipe.tokenizer.model_max_length)]
+    for w in words:
+        errors = []
+        for _, tok, length in segs:
+            try:
+                token_positions(prompt, w, tok, max_length=length if length < 10**5 else None)
+                break
+            except (WordNotFound, ValueError) as e:
+                errors.append(str(e))
+        else:
+            raise UsageError(f"--word {w!r}: {errors[0]} (the prompt's words: {', '.join(split_words(prompt))}; nothing "
+                             "was generated)")
+
+
+def _stems(words: list[str]) -> dict[str, str]:
+    """A distinct file stem per word (words that sanitise alike, such as emoji, get -2, -3, ...)."""
+    out, used = {}, set()
+    for w in words:
+        base = _safe(w)
+        stem, n = base, 1
+        while stem in used:
+            n += 1
+            stem = f"{base}-{n}"
+        used.add(stem)
+        out[w] = stem
+    return out
+
+
 def cmd_map(a) -> None:
+    import shutil
+    import tempfile
     import numpy as np
     from PIL import Image
     from .aggregate import normalize, word_map
+    from .family import of
     from .headmaps import CaptureError
-    from .select import eligible, head_set
+    from .select import eligible, head_set, resolve_k
+    out = check_out(a.out)
+    words = list(dict.fromkeys(a.word))  # a word given twice is mapped once
     pipe, params = open_model(a.model, a.device, a.precision)
     pipe.set_progress_bar_config(disable=a.quiet)
-    image, hm = _generate(pipe, params, a, a.word)
-    rel = None
+    check_size(pipe, a.size)
+    check_words(pipe, a.prompt, words)
+    rel, concepts = None, {}
     if a.heads != "daam":
         rel = get_relevance(pipe, params, a.relevance, a.prompts, a.n_prompts, a.steps, a.guidance,
                             a.max_sequence_length)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+        for word in words:
+            concepts[word] = a.concept or infer_concept(word, rel)
+            try:
+                rel.row(concepts[word])
+            except KeyError as e:
+                raise UsageError(f"--concept: {e.args[0]}") from None
+        try:
+            resolve_k(a.k, len(rel.heads))
+        except ValueError as e:
+            raise UsageError(f"--k {a.k}: {e}") from None
+    image, hm = _generate(pipe, params, a, words)
+    fam = of(pipe)
     img8 = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    Image.fromarray(img8).save(out / "image.png")
-    arrays, about = {}, dict(prompt=a.prompt, model=a.model, heads=a.heads, seed=a.seed, words={})
-    for word in a.word:
+    steps = a.steps or params.get("steps") or call_default(pipe, "num_inference_steps")
+    guidance = a.guidance if a.guidance is not None else params.get("guidance")
+    about = dict(prompt=a.prompt, model=a.model, model_path=params.get("model_path"), family=fam.name,
+                 steps=steps, guidance=guidance if guidance is not None else f"the pipeline's ({call_default(pipe, 'guidance_scale')})",
+                 size=list(img8.shape[:2]), seed=a.seed, device=a.device, precision=a.precision, heads=a.heads,
+                 k=a.k if a.heads in ("top", "bottom") else None, words={})
+    stems = _stems(words)
+    arrays, results = {}, {}
+    for word in words:
         try:
             hm.token_positions(word)
         except (KeyError, ValueError, CaptureError) as e:
             raise UsageError(f"--word {word!r}: {e}") from None
         if rel is None:
-            m, info = word_map(hm, word), dict(heads="DAAM's (every down and up block head)")
+            m = word_map(hm, word)
+            info = dict(heads=f"DAAM's ({fam.daam_heads})")
         else:
-            concept = a.concept or infer_concept(word, rel)
             try:
-                row = rel.row(concept)
-            except KeyError as e:
-                raise UsageError(f"--concept: {e.args[0]}") from None
-            hs = head_set(a.heads, rel.heads, row, a.k, mask=eligible(rel.heads, factors=hm.layer_factors),
-                          concept=concept)
+                hs = head_set(a.heads, rel.heads, rel.row(concepts[word]), a.k,
+                              mask=eligible(rel.heads, factors=hm.layer_factors), concept=concepts[word])
+            except ValueError as e:
+                raise UsageError(f"--heads {a.heads} --k {a.k}: {e}") from None
             m = word_map(hm, word, heads=hs.heads, weights=hs.weights)
-            info = dict(concept=concept, k=a.k, heads=[str(h) for h in hs.heads])
-        about["words"][word] = info
+            info = dict(concept=concepts[word], k=a.k, heads=[str(h) for h in hs.heads])
         full = normalize(m, img8.shape[:2]).numpy()
-        arrays[word] = m.numpy()
-        arrays[f"{word}@image"] = full
-        stem = _safe(word)
+        arrays[word], arrays[f"{word}@image"] = m.numpy(), full
+        info["files"] = [f"{stems[word]}-map.png", f"{stems[word]}-overlay.png"]
+        about["words"][word] = info
+        results[word] = full
+    # every file of the run in a fresh folder beside the output, then swapped in whole: all or nothing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
         import matplotlib.pyplot as plt
         from .plots import MAP_CMAP, plot_overlay
-        plt.imsave(out / f"{stem}-map.png", full, cmap=MAP_CMAP, vmin=0, vmax=1)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        plot_overlay(img8, full, ax, normalise=False)
-        ax.set_axis_off()
-        fig.savefig(out / f"{stem}-overlay.png", bbox_inches="tight", pad_inches=0, dpi=max(100, img8.shape[0] // 3))
-        plt.close(fig)
-    np.savez_compressed(out / "maps.npz", **arrays)
-    (out / "maps.json").write_text(json.dumps(about, indent=1))
-    print(f"saam: wrote {out}/image.png, " + ", ".join(f"{_safe(w)}-map.png, {_safe(w)}-overlay.png" for w in a.word)
+        Image.fromarray(img8).save(tmp / "image.png")
+        for word, full in results.items():
+            plt.imsave(tmp / f"{stems[word]}-map.png", full, cmap=MAP_CMAP, vmin=0, vmax=1)
+            fig, ax = plt.subplots(figsize=(4, 4))
+            plot_overlay(img8, full, ax, normalise=False)
+            ax.set_axis_off()
+            fig.savefig(tmp / f"{stems[word]}-overlay.png", bbox_inches="tight", pad_inches=0, dpi=max(100, img8.shape[0] // 3))
+            plt.close(fig)
+        np.savez_compressed(tmp / "maps.npz", **arrays)
+        (tmp / "maps.json").write_text(json.dumps(about, indent=1, ensure_ascii=False))
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"saam: wrote {out}/image.png, " + ", ".join(f"{stems[w]}-map.png, {stems[w]}-overlay.png" for w in words)
           + ", maps.npz (each word's map at latent size, and '<word>@image' at image size) and maps.json")
 
 
@@ -204,6 +374,9 @@ def cmd_heads(a) -> None:
     import numpy as np
     import pandas as pd
     from .plots import relevance_histograms
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: a file is there; give a folder")
     pipe, params = open_model(a.model, a.device, a.precision)
     pipe.set_progress_bar_config(disable=True)
     rel = get_relevance(pipe, params, a.relevance, a.prompts, a.n_prompts, a.steps, a.guidance,
@@ -216,6 +389,7 @@ def cmd_heads(a) -> None:
             rel.row(c)
         except KeyError as e:
             raise UsageError(f"--concept: {e.args[0]}") from None
+    rel.params["model_identity"] = model_identity(pipe, params)
     rel.save(out / "relevance.npz")
     rows = []
     for c in concepts:
@@ -242,9 +416,21 @@ def _k(text: str) -> float | int:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number: a fraction in (0, 1] or a head count") from None
-    if v <= 0 or (v > 1 and not v.is_integer()):
+    import math
+    if not math.isfinite(v) or v <= 0 or (v > 1 and not v.is_integer()):
         raise argparse.ArgumentTypeError(f"{text}: a fraction in (0, 1] or a whole number of heads")
     return int(v) if v > 1 else v
+
+
+def _guidance(text: str) -> float:
+    import math
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a guidance scale is a finite number >= 0 (1: no guidance)")
+    return v
 
 
 def _positive(text: str) -> int:
@@ -270,7 +456,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--n-prompts", type=_positive, help="use only the first N prompts")
         p.add_argument("--concept", action="append", help="an HRV concept (e.g. Color, Animals); map: the word's, else inferred from HRV's word lists")
         p.add_argument("--steps", type=_positive, help="denoising steps (default: the pipeline's; shapesworld: the paper profile's)")
-        p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+        p.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale (default: the pipeline's; shapesworld: the paper profile's)")
         p.add_argument("--device", default="auto", help="auto (CUDA in fp16 where present, else CPU) | cpu | cuda | cuda:N")
         p.add_argument("--max-sequence-length", type=_positive, help="MM-DiTs: T5's window (the pipeline's max_sequence_length)")
         p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="CPU arithmetic (default: bf16 where the CPU has it)")

@@ -51,6 +51,14 @@ class Family:
     def denoiser(self, pipe):
         return getattr(pipe, self.denoiser_attr)
 
+    @property
+    def daam_heads(self) -> str:
+        """DAAM's head set on this family, in words (what ``saam map`` records in maps.json)."""
+        if not self.dit:
+            return ("every cross-attention head of the down and up blocks" if self.denoiser_attr == "unet"
+                    else "every cross-attention head of every transformer block")
+        return "every joint-attention head of every transformer block, its image-to-word attention"
+
     def context(self, model, states: torch.Tensor) -> torch.Tensor:
         """Encoder states as the attention layers' key and value projections receive them."""
         if not self.projects_context:
