@@ -134,3 +134,22 @@ def test_bf16_weights_compute_what_autocast_computes():
     assert torch.equal(out["stored"], out["autocast"]) and not torch.equal(out["stored"], out["fp32"])
     # the text states are cast once per call ("stored"), not by autocast at every projection
     assert kinds == {"fp32": {torch.float32}, "autocast": {torch.float32}, "stored": {torch.bfloat16}}
+
+
+def test_the_reproduction_check_tells_arithmetic_from_a_departure():
+    """issue 37: a value just outside its 95 % CI (organism A's binding on an EPYC: 0.906 [0.758, 0.968]
+    -> 0.969, two of 32 prompts) is an edge case, not a failure; one outside the family-wise interval is."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("compare_runs", Path(__file__).parents[1] / "scripts" / "compare_runs.py")
+    cr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cr)
+    assert abs(cr.family_z(93) - 3.46) < 0.01 and abs(cr.family_z(1) - 1.96) < 0.01
+    rows = [("a", 0.5, [0.4, 0.6], 0.5), ("b", 0.5, [0.4, 0.6], 0.55), ("binding", 0.906, [0.758, 0.968], 0.969)]
+    rows += [(f"x{i}", 0.5, [0.4, 0.6], 0.5) for i in range(89)] + [("far", 0.5, [0.4, 0.6], 0.75)]
+    out = {r["name"]: r for r in cr.classify(rows, {"binding": 32})}
+    assert [out[n]["cls"] for n in ("a", "b", "binding", "far")] == ["same", "inside", "edge", "departs"]
+    assert out["binding"]["flipped"] == 2 and out["binding"]["family"][1] > 0.969
+    text = cr.summary(list(out.values()))
+    assert "93 values with a CI: 90 identical, 1 inside" in text and "1 departing" in text and "NOT reproduced" in text
+    assert "reproduced" == cr.summary([r for r in out.values() if r["name"] != "far"]).splitlines()[-1]
