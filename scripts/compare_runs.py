@@ -18,9 +18,9 @@ in one of three classes:
 - ``same``: equal to the reference (to 1e-9);
 - ``inside``: inside the reference's 95 % CI (an arithmetic difference);
 - ``edge``: outside the 95 % CI but inside the family-wise interval: the CI widened from z = 1.96 to
-  the Bonferroni z for m values (1 - 0.05 / (2 m) quantile; 3.46 for m = 93), where the chance that
-  any of m values leaves its interval by sampling noise alone is at most 5 %. Where the value is a
-  rate over n items the line says how many items flipped;
+  the Bonferroni z for m values (1 - 0.05 / (2 m) quantile; 3.46 for m = 93): intervals that cover
+  all m true values at once with at least 95 % probability. Where the value is a rate over n items
+  the line says how many items flipped;
 - ``departs``: outside the family-wise interval: a real departure, not arithmetic. The check fails
   (exit status 1) only then.
 
@@ -103,8 +103,8 @@ def summary(classes: list[dict]) -> str:
              f"{count['departs']} departing",
              "  (a 95 % CI bounds sampling noise, not arithmetic: with shared seeds a few values just outside "
              "are expected on another CPU;",
-             "   only a value outside the family-wise interval, where all m together leave by chance at most 5 % "
-             "of the time, is a departure)"]
+             "   only a value outside the family-wise interval, which covers all m true values at once with "
+             "95 % probability, is a departure)"]
     for r in classes:
         if r["cls"] in ("edge", "departs"):
             what = f"{r['flipped']} of its items flipped" if r["flipped"] is not None else f"moved {r['other'] - r['ref']:+.4f}"
