@@ -441,3 +441,34 @@ def test_rle_that_does_not_cover_its_image_is_an_error(tmp_path):
         read_coco(tmp_path)
     _dataset(tmp_path, anns=[dict(ann, segmentation=dict(size=[20, 30], counts=[100, 500]))])
     assert read_coco(tmp_path)[0].words[0].mask.sum() == 500
+
+
+def test_a_key_given_twice_is_an_error(tmp_path, monkeypatch):
+    from saam import paths
+    smoke = (paths.PARAMS / "smoke.yaml").read_text()
+    (tmp_path / "twice.yaml").write_text(smoke + "steps: 3\n")
+    monkeypatch.setattr(paths, "PARAMS", tmp_path)
+    with pytest.raises(ProfileError, match="key 'steps' is given twice"):
+        load("twice")
+    (tmp_path / "smoke.yaml").write_text(smoke)
+    assert load("smoke", "steps=3")["steps"] == 3
+    with pytest.raises(ProfileError, match="'steps' is given twice"):
+        load("smoke", "steps=3 steps=4")
+    _dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "word_categories.yaml").write_text("dog: {concept: Animals}\ndog: {concept: Pets}\n")
+    with pytest.raises(DatasetError, match="given twice"):
+        read_coco(tmp_path / "ds")
+
+
+@pytest.mark.parametrize("over,match", [("variants=[]", "non-empty list of organism variants"),
+                                        ("variants=[A,Z]", "non-empty list of organism variants")])
+def test_profile_values_that_would_fail_later_fail_at_check(over, match):
+    with pytest.raises(ProfileError, match=match):
+        load("smoke", over)
+
+
+def test_saam_model_path_on_an_organism_profile_is_an_error(monkeypatch):
+    from saam.models import model_path
+    monkeypatch.setenv("SAAM_MODEL_PATH", "/models/sd14")
+    with pytest.raises(ValueError, match="SAAM_MODEL_PATH is set .* ShapesWorld organism.*SET='model_path=<dir>'"):
+        model_path(load("smoke"))

@@ -67,7 +67,8 @@ class Items(list):
 def read_word_map(path: Path) -> dict[str, dict]:
     """category -> {"concept": str | None, "words": [str, ...]} from a YAML file, checked."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        from .profiles import strict_yaml
+        data = strict_yaml(Path(path).read_text())
     except yaml.YAMLError as e:
         raise DatasetError(f"{path}: not valid YAML ({e})") from None
     if data is None:

@@ -165,6 +165,11 @@ def model_path(params: dict) -> Path:
     the local cache (:func:`resolve`). Stops at once if it is absent, incomplete or of another model
     family than the profile's."""
     if params.get("model", "shapesworld") == "shapesworld":
+        if os.environ.get("SAAM_MODEL_PATH"):
+            raise ValueError(f"SAAM_MODEL_PATH is set ({os.environ['SAAM_MODEL_PATH']!r}), but profile "
+                             f"{params['profile']!r} runs a ShapesWorld organism, which it would not change: name the "
+                             "organism's folder with SET='model_path=<dir>' (its outputs then go to a folder of their "
+                             "own), or unset SAAM_MODEL_PATH")
         path = resolve(params.get("model_path") or paths.MODEL_DIR)
         path = path if path.is_absolute() else paths.ROOT / path
         check_organism_folder(path)

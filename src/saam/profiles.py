@@ -61,6 +61,30 @@ class ProfileError(ValueError):
     pass
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = {}
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {k.start_mark.line + 1}); give it once",
+                k.start_mark)
+        seen[key] = k.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def strict_yaml(text: str):
+    """YAML text as data, a key given twice in a mapping an error (profiles, word maps)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def known() -> list[str]:
     return sorted(p.stem for p in paths.PARAMS.glob("*.yaml"))
 
@@ -76,6 +100,8 @@ def parse_overrides(text: str | dict | None) -> dict:
         if "=" not in item:
             raise ProfileError(f"override {item!r} is not key=value (e.g. SET=\"steps=4 n_eval=6\")")
         k, v = item.split("=", 1)
+        if k in out:
+            raise ProfileError(f"override {k!r} is given twice ({text!r}); give it once")
         try:
             out[k] = yaml.safe_load(v)
         except yaml.YAMLError as e:
@@ -148,6 +174,10 @@ def check_ranges(p: dict, source: str) -> None:
         dup = sorted({str(v) for v in seen if seen.count(v) > 1})
         if dup:
             bad(key, f"lists {', '.join(dup)} more than once ({p[key]!r}): each value is one row of its table; give it once")
+    if "variants" in p and p.get("model", "shapesworld") == "shapesworld":  # chapter 06's organisms
+        from .shapes.model import VARIANTS
+        if not p["variants"] or not all(v in VARIANTS for v in p["variants"]):
+            bad("variants", f"must be a non-empty list of organism variants among {sorted(VARIANTS)}, got {p['variants']!r}")
     pool = p.get("relevance_pool")
     if pool is not None and (pool < 4 or pool < p.get("n_relevance_prompts", 0)):
         bad("relevance_pool", f"must be at least 4 and at least n_relevance_prompts ({p.get('n_relevance_prompts')}), "
@@ -176,7 +206,7 @@ def load(profile: str | None = None, overrides: str | dict | None = None) -> dic
     if not f.exists():
         raise ProfileError(f"no profile {profile!r} ({f}); known profiles: {known()}")
     try:
-        p = yaml.safe_load(f.read_text()) or {}
+        p = strict_yaml(f.read_text()) or {}
     except yaml.YAMLError as e:
         raise ProfileError(f"{f}: not valid YAML: {e}") from e
     if not isinstance(p, dict):
