@@ -184,3 +184,27 @@ def test_relevance_files_carry_their_model_and_are_refused_on_another(folders, t
     assert r.returncode == 2 and "--k 1000" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "z").exists()
     r = saam(*base, "--model", f["sd1"], "--relevance", tmp_path / "h" / "relevance.npz", "-o", tmp_path / "z")
     assert "warning" not in r.stderr and (tmp_path / "z" / "cat-map.png").exists()
+
+
+def test_broken_folders_and_thin_prompt_files_are_explained(folders, tmp_path):
+    import shutil
+    root, f = folders
+    bare = tmp_path / "bare"
+    shutil.copytree(f["sd1"], bare)
+    (bare / "unet" / "config.json").unlink()
+    r = saam("map", "a red cat", "--model", bare, "--word", "cat", "-o", tmp_path / "o", check=False)
+    assert r.returncode == 2 and "cannot tell the model family" in r.stderr and "Traceback" not in r.stderr
+    cut = tmp_path / "cut"
+    shutil.copytree(f["sd1"], cut)
+    w = next((cut / "unet").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    r = saam("map", "a red cat", "--model", cut, "--word", "cat", "-o", tmp_path / "o", check=False)
+    assert r.returncode == 2 and "do not load" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "same.txt").write_text("a red cat\n" * 1000)
+    r = saam("heads", "--model", f["sd1"], "--prompts", tmp_path / "same.txt", "--steps", 1, "-o", tmp_path / "h")
+    assert "999 of the 1000 prompts repeat an earlier one" in r.stderr and "over 1 prompt(s)" in r.stderr
+    assert "few votes" in r.stderr
+    r = saam("map", "a red cat", "--model", f["sd1"], "--word", "cat", "--heads", "top", "--k", 20, "--steps", 1, "--size", 64,
+             "-q", "--relevance", tmp_path / "h" / "relevance.npz", "-o", tmp_path / "m")
+    about = json.loads((tmp_path / "m" / "maps.json").read_text())["words"]["cat"]
+    assert ("tied_left_out" in about) == ("completed by head order" in r.stderr)

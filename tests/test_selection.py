@@ -101,3 +101,12 @@ def test_convergence_compares_disjoint_subsets(run):
     same = Relevance(rel.concepts, rel.heads, rel.matrix, prompt_votes=np.repeat(rel.prompt_votes[:1], n, 0))
     c = convergence(same, recs, ["color"], p["k"], p["tau"], mask, splits=5)
     assert (c.jaccard == 1).all() and (c.top_k_miou_sd < 1e-12).all()  # identical prompts: identical sets
+
+
+def test_boundary_ties_count_the_heads_a_set_left_out_by_head_order():
+    from saam.select import boundary_ties, bottom_k, top_k
+    r = np.array([3.0, 0.0, 0.0, 2.0, 0.0, 1.0])
+    assert boundary_ties(r, top_k(r, 3)) == 0
+    assert boundary_ties(r, top_k(r, 4)) == 2  # the 4th head (relevance 0) is one of three
+    assert boundary_ties(r, bottom_k(r, 2)) == 1
+    assert boundary_ties(r, top_k(r, 4), mask=np.array([1, 1, 0, 1, 1, 1], bool)) == 1

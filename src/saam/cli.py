@@ -52,7 +52,10 @@ def open_model(ref: str, device: str = "auto", precision: str = "auto"):
     if not (path / "model_index.json").exists():
         raise UsageError(f"--model {ref}: {path} has no model_index.json; give a diffusers folder, a Hugging Face "
                          "repo id in the local cache, or 'shapesworld'")
-    family = family_of(path)
+    try:
+        family = family_of(path)
+    except ValueError as e:
+        raise UsageError(f"--model {ref}: {e}") from None
     p = dict(profile=f"--model {ref}", model=family or "other", model_path=str(path), device=device,
              precision=precision, steps=None, guidance=None, batch_size=4, seed=0, concepts="hrv")
     if family == "shapesworld":
@@ -63,7 +66,14 @@ def open_model(ref: str, device: str = "auto", precision: str = "auto"):
             check_model_folder(path, family, p["profile"])
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
-    return load_model(p, path), p
+    try:
+        return load_model(p, path), p
+    except (OSError, ValueError, RuntimeError) as e:
+        import traceback
+        if os.environ.get("SAAM_DEBUG"):
+            traceback.print_exc()
+        raise UsageError(f"--model {ref}: the weights in {path} do not load ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                         "a truncated or partial download? fetch the folder again (SAAM_DEBUG=1 shows the traceback)") from None
 
 
 def concepts_for(params: dict) -> dict[str, list[str]]:
@@ -99,6 +109,12 @@ def get_relevance(pipe, params: dict, source: str, prompts: Path | None, n: int 
         if not lines:
             raise UsageError(f"--prompts {prompts}: no prompts in it (one per line)")
         lines = lines[:n] if n else lines
+        distinct = list(dict.fromkeys(lines))
+        if len(distinct) < len(lines):
+            print(f"saam: warning: {len(lines) - len(distinct)} of the {len(lines)} prompts repeat an earlier one and are "
+                  f"left out ({len(distinct)} distinct): HRV counts votes over varied, unrelated prompts, and a repeat "
+                  "adds only new noise", file=sys.stderr)
+            lines = distinct
     elif family == "shapesworld":  # the chapters' own pass over ShapesWorld captions, cached per batch
         from .steps import relevance
         return relevance(pipe, dict(params, n_relevance_prompts=n or params["n_relevance_prompts"]))
@@ -110,8 +126,14 @@ def get_relevance(pipe, params: dict, source: str, prompts: Path | None, n: int 
     kw = dict(guidance=guidance if guidance is not None else params.get("guidance"))
     if is_dit(pipe) and max_sequence_length:
         kw["max_sequence_length"] = max_sequence_length
-    print(f"saam: HRV's relevance pass over {len(lines)} prompt(s), {len(concepts_for(params))} concepts", file=sys.stderr)
-    return relevance_pass(pipe, concepts_for(params), lines, steps=steps or params.get("steps") or call_default(pipe, "num_inference_steps"),
+    steps = steps or params.get("steps") or call_default(pipe, "num_inference_steps")
+    bs = params.get("batch_size", 4)
+    print(f"saam: HRV's relevance pass over {len(lines)} prompt(s), {len(concepts_for(params))} concepts: "
+          f"{-(-len(lines) // bs)} batches of {bs} x {steps} steps (a generation of each prompt, traced)", file=sys.stderr)
+    if len(lines) < 16:
+        print(f"saam: warning: {len(lines)} prompt(s) give few votes: many heads will tie (often at 0) and a top-k set "
+              "is then completed by head order; HRV used thousands, 100+ is a start", file=sys.stderr)
+    return relevance_pass(pipe, concepts_for(params), lines, steps=steps,
                           seed=params.get("seed", 0), batch_size=params.get("batch_size", 4), progress=True, **kw)
 
 
@@ -287,7 +309,7 @@ def cmd_map(a) -> None:
     from .aggregate import normalize, word_map
     from .family import of
     from .headmaps import CaptureError
-    from .select import eligible, head_set, resolve_k
+    from .select import boundary_ties, eligible, head_set, resolve_k
     out = check_out(a.out)
     words = list(dict.fromkeys(a.word))  # a word given twice is mapped once
     pipe, params = open_model(a.model, a.device, a.precision)
@@ -335,6 +357,15 @@ def cmd_map(a) -> None:
                 raise UsageError(f"--heads {a.heads} --k {a.k}: {e}") from None
             m = word_map(hm, word, heads=hs.heads, weights=hs.weights)
             info = dict(concept=concepts[word], k=a.k, heads=[str(h) for h in hs.heads])
+            if a.heads in ("top", "bottom"):
+                mask = eligible(rel.heads, factors=hm.layer_factors)
+                ties = boundary_ties(rel.row(concepts[word]), hs.index, mask)
+                if ties:
+                    last = float(rel.row(concepts[word])[hs.index[-1]])
+                    info["tied_left_out"] = ties
+                    print(f"saam: warning: --word {word!r}: the {a.heads}-k set's last head has relevance {last:.4g}, and "
+                          f"{ties} eligible head(s) left out have the same: the set was completed by head order, not "
+                          "relevance (more relevance prompts break such ties)", file=sys.stderr)
         full = normalize(m, img8.shape[:2]).numpy()
         arrays[word], arrays[f"{word}@image"] = m.numpy(), full
         info["files"] = [f"{stems[word]}-map.png", f"{stems[word]}-overlay.png"]

@@ -201,8 +201,14 @@ def family_of(path: Path) -> str | None:
     import json
     if any((Path(path) / f).exists() for f in ("saam.json", "training.json")):  # what our organisms' folders carry
         return "shapesworld"
-    index = json.loads((Path(path) / "model_index.json").read_text())
-    config = json.loads((Path(path) / denoiser_name(index) / "config.json").read_text())
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        config = json.loads((Path(path) / denoiser_name(index) / "config.json").read_text())
+    except (OSError, ValueError, AttributeError) as e:  # a missing or broken config: say which file
+        what = getattr(e, "filename", None) or "model_index.json or the denoiser's config.json"
+        raise ValueError(f"{path}: cannot tell the model family: {what} is missing or not valid JSON "
+                         f"({type(e).__name__}); a diffusers folder has model_index.json and unet/ or "
+                         "transformer/ with config.json and weights") from None
     got = model_family(index, config)
     return next((k for k, v in FAMILIES.items() if v == got), None)
 

@@ -80,6 +80,16 @@ def bottom_k(relevance: Sequence[float], k: int | float, mask: np.ndarray | None
     return _ranked(-r, mask)[: resolve_k(k, int(mask.sum()))]
 
 
+def boundary_ties(relevance: Sequence[float], index: np.ndarray, mask: np.ndarray | None = None) -> int:
+    """How many eligible heads left out of a top-k or bottom-k set ``index`` have exactly the relevance
+    of its last head: where > 0 the set was completed by head order, not by relevance."""
+    r = np.asarray(relevance, dtype=np.float64)
+    mask = np.ones(len(r), bool) if mask is None else np.asarray(mask, bool)
+    out = mask.copy()
+    out[np.asarray(index)] = False
+    return int((r[out] == r[np.asarray(index)[-1]]).sum()) if len(index) else 0
+
+
 def random_k(n_heads: int, k: int | float, seed: int, mask: np.ndarray | None = None) -> np.ndarray:
     """k eligible heads drawn uniformly without replacement (seeded)."""
     mask = np.ones(n_heads, bool) if mask is None else np.asarray(mask, bool)
