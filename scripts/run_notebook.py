@@ -23,6 +23,9 @@ def check(profile: str, overrides: str, say: bool = False) -> dict:
     from saam.chapter import load
     try:
         p = load(profile, overrides)
+        if say:
+            from saam.tables import check_k
+            check_k(p)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if say:

@@ -472,3 +472,18 @@ def test_saam_model_path_on_an_organism_profile_is_an_error(monkeypatch):
     monkeypatch.setenv("SAAM_MODEL_PATH", "/models/sd14")
     with pytest.raises(ValueError, match="SAAM_MODEL_PATH is set .* ShapesWorld organism.*SET='model_path=<dir>'"):
         model_path(load("smoke"))
+
+
+def test_make_check_refuses_a_k_past_the_models_heads(tmp_path):
+    from saam.tables import check_k
+    assert check_k(load("smoke")) == 40
+    with pytest.raises(ValueError, match="k 1000: .* only 40 are eligible"):
+        check_k(load("smoke", "k=1000"))
+    from saam.testing import save_tiny
+    folder = save_tiny("sd3", tmp_path / "sd3")
+    n = check_k(load("sd3", f"model_path={folder}"))
+    with pytest.raises(ValueError, match=f"k_sweep {n + 1}"):
+        check_k(load("sd3", f"model_path={folder} k_sweep=[2,{n + 1}]"))
+    r = subprocess.run([sys.executable, "scripts/run_notebook.py", "--check", "--profile", "smoke", "--set", "k=1000"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "only 40 are eligible" in r.stderr + r.stdout

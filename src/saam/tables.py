@@ -27,6 +27,36 @@ def eligible(params: dict, heads) -> np.ndarray:
     return rule(heads, params["include_mid"], factors)
 
 
+def check_k(params: dict) -> int:
+    """The profile's k and k_sweep fit the model's eligible heads (``make check``, before any chapter):
+    the denoiser is built from its config alone on the meta device (no weights, no memory), its heads
+    counted as a trace would. Returns the number of eligible heads; a ValueError names the key."""
+    import json
+    import diffusers
+    import torch
+    from .family import of_model
+    from .heads import head_ids
+    from .models import denoiser_name, model_path
+    from .select import resolve_k
+    folder = model_path(params)
+    config = denoiser_config(params)
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = getattr(diffusers, index[denoiser_name(index)][1])
+    with torch.device("meta"):
+        den = cls.from_config(config)
+    layers = of_model(den).layers(den)
+    heads = head_ids({l: m.heads for l, m in layers.items()})
+    n = int(eligible(params, heads).sum())
+    for key, ks in (("k", [params["k"]]), ("k_sweep", params.get("k_sweep") or [])):
+        for k in ks:
+            try:
+                resolve_k(k, n)
+            except ValueError as e:
+                raise ValueError(f"profile {params['profile']!r}: {key} {k}: {e} ({len(heads)} heads in {len(layers)} "
+                                 "layers, the selection's eligible ones counted)") from None
+    return n
+
+
 def head_sets(rel, kind: str, params: dict, methods, seed: int = 0) -> dict:
     """{method key: ``select.HeadSet``} for one word kind, with the profile's k and eligible heads."""
     mask = eligible(params, rel.heads)
