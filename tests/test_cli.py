@@ -208,3 +208,32 @@ def test_broken_folders_and_thin_prompt_files_are_explained(folders, tmp_path):
              "-q", "--relevance", tmp_path / "h" / "relevance.npz", "-o", tmp_path / "m")
     about = json.loads((tmp_path / "m" / "maps.json").read_text())["words"]["cat"]
     assert ("tied_left_out" in about) == ("completed by head order" in r.stderr)
+
+
+@pytest.mark.slow
+def test_explore_on_ones_own_dit_in_chromium(folders, tmp_path):
+    """issue 38: `saam explore` for a user's model and prompts (no masks), here a tiny SD3, the page
+    working in Chromium: a button per word, every eligible head's map, IoU left out."""
+    root, f = folders
+    dit = ["--max-sequence-length", 32]
+    saam("heads", "--model", f["sd3"], "--prompts", root / "prompts.txt", "--steps", 2, *dit, "-o", tmp_path / "h")
+    r = saam("explore", "a red cat on a blue sofa", "a green dog", "--model", f["sd3"], "--relevance",
+             tmp_path / "h" / "relevance.npz", "--steps", 2, "--size", 64, "-q", *dit, "-o", tmp_path / "e")
+    page = tmp_path / "e" / "explorer.html"
+    assert "explorer.html" in r.stdout and page.exists()
+    words = json.loads((tmp_path / "e" / "explore.json").read_text())["words"]
+    assert words[0] == {"red": "Color", "cat": "Animals", "blue": "Color", "sofa": "Furniture"} and words[1] == {"green": "Color", "dog": "Animals"}
+    from conftest import chromium
+    drv = chromium()
+    try:
+        drv.get(page.as_uri())
+        assert [b.text.split(" ")[0] for b in drv.find_elements("css selector", "#img0 .words button")] == ["red", "cat", "blue", "sofa"]
+        figs = drv.find_elements("css selector", "#img1 .grid figure")
+        assert len(figs) == int(drv.execute_script("return document.getElementById('k').max")) > 0
+        assert "IoU -" in figs[0].text
+        assert not [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        drv.quit()
+    r = saam("explore", "zebraa qwerty", "--steps", 1, "--model", f["sd3"], "--relevance", tmp_path / "h" / "relevance.npz", *dit,
+             "-o", tmp_path / "none", check=False)
+    assert r.returncode == 2 and "no word to explore" in r.stderr

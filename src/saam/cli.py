@@ -5,6 +5,7 @@
     saam heads --model CompVis/stable-diffusion-v1-4 -o heads/
     saam heads --model /models/sd21 --prompts prompts.txt -o heads/
     saam map "a dog on a sofa" --model /models/sd21 --word dog --heads top --relevance heads/relevance.npz -o out/
+    saam explore "a dog on a sofa" "a red car" --model /models/sd3 --relevance heads/relevance.npz -o explore/
 
 ``--model`` is a diffusers folder, a Hugging Face repo id already in the local Hugging Face cache
 (never downloaded: ``models.resolve``) or ``shapesworld`` (the paper profile's organism). Head sets
@@ -227,14 +228,14 @@ def _generate(pipe, params: dict, a, words: list[str] | None):
     return image, tc[0]
 
 
-def check_out(out: Path) -> Path:
+def check_out(out: Path, marker: str = "maps.json", command: str = "saam map") -> Path:
     """The output folder, checked before any work: not a file, in a writable place, and either new,
-    empty or a previous ``saam map`` output (which a successful run replaces whole)."""
+    empty or a previous output of the command (``marker`` in it), which a successful run replaces."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out}: a file is there; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "maps.json").exists():
-        raise UsageError(f"-o {out}: the folder holds other files and no maps.json of an earlier `saam map`; "
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise UsageError(f"-o {out}: the folder holds other files and no {marker} of an earlier `{command}`; "
                          "give a new or empty folder (nothing was written)")
     parent = next((d for d in (out, *out.parents) if d.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -401,6 +402,55 @@ def cmd_map(a) -> None:
           + ", maps.npz (each word's map at latent size, and '<word>@image' at image size) and maps.json")
 
 
+def cmd_explore(a) -> None:
+    """The head explorer (``explorer.write_page``) for one's own model and prompts: each prompt
+    generated and traced, each word's heads ranked by relevance to its concept, with their maps;
+    no masks, so no IoU."""
+    import argparse as _ap
+    from .aggregate import DAAM_TAU
+    from .cache import atomic_write
+    from .evaluate import records_of
+    from .explorer import write_page
+    from .relevance import load_concepts
+    from .select import eligible
+    from .steps import denoiser_heads
+    from .words import split_words
+    out = check_out(a.out, "explorer.html", "saam explore")
+    pipe, params = open_model(a.model, a.device, a.precision)
+    pipe.set_progress_bar_config(disable=a.quiet)
+    check_size(pipe, a.size)
+    rel = get_relevance(pipe, params, a.relevance, a.prompts, a.n_prompts, a.steps, a.guidance, a.max_sequence_length)
+    lists = load_concepts("hrv")
+    plan = []  # per prompt: [(word, concept)]
+    for prompt in a.prompt:
+        if a.word:
+            words = [w for w in dict.fromkeys(a.word) if w.lower() in (t.lower() for t in split_words(prompt))]
+        else:  # every word that one HRV concept's word list holds
+            words = [w for w in dict.fromkeys(split_words(prompt))
+                     if sum(w.lower() in (x.lower() for x in ws) for c, ws in lists.items() if c in rel.concepts) == 1]
+        check_words(pipe, prompt, words)
+        plan.append([(w, a.concept or infer_concept(w, rel)) for w in words])
+    if not any(plan):
+        raise UsageError("no word to explore: none of the prompts' words is in an HRV concept's word list; name them with "
+                         "--word (and --concept)")
+    heads = denoiser_heads(pipe)
+    recs, images, mask = [], [], None
+    for i, (prompt, words) in enumerate(zip(a.prompt, plan)):
+        image, hm = _generate(pipe, params, _ap.Namespace(**{**vars(a), "prompt": prompt, "seed": a.seed + i}), None)
+        images.append(image)
+        recs += records_of(hm, prompt, [(w, 0, c, 0, None, None) for w, c in words], i, heads, n_objects=0)
+        mask = eligible(rel.heads, factors=hm.layer_factors)
+    p = dict(k=a.k, tau=DAAM_TAU, profile=f"{a.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    page = write_page(out / ".explorer.html.part", recs, rel, images, p, n_images=len(images), mask=mask,
+                      require_masks=False)
+    os.replace(page, out / "explorer.html")
+    atomic_write(out / "explore.json", json.dumps(dict(prompts=a.prompt, model=a.model, words=[dict(plan_) for plan_ in plan],
+                                                       k=a.k, seed=a.seed), indent=1, ensure_ascii=False).encode())
+    print(f"saam: wrote {out}/explorer.html ({len(recs)} word(s) in {len(images)} image(s); open it in a browser) "
+          "and explore.json")
+
+
 def cmd_heads(a) -> None:
     import numpy as np
     import pandas as pd
@@ -477,7 +527,7 @@ def _positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="saam", description="Selectively aggregated attention maps of diffusion models.",
                                  epilog="examples:\n" + EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{map,heads}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{map,heads,explore}")
 
     def common(p):
         p.add_argument("--model", required=True, help="a diffusers folder, a Hugging Face repo id in the local cache, or 'shapesworld'")
@@ -511,6 +561,19 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--top", type=_positive, default=10, help="heads listed per concept (default 10)")
     h.add_argument("--histograms", type=_positive, default=6, help="concepts drawn in the histogram figure (default 6)")
     h.set_defaults(run=cmd_heads)
+    e = sub.add_parser("explore", help="the head explorer for your model and prompts: one HTML page",
+                       description="Generate each PROMPT, trace it, and write explorer.html: for each word, DAAM's, top-k's "
+                                   "and bottom-k's maps and every head's own map, ranked by relevance to the word's concept "
+                                   "(no masks: no IoU).",
+                       epilog="examples:\n" + EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("prompt", nargs="+", help="one or more prompts to generate and explore")
+    common(e)
+    e.add_argument("--word", action="append", help="words to explore (default: every word in an HRV concept's list)")
+    e.add_argument("--k", type=_k, default=0.25, help="top/bottom-k shown (a fraction of the eligible heads or a count)")
+    e.add_argument("--seed", type=int, default=0, help="the first prompt's seed (the next prompts': seed + 1, ...)")
+    e.add_argument("--size", type=_positive, help="image height and width in pixels (default: the model's)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=cmd_explore)
     return ap
 
 
@@ -519,8 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.command == "map" and a.concept and len(a.concept) > 1:
         ap.error("map: give --concept once (the words' concept), or leave it out to infer each word's")
-    if a.command == "map":
+    if a.command in ("map", "explore"):
+        if a.command == "explore" and a.concept and len(a.concept) > 1:
+            ap.error("explore: give --concept once, or leave it out to infer each word's")
         a.concept = a.concept[0] if a.concept else None
+    if a.command == "map":
         if a.heads == "daam" and (a.concept or a.relevance != "auto" or a.prompts):
             ap.error("--concept, --relevance and --prompts choose relevant heads: use them with --heads top, bottom or soft")
     try:
