@@ -487,3 +487,10 @@ def test_make_check_refuses_a_k_past_the_models_heads(tmp_path):
     r = subprocess.run([sys.executable, "scripts/run_notebook.py", "--check", "--profile", "smoke", "--set", "k=1000"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "only 40 are eligible" in r.stderr + r.stdout
+
+
+def test_published_vectors_on_an_mmdit_say_what_to_do_instead():
+    """issue 38: HRV's vectors are a UNet's; on a DiT's heads the error points to the concept stream."""
+    from saam.relevance import load_published
+    with pytest.raises(ValueError, match=r"MM-DiT's \(transformer blocks\).*relevance_pass.*saam heads"):
+        load_published("sd14", {f"transformer_blocks.{i}.attn": 4 for i in range(6)})

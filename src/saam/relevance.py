@@ -424,6 +424,13 @@ def load_published(model: str, layer_heads: dict[str, int]) -> Relevance:
     """HRV's shipped vectors for ``model`` ("sd14" or "sdxl") placed on a UNet's heads
     (``HeadMaps.layer_heads``), with HRV's 34 concept names."""
     from . import paths
+    from .heads import block_of
+    dit = sorted({block_of(l) for l in layer_heads} & {"transformer", "single"})
+    if dit:
+        raise ValueError(f"HRV's published {model} vectors are for a UNet's cross-attention heads (down/mid/up blocks); "
+                         f"these heads are an MM-DiT's ({', '.join(dit)} blocks), for which none are published: measure "
+                         "relevance on this model with relevance_pass(pipe, load_concepts('hrv'), prompts) (the concept "
+                         "stream), or `saam heads --model ... --prompts FILE`")
     v, i = _published_files(model)
     return load_hrv(paths.HRV / v, paths.HRV / i, layer_heads, paths.HRV_CONCEPTS)
 
