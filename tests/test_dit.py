@@ -334,3 +334,17 @@ def test_flux2_img2img_denoises_the_last_steps_of_the_pipelines_own_schedule():
     # guidance: null in a profile hands the stand-in no guidance_scale; the pipeline's own runs
     assert i2i(prompt="a red cat", image=[image], strength=0.5, num_inference_steps=4,
                generator=[torch.Generator().manual_seed(0)], output_type="latent").images.shape[0] == 1
+
+
+@pytest.mark.parametrize("kind", ["flux2-klein", "qwenimage"])
+def test_a_missing_word_lists_the_prompts_words_on_templated_dits(kind):
+    """issue 38: on FLUX.2 [klein] and Qwen-Image the word-not-found error names the prompt's words too."""
+    import torch
+    from saam.capture import trace
+    from saam.testing import tiny_dit_pipeline
+    from saam.words import WordNotFound
+    pipe = tiny_dit_pipeline(kind)
+    with trace(pipe) as tc:
+        pipe(prompt="a red cat", num_inference_steps=1, height=32, width=32, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(WordNotFound, match="the prompt's words: a, red, cat"):
+        tc[0].token_positions("zebraa")

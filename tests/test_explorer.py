@@ -130,3 +130,22 @@ def test_hostile_names_stay_text_in_chromium(run, tmp_path):
         assert not [e for e in drv.get_log("browser") if e["level"] == "SEVERE"]
     finally:
         drv.quit()
+
+
+def test_ties_are_broken_as_the_selection_breaks_them(run):
+    """issue 38: with tied relevance the explorer marks as bottom-k the heads bottom-k averages."""
+    import dataclasses
+    from saam import tables
+    from saam.explorer import heads_of
+    from saam.select import head_set
+    p, rel, recs, images = run
+    mask = tables.eligible(p, rel.heads)
+    r = next(r for r in recs if r.gt is not None)
+    m = rel.matrix.copy()
+    m[rel.index(r.kind)] = np.round(m[rel.index(r.kind)])  # many ties, at 0 above all
+    tied = dataclasses.replace(rel, matrix=m)
+    t = heads_of(r, tied, r.kind, mask, p["tau"])
+    for k in (3, 7):
+        bottom = head_set("bottom", tied.heads, tied.row(r.kind), k, mask=mask).index
+        top = head_set("top", tied.heads, tied.row(r.kind), k, mask=mask).index
+        assert set(t[t.bottom_rank <= k]["index"]) == set(bottom) and set(t[t["rank"] <= k]["index"]) == set(top)

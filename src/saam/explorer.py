@@ -34,13 +34,17 @@ THUMB = 72  # px of each head's thumbnail in the static page
 
 def heads_of(rec: WordRecord, rel, concept: str, mask: np.ndarray, tau: float) -> pd.DataFrame:
     """The eligible heads for ``rec``'s word, most relevant to ``concept`` first: index, head,
-    relevance, rank, single-head IoU (NaN where the word's object is missing)."""
-    idx = np.flatnonzero(mask)
+    relevance, rank (top-k are ranks 1..k), bottom_rank (bottom-k are bottom ranks 1..k: the order
+    ``select.bottom_k`` takes, so among tied heads the explorer marks the very heads bottom-k
+    averages), single-head IoU (NaN where the word's object is missing)."""
+    from .select import bottom_k, top_k
     row = rel.row(concept)
+    n = int(np.asarray(mask, bool).sum())
+    idx = top_k(row, n, mask)
     ious = mask_ious(rec.maps[idx], rec.gt, [tau])[:, 0] if rec.gt is not None else np.full(len(idx), np.nan)
     t = pd.DataFrame(dict(index=idx, head=[str(rel.heads[i]) for i in idx], relevance=row[idx], iou=ious))
-    t = t.sort_values("relevance", ascending=False, kind="stable").reset_index(drop=True)
     t["rank"] = np.arange(1, len(t) + 1)
+    t["bottom_rank"] = t["index"].map({int(h): r for r, h in enumerate(bottom_k(row, n, mask), 1)})
     return t
 
 
@@ -143,8 +147,8 @@ class Explorer:
         for ax, h in zip(axes[1:].flat, heads.itertuples()):
             plot_overlay(img, r.maps[h.index], ax)
             ax.set_title(f"#{h.rank} rel {h.relevance:.2f}\nIoU {h.iou:.2f}", fontsize=6,
-                         color="C3" if h.rank <= n_top else "k")
-        fig.suptitle(f"'{r.word}' in: {r.caption} (concept {self.concept.value}; red: top-k)", fontsize=8)
+                         color="C3" if h.rank <= n_top else "C0" if h.bottom_rank <= n_top else "k")
+        fig.suptitle(f"'{r.word}' in: {r.caption} (concept {self.concept.value}; red: top-k, blue: bottom-k)", fontsize=8)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=90)
@@ -203,7 +207,8 @@ def write_page(path: Path, recs: Sequence[WordRecord], rel, images, params: dict
             maps = method_maps(r, rel, concept, params["k"], mask, img.shape[:2])
             words.append(dict(word=r.word, kind=r.kind, concept=concept,
                               methods={m: _jpeg(overlay_rgb(img, v)) for m, v in maps.items()},
-                              heads=[dict(head=h.head, rank=int(h.rank), relevance=round(float(h.relevance), 4),
+                              heads=[dict(head=h.head, rank=int(h.rank), bottom=int(h.bottom_rank),
+                                          relevance=round(float(h.relevance), 4),
                                           iou=None if np.isnan(h.iou) else round(float(h.iou), 4),
                                           src=_jpeg(overlay_rgb(img, r.maps[h.index]), THUMB)) for h in heads.itertuples()]))
         data.append(dict(image=int(i), caption=rs[0].caption, src=_jpeg(np.asarray(img if img.dtype == np.uint8 else
@@ -227,11 +232,12 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</tit
 .words button.on{background:#333;color:#fff}.img{margin:1.2em 0;border-top:1px solid #ddd;padding-top:.6em}
 .methods figure,.grid figure{display:inline-block;margin:3px;text-align:center;font-size:11px}
 .grid img{width:__T__px;height:__T__px;image-rendering:pixelated}.methods img{width:__M__px;height:__M__px;image-rendering:pixelated}
-.grid figure.top img{outline:3px solid #c33}figcaption{line-height:1.2}</style></head><body>
+.grid figure.top img{outline:3px solid #c33}.grid figure.bottom img{outline:3px dashed #36c}figcaption{line-height:1.2}</style></head><body>
 <h1>__TITLE__</h1>
 <p>For each image, click a word: DAAM's map, top-k's and bottom-k's (at the profile's k), then every
 eligible head's own map, most relevant to the word's concept first, with its relevance and its
-single-head IoU against the word's mask. The slider marks the top k heads (red frame).</p>
+single-head IoU against the word's mask. The slider marks the top k heads (red frame) and the bottom k
+(blue dashes: the heads bottom-k averages, ties broken as it breaks them).</p>
 <p><label>k = <span id="kval">__K__</span> of __N__ eligible heads
 <input id="k" type="range" min="1" max="__N__" value="__K__"></label></p>
 <div id="root"></div>
@@ -246,13 +252,16 @@ function show(i, j){
     `<figure><img src="${esc(w.methods[m])}"><figcaption>${{daam: 'DAAM', top: 'top-k', bottom: 'bottom-k'}[m]}</figcaption></figure>`).join('');
   const g = box.querySelector('.grid');
   g.dataset.word = w.word;
-  g.innerHTML = w.heads.map(h => `<figure data-rank="${h.rank}"><img src="${esc(h.src)}" title="${esc(h.head)}">
+  g.innerHTML = w.heads.map(h => `<figure data-rank="${h.rank}" data-bottom="${h.bottom}"><img src="${esc(h.src)}" title="${esc(h.head)}">
     <figcaption>#${h.rank} rel ${h.relevance.toFixed(2)}<br>IoU ${h.iou === null ? '-' : h.iou.toFixed(2)}</figcaption></figure>`).join('');
   mark();
 }
 function mark(){
   document.getElementById('kval').textContent = k();
-  document.querySelectorAll('.grid figure').forEach(f => f.classList.toggle('top', +f.dataset.rank <= k()));
+  document.querySelectorAll('.grid figure').forEach(f => {
+    f.classList.toggle('top', +f.dataset.rank <= k());
+    f.classList.toggle('bottom', +f.dataset.bottom <= k());
+  });
 }
 document.getElementById('k').addEventListener('input', mark);
 document.getElementById('root').innerHTML = DATA.map((d, i) => `<div class="img" id="img${i}">

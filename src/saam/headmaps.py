@@ -88,7 +88,9 @@ class HeadMaps:
                 except WordNotFound:  # e.g. cut off by one encoder's window but not the other's
                     pass
             if not out:
-                raise WordNotFound(f"{word!r} is in none of the text encoders' tokens of {self.prompt!r}")
+                from .words import split_words
+                raise WordNotFound(f"{word!r} is in none of the text encoders' tokens of {self.prompt!r}; the prompt's "
+                                   f"words: {', '.join(split_words(self.prompt))}")
             return out
         try:
             return token_positions(self.prompt, word, self.tokenizer, occurrence)
