@@ -26,6 +26,10 @@ class HeadMaps:
         steps: number of denoising steps summed.
         timesteps: the scheduler timesteps seen, in order.
         token_ids: the prompt's text-encoder input ids (None if the prompt was given as embeddings).
+            Where the family reads the prompt inside a template whose first tokens the pipeline drops
+            (Qwen-Image), these are the encoder's whole input while the maps' token axis and
+            :meth:`token_positions` index the text sequence the denoiser sees (what is left after the
+            drop); :meth:`token_positions` is the one to index maps with.
         prompt: the prompt, decoded from ``token_ids``.
         latent_size, image_size: (height, width).
         per_step: layer -> [steps, heads, tokens, h, w] when ``trace(per_step=True)``.
