@@ -237,3 +237,25 @@ def test_explore_on_ones_own_dit_in_chromium(folders, tmp_path):
     r = saam("explore", "zebraa qwerty", "--steps", 1, "--model", f["sd3"], "--relevance", tmp_path / "h" / "relevance.npz", *dit,
              "-o", tmp_path / "none", check=False)
     assert r.returncode == 2 and "no word to explore" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_dit_users_defaults_words_and_sizes(folders, tmp_path):
+    """issue 38: maps.json speaks the family's words, `saam heads` runs at the pipeline's own guidance
+    (Qwen-Image warns of none ignored), PixArt generates at the size asked (no resolution binning)."""
+    from saam.testing import save_tiny
+    root, f = folders
+    r = saam("map", "a red cat", "--model", f["sd3"], "--word", "cat", "--steps", 1, "--size", 64, "-q",
+             "--max-sequence-length", 32, "-o", tmp_path / "sd3")
+    heads = json.loads((tmp_path / "sd3" / "maps.json").read_text())["words"]["cat"]["heads"]
+    assert "joint-attention" in heads and "down" not in heads
+    qwen = save_tiny("qwenimage", tmp_path / "qwen")
+    r = saam("heads", "--model", qwen, "--prompts", root / "prompts.txt", "--n-prompts", 1, "--steps", 1, "-o", tmp_path / "qh")
+    assert "ignored" not in r.stderr
+    assert json.loads((tmp_path / "qh" / "relevance.json").read_text())["params"]["guidance"] is None  # the pipeline's own
+    pixart = save_tiny("pixart", tmp_path / "pixart")
+    saam("map", "a red cat", "--model", pixart, "--word", "cat", "--steps", 1, "--size", 64, "-q", "-o", tmp_path / "px")
+    from PIL import Image
+    assert Image.open(tmp_path / "px" / "image.png").size == (64, 64)
+    z = np.load(tmp_path / "px" / "maps.npz")
+    assert z["cat"].shape == (8, 8) and z["cat@image"].shape == (64, 64)
