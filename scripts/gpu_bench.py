@@ -74,7 +74,7 @@ def table1(pipe, device: str, n: int, tiny: bool, overrides: str) -> dict:
     """A Table 1 run on SD v1.4: the sd14 profile's real-image protocol over ``n`` exported images."""
     from saam import paths, steps, tables
     from saam.evaluate import miou_table
-    from saam.capture import cross_attention_layers
+    from saam.family import UNET
     from saam.heads import head_ids
     from saam.relevance import load_published
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +84,7 @@ def table1(pipe, device: str, n: int, tiny: bool, overrides: str) -> dict:
         paths.CACHE = Path(tmp) / "cache"  # measured cold, and nothing left behind
         from saam.profiles import load
         p = dict(load("sd14", overrides), model_path=str(model), data_dir=str(data), n_eval=n)
-        lh = {l: m.heads for l, m in cross_attention_layers(pipe.unet).items()}
+        lh = {l: m.heads for l, m in UNET.layers(pipe.unet).items()}
         rel = load_published("sd14", lh)
         heads = head_ids(lh)
         sync(device)

@@ -3,14 +3,15 @@ import pytest
 import torch
 from conftest import run
 
+from saam.family import UNET
 from saam.aggregate import word_map
-from saam.capture import (CaptureError, CaptureProcessor, MapRecorder, Observer, Tracker,
-                          cross_attention_layers, install, probs, project, trace)
+from saam.capture import CaptureError, MapRecorder, Observer, Tracker, install, trace
+from saam.crossattn import CaptureProcessor, probs, project
 from saam.words import WordNotFound
 
 
 def test_probs_match_default_attention_and_sum_to_one(sd1):
-    name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
+    name, attn = next(iter(UNET.layers(sd1.unet).items()))
     hs = torch.randn(2, 64, attn.to_q.in_features)
     ctx = torch.randn(2, 77, attn.to_k.in_features)
     p = probs(attn, *project(attn, hs, ctx))
@@ -23,7 +24,7 @@ def test_probs_match_default_attention_and_sum_to_one(sd1):
 
 
 def test_processor_output_is_the_default_output(sd1):
-    name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
+    name, attn = next(iter(UNET.layers(sd1.unet).items()))
     hs, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
     expected = attn(hs, ctx)
     rec = MapRecorder(sd1)
@@ -39,7 +40,7 @@ def test_processor_output_is_the_default_output(sd1):
 def test_attention_mask_branch_drops_masked_tokens(sd1):
     """The additive mask the processor gets (as diffusers builds it from encoder_attention_mask)
     gives masked tokens probability 0, and the rest renormalise: the processor's own output."""
-    name, attn = next(iter(cross_attention_layers(sd1.unet).items()))
+    name, attn = next(iter(UNET.layers(sd1.unet).items()))
     hs, ctx = torch.randn(2, 64, attn.to_q.in_features), torch.randn(2, 77, attn.to_k.in_features)
     keep = torch.zeros(2, 77)
     keep[:, :5] = 1
@@ -76,8 +77,8 @@ def test_observer_sees_the_processors_projections(sd1):
     obs = Count()
     with install(sd1, obs):
         run(sd1, ["a red cat", "a dog"], guidance_scale=5.0)
-    assert obs.starts == 1 and obs.steps == [0, 1] and obs.calls == 2 * len(cross_attention_layers(sd1.unet))
-    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for m in cross_attention_layers(sd1.unet).values())
+    assert obs.starts == 1 and obs.steps == [0, 1] and obs.calls == 2 * len(UNET.layers(sd1.unet))
+    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for m in UNET.layers(sd1.unet).values())
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
@@ -152,7 +153,7 @@ def test_processors_and_hooks_restored_after_exception(sd1):
             raise RuntimeError("boom")
     assert {k: type(v) for k, v in sd1.unet.attn_processors.items()} == before
     assert not sd1.unet._forward_pre_hooks and not sd1.text_encoder._forward_pre_hooks
-    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for m in cross_attention_layers(sd1.unet).values())
+    assert all(not m.to_q._forward_hooks and not m.to_k._forward_hooks for m in UNET.layers(sd1.unet).values())
     with trace(sd1):  # usable again
         pass
 
@@ -193,7 +194,7 @@ def test_maps_equal_the_probabilities_diffusers_forms(kind):
     pipe.set_progress_bar_config(disable=True)
     if kind == "sd2":
         assert pipe.scheduler.config.prediction_type == "v_prediction"
-        assert all(m.upcast_attention for m in cross_attention_layers(pipe.unet).values())
+        assert all(m.upcast_attention for m in UNET.layers(pipe.unet).values())
     with diffusers_attention_probs(pipe) as ref, trace(pipe) as tc:
         run(pipe, ["a red cat", "a dog"], steps=2, guidance_scale=5.0)
     assert len(tc) == 2 and set(ref) == set(tc[0].maps)

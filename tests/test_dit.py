@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from saam.family import is_joint, of_model
 from saam import family
 from saam.aggregate import word_map
-from saam.capture import is_dit, joint_attention_layers, trace
+from saam.capture import trace
 from saam.testing import tiny_dit_pipeline
 
 PROMPT = "a red circle next to a blue Square"
@@ -67,7 +68,7 @@ def traced_joint_calls(pipe, reference):
     with trace(pipe) as tc:
         run(pipe)
     hm = tc[0]
-    layers = forward_order(joint_attention_layers(pipe.transformer))
+    layers = forward_order(of_model(pipe.transformer).layers(pipe.transformer))
     text = hm.maps[layers[0]].shape[1]
     n_img = hm.maps[layers[0]].shape[-1] * hm.maps[layers[0]].shape[-2]
     joint = [(c, o) for c, o in zip(calls, outs) if c.shape[-1] == n_img + text]
@@ -76,12 +77,12 @@ def traced_joint_calls(pipe, reference):
 
 def test_traced_images_equal_untraced_and_layers_are_the_joint_ones(dit):
     kind, pipe = dit
-    assert is_dit(pipe)
+    assert is_joint(pipe)
     plain = run(pipe)
     with trace(pipe) as tc:
         traced = run(pipe)
     assert torch.equal(plain, traced)
-    layers = joint_attention_layers(pipe.transformer)
+    layers = of_model(pipe.transformer).layers(pipe.transformer)
     want = {"sd3": 3, "sd35": 3, "flux": 4, "flux2": 4, "flux2-klein": 4, "qwenimage": 3}[kind]
     assert len(layers) == want and set(tc[0].maps) == set(layers)
     if kind in ("flux", "flux2", "flux2-klein"):
@@ -187,7 +188,7 @@ def test_the_trace_reads_the_kernels_own_queries_keys_and_normaliser(kind, monke
     """On the CPU the trace takes the queries, keys and log-sum-exp of the attention kernel the
     processor runs (never projecting again), in float32 and under bf16 autocast alike, and the
     traced images stay identical to untraced ones."""
-    import saam.capture as C
+    import saam.joint as C
     from saam.models import autocast_bf16
     monkeypatch.setattr(C, "joint_queries_keys", lambda *a, **k: (_ for _ in ()).throw(AssertionError("projected again")))
     monkeypatch.setattr(C, "text_probs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no log-sum-exp")))
@@ -258,7 +259,7 @@ def test_capture_goes_through_the_dispatcher_with_any_cpu_backend(kind):
 
     def inside(module, args, out):  # runs inside the processor's call
         seen.append((F.scaled_dot_product_attention, ad.dispatch_attention_fn) == originals)
-    attn = next(iter(joint_attention_layers(pipe.transformer).values()))
+    attn = next(iter(of_model(pipe.transformer).layers(pipe.transformer).values()))
     handle = attn.norm_q.register_forward_hook(inside)
     maps = {}
     try:

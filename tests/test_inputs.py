@@ -196,11 +196,11 @@ def test_empty_concepts_and_prompts_are_errors(sd1):
 
 
 def test_a_caption_longer_than_the_window_skips_the_cut_word_with_a_count(sd1, capsys):
-    from saam.capture import cross_attention_layers
     from saam.datasets import Item, Word
     from saam.evaluate import real_image_protocol
+    from saam.family import UNET
     from saam.heads import head_ids
-    heads = head_ids({l: m.heads for l, m in cross_attention_layers(sd1.unet).items()})
+    heads = head_ids({l: m.heads for l, m in UNET.layers(sd1.unet).items()})
     img = np.zeros((32, 32, 3), np.uint8)
     mask = np.zeros((32, 32), bool)
     long = "a dog " + "and more " * 40 + "and a cat"
@@ -270,12 +270,13 @@ def test_non_finite_relevance_names_the_concept_and_the_head(method, bad):
 
 
 def test_trace_with_no_layers_lists_the_layer_names(sd1):
-    from saam.capture import cross_attention_layers, trace
+    from saam.capture import trace
+    from saam.family import UNET
     for layers in ([], (), "down_blocks.0.attentions.0.transformer_blocks.0.attn2"):
         with pytest.raises(ValueError, match="one or more cross-attention layer names.*down_blocks"):
             with trace(sd1, layers=layers):
                 pass
-    names = sorted(cross_attention_layers(sd1.unet))
+    names = sorted(UNET.layers(sd1.unet))
     with pytest.raises(ValueError) as e:
         with trace(sd1, layers=[]):
             pass

@@ -32,13 +32,13 @@ def test_export_and_native_protocol_give_the_same_table1(export, tmp_path, monke
     """ShapesWorld renders read natively and read back from the COCO export: same records, same Table 1."""
     from saam import chapter, models, steps, tables
     from saam.evaluate import miou_table
-    from saam.capture import cross_attention_layers
+    from saam.family import UNET
     from saam.heads import head_ids
     from saam.relevance import Relevance
     monkeypatch.setattr(paths, "CACHE", tmp_path)
     p = chapter.load("smoke", "n_eval=12 steps=3")
     pipe = models.load_model(p)
-    heads = head_ids({l: m.heads for l, m in cross_attention_layers(pipe.unet).items()})
+    heads = head_ids({l: m.heads for l, m in UNET.layers(pipe.unet).items()})
     rel = Relevance(["color", "shape", "size"], heads, np.random.default_rng(0).random((3, len(heads))).astype(np.float32))
     native = steps.records(pipe, p, "real", heads, 0.5)[0]
     data = steps.records(pipe, dict(p, data_dir=str(export)), "dataset", heads, 0.5)[0]

@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import run
 
-from saam.capture import cross_attention_layers
+
+from saam.family import UNET
 from saam.heads import block_of, forward_order, from_hrv_names, head_ids, order
 
 
@@ -100,7 +101,7 @@ def test_relevance_pass_leaves_generation_untouched(sd1, tmp_path):
     rel = relevance_pass(sd1, concepts, ["a red cat", "a dog"], steps=3, guidance=5.0, progress=False)
     again = run(sd1, ["a red cat", "a dog"], steps=3, guidance_scale=5.0)
     assert np.array_equal(plain, again)
-    n_heads = sum(m.heads for m in cross_attention_layers(sd1.unet).values())
+    n_heads = sum(m.heads for m in UNET.layers(sd1.unet).values())
     assert rel.votes.shape == (3, n_heads, 2)
     assert (rel.votes.sum(-1) == 2).all()  # every head votes once per image per step
     np.testing.assert_allclose(rel.matrix.sum(1)[rel.matrix.sum(1) > 0], n_heads, rtol=1e-5)
@@ -132,7 +133,7 @@ def test_published_hrv_vectors_land_on_an_sd14_unet():
             attention_head_dim=8, layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    lh = {l: m.heads for l, m in cross_attention_layers(unet).items()}
+    lh = {l: m.heads for l, m in UNET.layers(unet).items()}
     assert sum(lh.values()) == 128
     rel = load_hrv(HRV_DIR / "category_vectors_sd_v1_4.npy", HRV_DIR / "head_index_sd_v1_4.npy", lh,
                    HRV_DIR / "340_final_text_list.csv")

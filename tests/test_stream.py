@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from saam.family import of_model
 from saam import family
-from saam.capture import joint_attention_layers
+
 from saam.relevance import relevance_pass
 from saam.stream import StreamVoter, blocks, concept_stream, encode_stream_words
 from saam.testing import tiny_dit_pipeline
@@ -38,7 +39,7 @@ def test_the_concept_stream_leaves_the_generation_unchanged(dit):
     head votes once per step for one concept."""
     kind, pipe = dit
     plain = run(pipe)
-    voter = StreamVoter(None, joint_attention_layers(pipe.transformer))
+    voter = StreamVoter(None, of_model(pipe.transformer).layers(pipe.transformer))
     with concept_stream(pipe, voter):
         voter.prepare(pipe, CONCEPTS, [random.Random(0)], max_sequence_length=msl(pipe))
         streamed = run(pipe)
@@ -71,7 +72,7 @@ def test_the_stream_is_the_text_stream_when_it_carries_the_prompt(dit):
                 real[name] = text.detach().clone()
         return hook
     handles = [pipe.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))]
-    voter = StreamVoter([[own]], joint_attention_layers(pipe.transformer), keep_states=True)
+    voter = StreamVoter([[own]], of_model(pipe.transformer).layers(pipe.transformer), keep_states=True)
     handles += [m.register_forward_hook(keep(n), with_kwargs=True) for n, m in bl.items()]
     try:
         with concept_stream(pipe, voter):
@@ -95,7 +96,7 @@ def test_stream_relevance_on_a_dit(dit):
     rel = relevance_pass(pipe, CONCEPTS, prompts, batch_size=2, **kw)
     one = relevance_pass(pipe, CONCEPTS, prompts, batch_size=1, **kw)
     direct = relevance_pass(pipe, CONCEPTS, prompts, batch_size=2, variant="direct", **kw)
-    n = sum(m.heads for m in joint_attention_layers(pipe.transformer).values())
+    n = sum(m.heads for m in of_model(pipe.transformer).layers(pipe.transformer).values())
     assert len(rel.heads) == n and rel.matrix.shape == (2, n)
     assert (rel.prompt_votes.sum(-1) == 2).all()  # each head: one vote per step per prompt
     assert np.array_equal(rel.prompt_votes, one.prompt_votes)

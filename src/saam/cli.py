@@ -86,15 +86,15 @@ def get_relevance(pipe, params: dict, source: str, prompts: Path | None, n: int 
                   guidance: float | None, max_sequence_length: int | None = None):
     """Head relevance from ``source``: ``auto`` (published vectors where they fit, else the pass),
     ``published``, ``pass``, or the path of a ``relevance.npz`` that ``saam heads`` wrote."""
-    from .capture import is_dit
-    from .relevance import PUBLISHED, Relevance, load_published, relevance_pass
+    from .family import UNET, is_joint
+    from .relevance import PUBLISHED, load_published, relevance_pass
     if source not in ("auto", "published", "pass"):
         return relevance_file(Path(source), pipe, params)
     family = params.get("model")
-    if source in ("auto", "published") and family in PUBLISHED and not is_dit(pipe):
-        from .capture import cross_attention_layers
+    if source in ("auto", "published") and family in PUBLISHED and not is_joint(pipe):
+
         try:
-            rel = load_published(family, {l: m.heads for l, m in cross_attention_layers(pipe.unet).items()})
+            rel = load_published(family, {l: m.heads for l, m in UNET.layers(pipe.unet).items()})
             print(f"saam: head relevance from HRV's published {family} vectors (data/hrv)", file=sys.stderr)
             return rel
         except ValueError as e:
@@ -125,7 +125,7 @@ def get_relevance(pipe, params: dict, source: str, prompts: Path | None, n: int 
                          "or --relevance DIR/relevance.npz from `saam heads`")
     # the pipeline's own guidance and steps unless given (the help says so); the organism: its profile's
     kw = dict(guidance=guidance if guidance is not None else params.get("guidance"))
-    if is_dit(pipe) and max_sequence_length:
+    if is_joint(pipe) and max_sequence_length:
         kw["max_sequence_length"] = max_sequence_length
     steps = steps or params.get("steps") or call_default(pipe, "num_inference_steps")
     bs = params.get("batch_size", 4)
@@ -208,7 +208,8 @@ def infer_concept(word: str, rel) -> str:
 
 def _generate(pipe, params: dict, a, words: list[str] | None):
     import torch
-    from .capture import is_dit, trace
+    from .capture import trace
+    from .family import is_joint
     from .models import guidance_arg
     kw = dict(generator=torch.Generator().manual_seed(a.seed), output_type="np")
     steps = a.steps or params.get("steps")
@@ -223,7 +224,7 @@ def _generate(pipe, params: dict, a, words: list[str] | None):
             kw["use_resolution_binning"] = False  # PixArt would generate at its nearest trained size and resize
     if a.max_sequence_length:
         kw["max_sequence_length"] = a.max_sequence_length
-    with trace(pipe, words=None if is_dit(pipe) else words) as tc:
+    with trace(pipe, words=None if is_joint(pipe) else words) as tc:
         image = pipe(prompt=a.prompt, **kw).images[0]
     return image, tc[0]
 

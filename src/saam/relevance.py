@@ -28,7 +28,9 @@ import torch
 import yaml
 
 from .cache import cached
-from .capture import Observer, check_pipeline, install, is_dit, keys, probs
+from .capture import Observer, check_pipeline, install
+from .crossattn import keys, probs
+from .family import is_joint
 from .heads import HeadId, from_hrv_names, head_ids
 from .models import guidance_arg
 from .votes import VoteCounter
@@ -348,7 +350,7 @@ def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, 
         max_sequence_length: MM-DiTs only: T5's window, as the pipeline is called with it.
     """
     from .runs import item_rngs, run_batches
-    if is_dit(pipe):
+    if is_joint(pipe):
         from .stream import stream_votes
         heads, parts = stream_votes(pipe, concepts, prompts, steps=steps, guidance=guidance, seed=seed,
                                     batch_size=batch_size, variant=variant or "stream", height=height, width=width,
@@ -451,7 +453,7 @@ def load_hrv(vectors: Path, head_index: Path, layer_heads: dict[str, int],
     Args:
         vectors: (concepts, heads) array; head_index: (heads,) names like "up, layer: 8, head: 3".
         layer_heads: this UNet's cross-attention layers and head counts (``HeadMaps.layer_heads``
-            or ``{l: m.heads for l, m in cross_attention_layers(unet).items()}``).
+            or ``{l: m.heads for l, m in UNET.layers(unet).items()}``).
         concepts: concept names, or the path of HRV's concept list CSV (default: "concept i").
     Raises:
         ValueError: a published head that this UNet does not have, or mismatched shapes.

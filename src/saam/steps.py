@@ -123,7 +123,6 @@ def analyzer_check(params: dict) -> dict:
 def denoiser_heads(pipe) -> list:
     """Every cross-attention head of the pipeline's UNet (an MM-DiT's joint-attention heads), in
     HRV's order (what relevance rows and word records index)."""
-    from .capture import cross_attention_layers, is_dit, joint_attention_layers
     from .heads import head_ids
     from .family import of
     fam = of(pipe)
@@ -176,10 +175,10 @@ def relevance(pipe, params: dict):
     get them, placed on this UNet's heads, exactly as the paper selected heads. Otherwise HRV's
     pass (``relevance.relevance_pass``, cached per batch) over :func:`relevance_prompts`.
     """
-    from .capture import cross_attention_layers
+    from .family import UNET
     from .relevance import load_concepts, load_hrv, relevance_pass
     if params.get("hrv_vectors") and params.get("hrv_head_index") and params.get("concepts", "hrv") == "hrv":
-        lh = {l: m.heads for l, m in cross_attention_layers(pipe.unet).items()}
+        lh = {l: m.heads for l, m in UNET.layers(pipe.unet).items()}
         root = lambda f: Path(f) if Path(f).is_absolute() else paths.ROOT / f  # noqa: E731
         return load_hrv(root(params["hrv_vectors"]), root(params["hrv_head_index"]), lh, paths.HRV_CONCEPTS)
     concepts = load_concepts("hrv" if params.get("concepts", "hrv") == "hrv" else None)

@@ -34,7 +34,8 @@ import random
 import torch
 
 from . import family
-from .capture import CaptureError, Observer, install_joint, is_dit, joint_attention_layers, text_segments
+from .capture import Observer, install_joint
+from .family import is_joint, of_model
 from .models import guidance_arg
 from .votes import VoteCounter
 
@@ -56,7 +57,7 @@ def encode_stream_words(pipe, words: list[str], max_sequence_length: int | None 
     out = []
     for i, w in enumerate(words):
         pos = []
-        for offset, tok, length in text_segments(pipe, emb.shape[1]):
+        for offset, tok, length in family.of(pipe).text_segments(pipe, emb.shape[1]):
             try:
                 pos += [offset + p for p in token_positions(w, w, tok, max_length=length)]
             except WordNotFound:
@@ -154,7 +155,7 @@ class StreamVoter(Observer):
 def blocks(transformer) -> dict[str, torch.nn.Module]:
     """The blocks holding the joint-attention layers (SD3's joint blocks; Flux's double- and single-stream ones)."""
     mods = dict(transformer.named_modules())
-    return {l.rsplit(".", 1)[0]: mods[l.rsplit(".", 1)[0]] for l in joint_attention_layers(transformer)}
+    return {l.rsplit(".", 1)[0]: mods[l.rsplit(".", 1)[0]] for l in of_model(transformer).layers(transformer)}
 
 
 class concept_stream:
@@ -162,7 +163,7 @@ class concept_stream:
     voter as its observer and a pre-hook on every block running the side calls; all removed on exit."""
 
     def __init__(self, pipe, voter: StreamVoter):
-        if not is_dit(pipe):
+        if not is_joint(pipe):
             raise TypeError(f"the concept stream is for MM-DiT pipelines (SD3, FLUX, Qwen-Image), got {type(pipe).__name__}")
         self.pipe, self.voter = pipe, voter
 
@@ -188,7 +189,7 @@ def stream_votes(pipe, concepts: dict[str, list[str]], prompts: list[str], *, st
     what ``relevance.relevance_pass`` turns into a ``Relevance``."""
     from .cache import cached
     from .runs import item_rngs, run_batches
-    voter = StreamVoter(None, joint_attention_layers(pipe.transformer), variant)
+    voter = StreamVoter(None, of_model(pipe.transformer).layers(pipe.transformer), variant)
     if words_cache:  # encoded once per text encoder (float32 on disk holds any half-precision state exactly)
         dtype = pipe.transformer.dtype
         enc = cached(*words_cache, lambda: [[w.float().cpu().numpy() for w in encode_stream_words(pipe, ws, max_sequence_length)]
