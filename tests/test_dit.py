@@ -229,20 +229,38 @@ def test_output_space_maps_are_conceptattentions(dit, reference):
         got = hm.outputs[layer].flatten(1).T  # [pixels, text]
         torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-5)
         assert (got[:, ~words] == 0).all()
+        ref_h = 0  # head-wise: each head's own softmax over the words of its own products
+        for s in range(hm.steps):
+            o = joint[s * len(layers) + i][-1]
+            img, txt = (o[:, text:], o[:, :text]) if family.of(pipe).text_first else (o[:, :n_img], o[:, n_img:])
+            ref_h = ref_h + torch.softmax(torch.einsum("hid,htd->hit", img, txt).masked_fill(~words, float("-inf")), -1)
+        got_h = hm.head_outputs[layer].flatten(2).transpose(1, 2)  # [heads, pixels, text]
+        torch.testing.assert_close(got_h.double(), ref_h, rtol=1e-3, atol=1e-5)
     red = output_map(hm, "red")
     assert red.shape == hm.latent_size and not torch.allclose(red, output_map(hm, "blue"))
+    from saam.aggregate import per_head_maps
+    hw = per_head_maps(hm, hm.token_positions("red"), hm.heads(), space="output")
+    assert hw.shape == (len(hm.heads()), *hm.latent_size) and (hw >= 0).all() and (hw <= 1).all()
     gt = np.zeros(hm.image_size, bool)
     gt[: hm.image_size[0] // 2] = True
     heads = hm.heads()
     rec = WordRecord(0, PROMPT, "red", 0, "color", 0, gt, np.stack([word_map(hm, "red", heads=[h]).numpy() for h in heads]),
-                     output=red.numpy())
+                     output=red.numpy(), output_heads=hw.numpy())
     rel = type("R", (), dict(heads=heads, row=lambda self, kind: np.arange(len(heads), dtype=float)))()
     df = score_records([rec], rel, np.ones(len(heads), bool), [0.25], [0.4])
-    assert METHODS["output"] in set(df.method)
+    assert {METHODS[m] for m in ("output", "output_top", "output_soft")} <= set(df.method)
     got = df[df.method == METHODS["output"]].iou.iloc[0]
-    from saam.aggregate import to_mask
-    m = to_mask(red, hm.image_size, 0.4).numpy()
-    assert got == (m & gt).sum() / (m | gt).sum()
+    from saam.aggregate import mean_map, to_mask
+    from saam.select import head_set
+    def iou_of(mp):
+        m = to_mask(mp, hm.image_size, 0.4).numpy()
+        return (m & gt).sum() / (m | gt).sum()
+    assert got == iou_of(red)
+    # head-wise ConceptAttention: the top-k (soft) heads' own output-space maps, over top-k's (soft's) heads
+    for method, base in (("output_top", "top"), ("output_soft", "soft")):
+        s = head_set(base, heads, rel.row("color"), 0.25)
+        want = iou_of(mean_map(hw[s.index], s.weights))
+        assert df[df.method == METHODS[method]].iou.iloc[0] == pytest.approx(want, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["flux", "flux2", "flux2-klein", "qwenimage"])

@@ -44,12 +44,19 @@ def daam_heads(hm: HeadMaps) -> list[HeadId]:
 
 
 def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
-                  size: tuple[int, int] | None = None) -> torch.Tensor:
+                  size: tuple[int, int] | None = None, space: str = "attention") -> torch.Tensor:
     """Each head's map of the given tokens: mean over tokens and steps, upsampled, clamped.
+
+    ``space``: ``attention`` (the attention probabilities, ``HeadMaps.maps``) or, on an MM-DiT,
+    ``output`` (each head's own output-space softmax over the word tokens, ``HeadMaps.head_outputs``:
+    the head-wise ConceptAttention maps, which head sets aggregate as they do attention maps).
 
     Returns:
         [len(heads), h, w] at ``size`` (default: the latent size).
     """
+    source = {"attention": hm.maps, "output": hm.head_outputs}[space]
+    if source is None:
+        raise ValueError("head-wise output-space maps come from an MM-DiT trace; this trace has none")
     size = tuple(size or hm.latent_size)
     tok = torch.as_tensor(hm.columns(tokens), dtype=torch.long)
     out = torch.zeros(len(heads), *size)
@@ -57,9 +64,9 @@ def per_head_maps(hm: HeadMaps, tokens: Sequence[int], heads: Sequence[HeadId],
     for i, h in enumerate(heads):
         by_layer.setdefault(h.layer, []).append(i)
     for layer, idx in by_layer.items():
-        if layer not in hm.maps:
+        if layer not in source:
             raise KeyError(f"layer {layer!r} was not recorded")
-        m = hm.maps[layer][[heads[i].head for i in idx]][:, tok].float().mean(1) / max(hm.steps, 1)
+        m = source[layer][[heads[i].head for i in idx]][:, tok].float().mean(1) / max(hm.steps, 1)
         out[idx] = upsample(m, size)
     return out
 

@@ -26,7 +26,7 @@ from .aggregate import DAAM_TAU, mean_maps, normalize, output_map, per_head_maps
 from .capture import trace
 from .heads import HeadId
 from .models import guidance_arg
-from .select import METHODS, NOT_HEAD_SETS, head_set
+from .select import METHODS, NOT_HEAD_SETS, OUTPUT_HEAD_SETS, head_set
 from .words import WordNotFound
 
 
@@ -43,6 +43,7 @@ class WordRecord:
     n_objects: int = 1
     bound: bool | None = None      # generation protocol: intended (colour, shape) object drawn?
     output: np.ndarray | None = None  # MM-DiTs: ConceptAttention's output-space map [h, w] (aggregate.output_map)
+    output_heads: np.ndarray | None = None  # MM-DiTs: each head's own output-space map [heads, h, w] (per_head_maps(space="output"))
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -144,7 +145,9 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
     ``aggregate.to_mask``. Words whose object is missing are kept with NaN IoU. ``method`` holds
     the method's label (``select.METHODS``); :func:`per_word` averages random-k's draws.
     ``output`` (ConceptAttention's output-space map, not a head set) is scored where the records
-    carry it (MM-DiTs) and left out where they do not.
+    carry it (MM-DiTs) and left out where they do not; so are ``output_top`` and ``output_soft``
+    (head-wise ConceptAttention: the mean of the top-k heads' own output-space maps, or every head's
+    weighted by relevance, over the very head sets ``top`` and ``soft`` use).
     """
     import pandas as pd
     rows = []
@@ -160,9 +163,17 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
             w[s.index] = 1.0 if s.weights is None else s.weights
         return known[key]
     for r in recs:
-        sets, weights = [], {}
+        sets, weights, out_weights = [], {}, {}
         for k in ks:
             for m in methods:
+                if m in OUTPUT_HEAD_SETS:
+                    if r.output_heads is not None:
+                        base = OUTPUT_HEAD_SETS[m]
+                        key = (m, None if base == "soft" else k, 0)
+                        if key not in out_weights:
+                            out_weights[key] = weights_of(base, k, 0, r)
+                        sets.append((m, k, key))
+                    continue
                 if m in NOT_HEAD_SETS:
                     if r.output is not None:
                         sets.append((m, k, (m, None, 0)))
@@ -177,6 +188,10 @@ def score_records(recs: Sequence[WordRecord], rel, mask: np.ndarray, ks: Sequenc
         if r.output is not None and any(m in NOT_HEAD_SETS for m, _, _ in sets):
             keys.append(("output", None, 0))
             stack = torch.cat([stack, torch.as_tensor(r.output, dtype=stack.dtype)[None]])
+        if out_weights:
+            keys += list(out_weights)
+            stack = torch.cat([stack, mean_maps(torch.as_tensor(r.output_heads),
+                                                torch.as_tensor(np.stack(list(out_weights.values())))).to(stack.dtype)])
         scores = np.full((len(keys), len(taus)), np.nan) if r.gt is None else mask_ious(stack, r.gt, taus)
         at = {key: i for i, key in enumerate(keys)}
         for j, tau in enumerate(taus):  # tau, then k, then method: the order tables list them in
@@ -243,7 +258,9 @@ def records_of(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_o
             continue
         maps = per_head_maps(hm, pos, heads).numpy()
         space = output_map(hm, word, occurrence).numpy() if hm.outputs else None
-        out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound, space))
+        heads_space = per_head_maps(hm, pos, heads, space="output").numpy() if hm.head_outputs else None
+        out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound, space,
+                              heads_space))
     return out
 
 

@@ -41,6 +41,9 @@ class HeadMaps:
         outputs: an MM-DiT's ConceptAttention output-space shares, layer -> [tokens, h, w] summed over
             steps: each pixel's softmax over the prompt's word tokens of the products of its
             attention output with theirs (0 at other positions). None for UNets.
+        head_outputs: the same per head, layer -> [heads, tokens, h, w]: each head's own softmax over
+            the word tokens of the products of its outputs alone (the head-wise ConceptAttention maps
+            that head sets aggregate: ``aggregate.output_head_maps``). None for UNets.
     """
     maps: dict[str, torch.Tensor]
     steps: int
@@ -54,6 +57,7 @@ class HeadMaps:
     tokens: list[int] | None = None
     segments: list[tuple[int, object, int]] | None = None
     outputs: dict[str, torch.Tensor] | None = field(repr=False, default=None)
+    head_outputs: dict[str, torch.Tensor] | None = field(repr=False, default=None)
 
     def columns(self, positions) -> list[int]:
         """Where prompt token ``positions`` lie on the maps' token axis (the same unless the trace

@@ -133,9 +133,9 @@ class JointCaptureProcessor:
                 else:  # the joint softmax on the text keys: exp(logit - log-sum-exp over all keys)
                     logits = (q[:, :, image].float() @ k[:, :, text].float().transpose(-1, -2)) * scale
                     p = torch.exp(logits - lse[r][:, :, image, None].float())
-                if tr.observer.outputs:  # ConceptAttention's output space: image outputs . text outputs, all heads
+                if tr.observer.outputs:  # ConceptAttention's output space: image outputs . text outputs, per head
                     o = o[r].float()
-                    outputs = torch.einsum("nhid,nhtd->nit", o[:, :, image], o[:, :, text])
+                    outputs = torch.einsum("nhid,nhtd->nhit", o[:, :, image], o[:, :, text])
             else:
                 q, k, text = joint_queries_keys(attn, hidden_states[r], None if encoder_hidden_states is None
                                                 else encoder_hidden_states[r], image_rotary_emb, text_len, tr.family)

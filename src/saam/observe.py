@@ -62,9 +62,10 @@ class Observer:
         cross-attention's softmax, rows summing to 1; on an MM-DiT the joint softmax over image and
         text keys restricted to the text keys, rows summing to less than 1)."""
 
-    def add_output(self, layer: str, logits: torch.Tensor) -> None:
-        """MM-DiTs, when ``outputs``: [n, image tokens, text tokens] dot products of the attention's
-        per-token outputs (every head's, before the output projection), recorded rows only."""
+    def add_output(self, layer: str, products: torch.Tensor) -> None:
+        """MM-DiTs, when ``outputs``: [n, heads, image tokens, text tokens] dot products of each
+        head's attention outputs (before the output projection) of every image token with every text
+        token, recorded rows only. Their sum over heads is ConceptAttention's output-space logits."""
 
     def attach(self, tracker: "Tracker") -> None:
         """The tracker that will call this observer (told once, when the trace is installed)."""
@@ -226,7 +227,7 @@ class MapRecorder(Observer):
 
     def start(self, n, latent, token_ids):
         self._gen = dict(n=n, latent=latent, steps=0, timesteps=[], sums={}, per_step={}, ids=token_ids,
-                         keep=self.kept_tokens(token_ids), outs={}, words=None)
+                         keep=self.kept_tokens(token_ids), outs={}, head_outs={}, words=None)
         if self._layout is not None:  # an MM-DiT: which positions of each image's text sequence are words
             from .words import segment_classes
             prompts, segments = self._layout
@@ -260,19 +261,23 @@ class MapRecorder(Observer):
         if self.per_step:
             g["per_step"].setdefault(layer, []).append(p.to("cpu", copy=True))
 
-    def add_output(self, layer: str, logits: torch.Tensor) -> None:
-        """The softmax over each image's word tokens (other positions get 0), summed over steps."""
+    def add_output(self, layer: str, products: torch.Tensor) -> None:
+        """The softmax over each image's word tokens (other positions get 0) of the products summed
+        over heads (ConceptAttention's) and of each head's own (the head-wise maps), summed over steps."""
         g = self._gen
         words = g["words"]
-        if words is None or words.shape[1] != logits.shape[-1]:
+        if words is None or words.shape[1] != products.shape[-1]:
             return
-        w = words.to(logits.device)[:, None, :]
-        s = torch.softmax(logits.masked_fill(~w, float("-inf")), -1).nan_to_num(0.0)  # a prompt without words: 0
-        s = s.to(self.store_device or s.device, torch.float32)
-        if layer in g["outs"]:
-            g["outs"][layer] += s
-        else:
-            g["outs"][layer] = s.clone()
+        w = words.to(products.device)[:, None, None, :]
+
+        def share(logits):  # a prompt without words: 0
+            return torch.softmax(logits.masked_fill(~w, float("-inf")), -1).nan_to_num(0.0).to(
+                self.store_device or logits.device, torch.float32)
+        for key, s in (("outs", share(products.sum(1, keepdim=True))[:, 0]), ("head_outs", share(products))):
+            if layer in g[key]:
+                g[key][layer] += s
+            else:
+                g[key][layer] = s.clone()
 
     def abort(self) -> None:
         self._gen = None
@@ -309,7 +314,8 @@ class MapRecorder(Observer):
                 steps=g["steps"], timesteps=list(g["timesteps"]), token_ids=pid, prompt=prompt,
                 latent_size=g["latent"], image_size=image, tokenizer=tok, per_step=per, tokens=kept,
                 segments=segments,
-                outputs={l: spatial(s[i]).to("cpu", self.dtype) for l, s in g["outs"].items()} or None))
+                outputs={l: spatial(s[i]).to("cpu", self.dtype) for l, s in g["outs"].items()} or None,
+                head_outputs={l: spatial(s[i]).to("cpu", self.dtype) for l, s in g["head_outs"].items()} or None))
 
 
 def _grid(n: int, latent: tuple[int, int]) -> tuple[int, int]:

@@ -15,9 +15,12 @@ from .heads import HeadId, block_of
 
 # every aggregation method: key (used in code) -> label (used in tables and figures), defined once
 METHODS = {"daam": "DAAM (its heads)", "top": "top-k (selective)", "bottom": "bottom-k",
-           "random": "random-k", "soft": "soft (relevance-weighted)", "output": "ConceptAttention (output space)"}
+           "random": "random-k", "soft": "soft (relevance-weighted)", "output": "ConceptAttention (output space)",
+           "output_top": "head-wise ConceptAttention, top-k", "output_soft": "head-wise ConceptAttention, soft"}
 # methods that are not head sets: scored from the records' own maps (MM-DiTs only; absent elsewhere)
 NOT_HEAD_SETS = ("output",)
+# head sets over the head-wise output-space maps (MM-DiTs only): method -> the head set it takes
+OUTPUT_HEAD_SETS = {"output_top": "top", "output_soft": "soft"}
 # DAAM's own head rule (daam 0.2.0): its locator never hooks the mid block, and it drops every
 # layer whose maps are at 1/8 of the latent resolution
 DAAM_SKIPS_FACTOR = 8
@@ -148,6 +151,10 @@ def head_set(method: str, heads: Sequence[HeadId], relevance: Sequence[float] | 
     if method in NOT_HEAD_SETS:
         raise ValueError(f"{method!r} is not a head set: it is scored from the output-space maps an MM-DiT trace "
                          "records (aggregate.output_map)")
+    if method in OUTPUT_HEAD_SETS:
+        raise ValueError(f"{method!r} aggregates head-wise output-space maps over {OUTPUT_HEAD_SETS[method]!r}'s heads: "
+                         f"ask head_set({OUTPUT_HEAD_SETS[method]!r}, ...) and average aggregate.per_head_maps(..., "
+                         "space='output') over it")
     if relevance is not None:
         relevance = check_finite(relevance, heads, concept)
     weights = None
