@@ -128,10 +128,10 @@ def test_mask_ious_batched_equal_one_at_a_time():
 
 def test_scoring_and_miou_table_on_hand_made_records():
     from saam.evaluate import RANDOM_DRAWS, miou_table, per_head_iou, score_records
-    from saam.select import METHODS, NOT_HEAD_SETS
+    from saam.select import METHODS, NOT_HEAD_SETS, OUTPUT_HEAD_SETS
     recs, rel = _records(), _relevance([1.0, 1.0, 0.0, 0.0])  # the top heads are relevant to colour
     df = score_records(recs, rel, np.ones(4, bool), ks=[2], taus=[0.4])
-    sets = len(METHODS) - len(NOT_HEAD_SETS)  # UNet records carry no output-space map: that method is absent
+    sets = len(METHODS) - len(NOT_HEAD_SETS) - len(OUTPUT_HEAD_SETS)  # UNet records carry no output-space maps
     rows_per_word = sets - 1 + RANDOM_DRAWS  # random-k: one row per draw
     assert len(df) == 3 * rows_per_word and df.missing.sum() == rows_per_word
     assert df[df.missing].iou.isna().all() and df[~df.missing].iou.notna().all()

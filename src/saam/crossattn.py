@@ -8,12 +8,8 @@ module's own processor and shows the trace's observer the queries and keys it pr
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .observe import Tracker
 
 
 def project(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +64,7 @@ class CaptureProcessor:
     """Wraps a module's original processor: same output; the projections it computed (kept by
     hooks on ``to_q`` / ``to_k``) go to the tracker's observer for the recorded rows."""
 
-    def __init__(self, base, layer: str, tracker: Tracker):
+    def __init__(self, base, layer: str, tracker):  # tracker: a saam.observe.Tracker
         self.base, self.layer, self.tracker = base, layer, tracker
         params = inspect.signature(base.__call__).parameters
         self._base_kwargs = (None if any(p.kind == p.VAR_KEYWORD for p in params.values())
