@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -169,7 +168,7 @@ class Pool:
     :data:`POOL_BATCHES` steps renders, encodes (VAE latent, text states) and trains on a fresh
     batch of the seeded scene stream and appends it; later steps draw batches from the pool, a
     seeded permutation per epoch. The VAE and the text encoder (together more than the transformer's
-    training step on a CPU: ``python -m saam.shapes.dit bench``) then run once per scene, not once
+    training step on a CPU: ``scripts/bench_mmdit.py``) then run once per scene, not once
     per visit. Captions are stored whole; the 10 % dropped for guidance are drawn per visit.
 
     A pool lost with an ignored folder is rebuilt from the same seeds (bit-identical on one machine).
@@ -349,70 +348,6 @@ def train(run: Path, init: Path, minutes: float, steps: int, batch: int, lr: flo
     return step
 
 
-def bench(init: Path, batch: int = 64, repeats: int = 3) -> dict:
-    """The training step's parts and levers, measured side by side in one run (seconds per batch):
-    rendering, the VAE's encoder, the text encoder at 77 tokens and at :data:`TEXT_LENGTH`, the
-    transformer's step (forward, backward, AdamW) at both text lengths, in fp32 and, where this
-    CPU computes bf16 natively, under bf16 autocast, at all threads and at one; and what a step
-    costs with fresh scenes against one drawn from the pool."""
-    from diffusers import AutoencoderKL
-    from .. import models
-    from .train import batch_scenes
-    from .world import render_from_params, render_params
-    vae = AutoencoderKL.from_pretrained(Path(init) / "vae", local_files_only=True).float().eval().requires_grad_(False)
-    enc, tok = text_encoder()
-    tr = build_transformer()
-    opt = torch.optim.AdamW(tr.parameters(), lr=1e-5)
-    scenes = batch_scenes(0, batch, 1)
-    params = render_params([sc.objects for sc in scenes])
-
-    def timed(f):
-        f()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            f()
-        return (time.perf_counter() - t) / repeats
-
-    def ids(n):
-        return tok([sc.caption for sc in scenes], padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-
-    x, _ = render_from_params(*params)
-    with torch.no_grad():
-        x0 = vae.encode(x * 2 - 1).latent_dist.mean
-        ctx = {n: enc(ids(n))[0] for n in (77, TEXT_LENGTH)}
-
-    def step(n, bf16=False):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = tr(hidden_states=x0, timestep=torch.rand(batch) * 1000, encoder_hidden_states=ctx[n],
-                      pooled_projections=ctx[n][:, 0], return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    out = dict(machine=models.machine(), batch=batch, threads=torch.get_num_threads())
-    with torch.no_grad():
-        out["render"] = timed(lambda: render_from_params(*params))
-        out["vae_encode"] = timed(lambda: vae.encode(x * 2 - 1))
-        for n in (77, TEXT_LENGTH):
-            i = ids(n)
-            out[f"text_{n}"] = timed(lambda: enc(i))
-    for n in (77, TEXT_LENGTH):
-        out[f"transformer_{n}"] = timed(lambda: step(n))
-    if models.cpu_has_bf16():
-        out[f"transformer_{TEXT_LENGTH}_bf16"] = timed(lambda: step(TEXT_LENGTH, True))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out[f"transformer_{TEXT_LENGTH}_1thread"] = timed(lambda: step(TEXT_LENGTH))
-    torch.set_num_threads(threads)
-    out["fresh_step_77"] = out["render"] + out["vae_encode"] + out["text_77"] + out["transformer_77"]
-    out["pool_step"] = out[f"transformer_{TEXT_LENGTH}"]
-    out["speedup_pool_over_fresh_77"] = out["fresh_step_77"] / out["pool_step"]
-    for k, v in out.items():
-        print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
-    return out
-
-
 def assemble(run: Path, init: Path, out: Path) -> Path:
     """A model folder: the trained transformer, the init's VAE, the scheduler, ``saam.json``
     (variant ``mmdit``) and ``training.json``; the text encoder is the package's causal one."""
@@ -442,7 +377,7 @@ def assemble(run: Path, init: Path, out: Path) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["train", "assemble", "pack", "bench"])
+    ap.add_argument("stage", choices=["train", "assemble", "pack"])
     ap.add_argument("--run", type=Path, default=Path("data/runs/mmdit"))
     ap.add_argument("--init", type=Path, default=Path("data/shapesworld-model"), help="the trained organism whose VAE is used")
     ap.add_argument("--out", type=Path, default=Path("data/variants/mmdit"))
@@ -461,8 +396,6 @@ def main(argv=None) -> None:
         train(a.run, a.init, a.minutes, a.steps, a.batch, a.lr, a.seed, a.warmup, resume=a.resume)
     elif a.stage == "pack":
         print(pack(a.run, a.resume))
-    elif a.stage == "bench":
-        bench(a.init, a.batch)
     else:
         print(assemble(a.run, a.init, a.out))
 
