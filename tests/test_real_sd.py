@@ -121,10 +121,11 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     import pandas as pd
     t1 = pd.read_csv(out / "figures" / "tab1-miou.csv")
     from saam.select import METHODS
-    dit = profile in ("sd3", "sd35", "flux", "flux2", "flux2-klein", "qwenimage")  # ConceptAttention's output-space maps: one more method on MM-DiTs
+    dit = profile in ("sd3", "sd35", "flux", "flux2", "flux2-klein", "qwenimage")  # ConceptAttention's output-space maps
+    # on MM-DiTs three more methods: ConceptAttention's, and the head-wise one over top-k's and soft's heads
     from saam.selection import ORACLE  # the cross-fitted bound, beside the five methods on data with masks
-    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 6 + dit and (t1.n_words > 0).all()
-    assert (METHODS["output"] in set(t1.method)) == dit and ORACLE in set(t1.method)
+    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 6 + 3 * dit and (t1.n_words > 0).all()
+    assert all((METHODS[m] in set(t1.method)) == dit for m in ("output", "output_top", "output_soft")) and ORACLE in set(t1.method)
     assert t1.diff_daam.isna().tolist() == [m == METHODS["daam"] for m in t1.method]  # paired to DAAM
     poly = pd.read_csv(out / "figures" / "tab5-polysemy.csv")  # chapter 05's case study on SD profiles
     assert len(poly) == 2 * 2 and poly.competing_share.between(0, 1).all()
