@@ -183,7 +183,7 @@ def test_relevance_files_carry_their_model_and_are_refused_on_another(folders, t
              check=False)
     assert r.returncode == 2 and "--k 1000" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "z").exists()
     r = saam(*base, "--model", f["sd1"], "--relevance", tmp_path / "h" / "relevance.npz", "-o", tmp_path / "z")
-    assert "warning" not in r.stderr and (tmp_path / "z" / "cat-map.png").exists()
+    assert "fingerprint" not in r.stderr and "which model" not in r.stderr and (tmp_path / "z" / "cat-map.png").exists()
 
 
 def test_broken_folders_and_thin_prompt_files_are_explained(folders, tmp_path):
