@@ -32,8 +32,9 @@ from .capture import Observer, check_pipeline, install
 from .crossattn import keys, probs
 from .family import is_joint
 from .heads import HeadId, from_hrv_names, head_ids
+from .rules import RuleStats
 from .models import guidance_arg
-from .votes import VoteCounter
+from .votes import VoteCounter, normalize_votes
 from .words import token_positions
 
 
@@ -49,6 +50,9 @@ class Relevance:
         timesteps: scheduler timestep of each votes row.
         prompt_votes: [prompts, heads, concepts] vote counts per prompt (for CIs over prompts).
         params: what produced it.
+        prompt_stats: per prompt, what the pre-registered mask-free rules read (``saam.rules``):
+            name -> [prompts, heads, concepts]; None where the pass kept none (published vectors,
+            an MM-DiT's concept stream).
     """
     concepts: list[str]
     heads: list[HeadId]
@@ -57,6 +61,7 @@ class Relevance:
     timesteps: list[int] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     prompt_votes: np.ndarray | None = None
+    prompt_stats: dict[str, np.ndarray] | None = None
 
     def row(self, concept: str) -> np.ndarray:
         """A concept's relevance over heads; the name matches case-insensitively ("color" = "Color")."""
@@ -89,7 +94,8 @@ class Relevance:
         buf = io.BytesIO()
         np.savez(buf, matrix=self.matrix, votes=self.votes if self.votes is not None else np.zeros(0),
                  timesteps=np.array(self.timesteps),
-                 prompt_votes=self.prompt_votes if self.prompt_votes is not None else np.zeros(0))
+                 prompt_votes=self.prompt_votes if self.prompt_votes is not None else np.zeros(0),
+                 **{f"stat_{k}": v for k, v in (self.prompt_stats or {}).items()})
         atomic_write(Path(path), buf.getvalue())
         meta = dict(concepts=self.concepts, heads=[list(h) for h in self.heads], params=self.params)
         atomic_write(Path(path).with_suffix(".json"), json.dumps(meta, indent=1, default=str).encode())
@@ -100,8 +106,9 @@ class Relevance:
         meta = json.loads(Path(path).with_suffix(".json").read_text())
         votes = z["votes"] if z["votes"].size else None
         pv = z["prompt_votes"] if "prompt_votes" in z and z["prompt_votes"].size else None
+        stats = {k[5:]: z[k] for k in z.files if k.startswith("stat_")} or None
         return cls(meta["concepts"], [HeadId(l, int(h)) for l, h in meta["heads"]], z["matrix"],
-                   votes, [int(t) for t in z["timesteps"]], meta["params"], pv)
+                   votes, [int(t) for t in z["timesteps"]], meta["params"], pv, stats)
 
 
 def timestep_stability(rel: Relevance, concepts: Sequence[str], k: float = 0.25, windows: int = 5):
@@ -124,18 +131,6 @@ def timestep_stability(rel: Relevance, concepts: Sequence[str], k: float = 0.25,
             win = set(np.argsort(-per[a:b, ci].mean(0))[:kk])
             rows.append(dict(concept=c, window=w + 1, jaccard=len(win & overall) / len(win | overall), k_heads=kk))
     return pd.DataFrame(rows)
-
-
-def normalize_votes(votes: np.ndarray) -> np.ndarray:
-    """[..., heads, concepts] vote counts -> [concepts, heads] relevance, rows summing to H."""
-    v = np.asarray(votes, dtype=np.float64)
-    if v.ndim > 2:
-        v = v.reshape(-1, *v.shape[-2:]).sum(0)
-    h = v.shape[0]
-    frac = v / np.maximum(v.sum(1, keepdims=True), 1e-12)  # per head: share of pairs won
-    col = frac.sum(0, keepdims=True)                        # per concept
-    rel = np.where(col > 0, frac / np.maximum(col, 1e-12) * h, 0.0)
-    return rel.T.astype(np.float32)
 
 
 def concentration(matrix_row: np.ndarray, top: float = 0.25) -> float:
@@ -247,6 +242,7 @@ class VoteRecorder(Observer):
         self.rngs: list[random.Random] = []
         self.counter = VoteCounter(layers)
         self.heads = self.counter.heads
+        self.stats = RuleStats(self.counter.offset, len(self.heads))
 
     def prepare(self, pipe, concepts: dict[str, list[str]], rngs: list[random.Random],
                 cache: tuple[str, dict] | None = None) -> None:
@@ -267,6 +263,7 @@ class VoteRecorder(Observer):
         if len(self.rngs) != n:
             raise RuntimeError(f"the vote recorder has {len(self.rngs)} random streams for {n} images")
         self.counter.start(n)
+        self.stats.start(n, latent)
 
     def step(self, index, timestep):
         self.counter.step(index, timestep)
@@ -309,15 +306,19 @@ class VoteRecorder(Observer):
 
     def observe(self, attn, layer, q, k, attention_mask) -> None:
         ctx, seg, mask, c = self.context(q.device, q.dtype)
-        pr = probs(attn, q, keys(attn, ctx), mask[:, None, :]).mean(2)  # [n, heads, L]: mean over pixels
+        full = probs(attn, q, keys(attn, ctx), mask[:, None, :])  # [n, heads, pixels, L]
+        pr = full.mean(2)  # [n, heads, L]: mean over pixels
         keep = (seg >= 0).float()[:, None, :]
         one = torch.nn.functional.one_hot(seg.clamp_min(0), c).float() * keep.transpose(1, 2)  # [n, L, c]
         per = (pr @ one) / one.sum(1, keepdim=True).clamp_min(1)  # mean over each word's tokens: [n, heads, concepts]
         self.counter.vote(layer, per)
+        # the same attention per pixel, for the pre-registered rules (saam.rules)
+        self.stats.add(layer, (full @ one[:, None]) / one.sum(1, keepdim=True)[:, None].clamp_min(1), per.argmax(-1))
 
     def take(self) -> dict:
-        """The votes of the pipeline call just made (:meth:`VoteCounter.take`)."""
-        return self.counter.take()
+        """The votes of the pipeline call just made (:meth:`VoteCounter.take`) and, under ``stats``,
+        the rules' per-image statistics (:meth:`saam.rules.RuleStats.take`)."""
+        return dict(self.counter.take(), stats=self.stats.take())
 
 
 def from_votes(concepts: dict[str, list[str]], heads: list[HeadId], parts: list[dict], params: dict,
@@ -328,8 +329,10 @@ def from_votes(concepts: dict[str, list[str]], heads: list[HeadId], parts: list[
     if n is not None and len(votes) < n:
         raise ValueError(f"{n} images' votes asked for, {len(votes)} recorded")
     per_step = votes.sum(0)
+    stats = ({k: np.concatenate([p["stats"][k] for p in parts])[:n] for k in parts[0]["stats"]}
+             if all("stats" in p for p in parts) else None)
     return Relevance(list(concepts), heads, normalize_votes(per_step), per_step, parts[0]["timesteps"],
-                     dict(params, n_prompts=len(votes)), votes.sum(1))
+                     dict(params, n_prompts=len(votes)), votes.sum(1), stats)
 
 
 def relevance_pass(pipe, concepts: dict[str, list[str]], prompts: list[str], *, steps: int = 30,

@@ -27,7 +27,9 @@ import torch
 
 from .aggregate import mean_maps
 from .evaluate import WordRecord, mask_ious
-from .relevance import Relevance, normalize_votes
+from .relevance import Relevance
+from .rules import rule_matrix
+from .votes import normalize_votes
 from .select import head_set
 
 N_DRAWS = 1000  # two-level bootstrap draws (each: relevance prompts, then words)
@@ -48,19 +50,35 @@ def word_ious(recs: Sequence[WordRecord], sets: Sequence[Sequence[int]], n_heads
     return out
 
 
-def resampled_sets(rel: Relevance, kinds: Sequence[str], k, mask: np.ndarray, n_draws: int = N_DRAWS,
-                   seed: int = 0, method: str = "top") -> tuple[np.ndarray, dict[str, list[tuple[int, ...]]]]:
-    """(prompt draws [n_draws, prompts], {kind: each draw's head set as sorted indices}): the
-    relevance of each draw is :func:`relevance.normalize_votes` of the resampled prompts' votes."""
+def prompt_draws(rel: Relevance, n_draws: int = N_DRAWS, seed: int = 0) -> np.ndarray:
+    """[n_draws, prompts]: relevance prompts resampled with replacement (indices into ``rel.prompt_votes``)."""
     if rel.prompt_votes is None:
         raise ValueError("this relevance keeps no per-prompt votes (published vectors, or an old cache): "
                          "the head selection's uncertainty needs HRV's pass")
-    pv = np.asarray(rel.prompt_votes, np.float64)
-    draws = np.random.default_rng(seed).integers(0, len(pv), (n_draws, len(pv)))
+    n = len(rel.prompt_votes)
+    return np.random.default_rng(seed).integers(0, n, (n_draws, n))
+
+
+def score_matrix(rel: Relevance, counts: np.ndarray, rule: str | None = None) -> np.ndarray:
+    """[concepts, heads]: relevance (``rule`` None) or a pre-registered rule's scores (``saam.rules``)
+    from the relevance prompts weighted by ``counts``."""
+    if rule is not None:
+        return rule_matrix(rel, rule, counts)
+    return normalize_votes(np.tensordot(counts, np.asarray(rel.prompt_votes, np.float64), axes=1))
+
+
+def resampled_sets(rel: Relevance, kinds: Sequence[str], k, mask: np.ndarray, n_draws: int = N_DRAWS,
+                   seed: int = 0, method: str = "top", rule: str | None = None
+                   ) -> tuple[np.ndarray, dict[str, list[tuple[int, ...]]]]:
+    """(prompt draws [n_draws, prompts], {kind: each draw's head set as sorted indices}): the
+    relevance of each draw is :func:`votes.normalize_votes` of the resampled prompts' votes (or,
+    with ``rule``, that rule's scores from the resampled prompts)."""
+    draws = prompt_draws(rel, n_draws, seed)
+    n = len(rel.prompt_votes)
     rows = [rel.index(c) for c in kinds]
     sets: dict[str, list[tuple[int, ...]]] = {c: [] for c in kinds}
     for d in draws:
-        m = normalize_votes(np.tensordot(np.bincount(d, minlength=len(pv)), pv, axes=1))  # the draw's votes, summed
+        m = score_matrix(rel, np.bincount(d, minlength=n), rule)
         for c, i in zip(kinds, rows):
             sets[c].append(tuple(sorted(head_set(method, rel.heads, m[i], k, mask=mask, concept=c).index.tolist())))
     return draws, sets
@@ -80,6 +98,53 @@ def selection_summary(sets: dict[str, list[tuple[int, ...]]], n_heads: int) -> d
     return out
 
 
+def _drawn_diffs(recs, rel: Relevance, kinds, k, tau: float, mask, daam, n_draws: int, seed: int, method: str = "top",
+                 rules: Sequence[str] = ()) -> tuple[dict, dict, dict, dict]:
+    """The two-level bootstrap's first level, shared by every selection scored on the same draws of
+    relevance prompts: relevance's ``method`` sets (key None), then each rule's top-k. Returns
+    (sets {sel: {kind: per-draw sets}}, point {sel: {kind: [words] IoU at the full relevance}},
+    boots {sel: {kind: [draws, words] difference to DAAM}}, daam {kind: [words] DAAM's IoU})."""
+    words = [r for r in recs if r.gt is not None and r.kind in kinds]
+    sels = [None, *rules]
+    sets, full = {}, {}
+    for rule in sels:
+        _, sets[rule] = resampled_sets(rel, kinds, k, mask, n_draws, seed, method, rule)
+        m = rel.matrix if rule is None else rule_matrix(rel, rule)
+        full[rule] = {c: tuple(sorted(head_set(method, rel.heads, m[rel.index(c)], k, mask=mask, concept=c).index.tolist()))
+                      for c in kinds}
+    point, boots, base = {r: {} for r in sels}, {r: {} for r in sels}, {}
+    for c in kinds:
+        rs = [r for r in words if r.kind == c]
+        if not rs:
+            continue
+        unique = sorted(set().union(*({*sets[r][c], full[r][c]} for r in sels)))
+        at = {s: i for i, s in enumerate(unique)}
+        iou = word_ious(rs, [*unique, tuple(daam)], len(rel.heads), tau)
+        base[c] = iou[-1]
+        for r in sels:
+            point[r][c] = iou[at[full[r][c]]]
+            boots[r][c] = iou[[at[s] for s in sets[r][c]]] - iou[-1]  # [draws, words]: the draw's selection on every word
+    return sets, point, boots, base
+
+
+def _word_draws(boots: dict, seed: int) -> dict:
+    """The second level: each draw's resample of the words, per kind and pooled (kinds concatenated)."""
+    rng = np.random.default_rng(seed + 1)
+    idx = {c: rng.integers(0, b.shape[1], b.shape) for c, b in boots.items()}
+    if boots:
+        n = sum(b.shape[1] for b in boots.values())
+        idx["pooled"] = rng.integers(0, n, (len(next(iter(boots.values()))), n))
+    return idx
+
+
+def _resampled_means(b: dict, idx: dict) -> dict:
+    """{kind | "pooled": [draws]} mean difference of each draw on its resampled words."""
+    out = {c: np.take_along_axis(v, idx[c], 1).mean(1) for c, v in b.items()}
+    if b:
+        out["pooled"] = np.take_along_axis(np.concatenate(list(b.values()), 1), idx["pooled"], 1).mean(1)
+    return out
+
+
 def two_level(recs: Sequence[WordRecord], rel: Relevance, kinds: Sequence[str], k, tau: float, mask: np.ndarray,
               daam: Sequence[int], n_draws: int = N_DRAWS, seed: int = 0, method: str = "top") -> dict:
     """Top-k (or ``method``) minus DAAM, per kind and pooled, with the two-level bootstrap 95 % CI.
@@ -87,37 +152,85 @@ def two_level(recs: Sequence[WordRecord], rel: Relevance, kinds: Sequence[str], 
     Returns ``{"pooled" | kind: dict(diff, ci_low, ci_high, n)}`` (``diff``: the point estimate at
     the full relevance, Table 1's), plus ``"selection"``: :func:`selection_summary` per kind.
     """
-    words = [r for r in recs if r.gt is not None and r.kind in kinds]
-    draws, sets = resampled_sets(rel, kinds, k, mask, n_draws, seed, method)
-    full = {c: tuple(sorted(head_set(method, rel.heads, rel.row(c), k, mask=mask, concept=c).index.tolist())) for c in kinds}
-    diffs_by_kind, boots = {}, {}
-    for c in kinds:
-        rs = [r for r in words if r.kind == c]
-        if not rs:
-            continue
-        unique = sorted(set(sets[c]) | {full[c]})
-        at = {s: i for i, s in enumerate(unique)}
-        iou = word_ious(rs, [*unique, tuple(daam)], len(rel.heads), tau)
-        d = iou[:-1] - iou[-1]  # [unique sets, words]
-        diffs_by_kind[c] = d[at[full[c]]]
-        boots[c] = d[[at[s] for s in sets[c]]]  # [draws, words]: the draw's selection on every word
-    rng = np.random.default_rng(seed + 1)
-    out: dict = {}
-    for c, b in boots.items():
-        n = b.shape[1]
-        idx = rng.integers(0, n, (len(b), n))
-        means = np.take_along_axis(b, idx, 1).mean(1)
-        out[c] = dict(diff=float(diffs_by_kind[c].mean()), ci_low=float(np.quantile(means, 0.025)),
-                      ci_high=float(np.quantile(means, 0.975)), n=int(n))
-    if boots:
-        allb = np.concatenate(list(boots.values()), 1)
-        n = allb.shape[1]
-        idx = rng.integers(0, n, (len(allb), n))
-        means = np.take_along_axis(allb, idx, 1).mean(1)
-        out["pooled"] = dict(diff=float(np.concatenate(list(diffs_by_kind.values())).mean()),
-                             ci_low=float(np.quantile(means, 0.025)), ci_high=float(np.quantile(means, 0.975)), n=int(n))
-    out["selection"] = selection_summary(sets, len(rel.heads))
+    sets, point, boots, base = _drawn_diffs(recs, rel, kinds, k, tau, mask, daam, n_draws, seed, method)
+    means = _resampled_means(boots[None], _word_draws(boots[None], seed))
+    diffs = {c: point[None][c] - base[c] for c in boots[None]}
+    if diffs:
+        diffs["pooled"] = np.concatenate(list(diffs.values()))
+    out: dict = {c: dict(diff=float(diffs[c].mean()), ci_low=float(np.quantile(m, 0.025)),
+                         ci_high=float(np.quantile(m, 0.975)), n=int(len(diffs[c]))) for c, m in means.items()}
+    out["selection"] = selection_summary(sets[None], len(rel.heads))
     return out
+
+
+def bootstrap_p(means: np.ndarray) -> float:
+    """Two-sided bootstrap p of a mean difference: twice the smaller share of draws on either side
+    of 0, at least 1 / draws (a draw count can show no smaller p)."""
+    m = np.asarray(means)
+    return float(min(1.0, max(2 * min((m <= 0).mean(), (m >= 0).mean()), 1 / len(m))))
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p values (family-wise error), in the order given."""
+    p = np.asarray(p, np.float64)
+    m, order = len(p), np.argsort(p, kind="stable")
+    adj = np.empty(m)
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[j]))
+        adj[j] = running
+    return adj
+
+
+def rule_comparison(recs: Sequence[WordRecord], rel: Relevance, kinds: Sequence[str], k, tau: float,
+                    mask: np.ndarray, daam: Sequence[int], rules: Sequence[str], n_draws: int = N_DRAWS,
+                    seed: int = 0, alpha: float = 0.05):
+    """The pre-registered mask-free rules (``saam.rules``) against DAAM and against top-k, per kind
+    and pooled, on the same words and the same relevance draws as top-k's two-level CI.
+
+    Each rule's difference to DAAM and to top-k gets a two-level bootstrap p; within each kind (and
+    pooled) the rules are one family, adjusted with Holm's step-down procedure; each interval is
+    the percentile interval at the level Holm's step gives the rule (alpha / (m - i + 1) for the
+    i-th smallest p), so an interval excludes 0 exactly where its Holm-adjusted p < alpha (up to
+    the draws' resolution). ``helps``: better than DAAM and than top-k, both Holm-adjusted.
+
+    Returns a table: kind, method (``"top"`` or a rule), mIoU (full relevance), diff_daam
+    [daam_ci_low, daam_ci_high] at ``daam_level``, p_daam, p_daam_holm, diff_top [top_ci_low,
+    top_ci_high] at ``top_level``, p_top, p_top_holm, helps, n_words.
+    """
+    import pandas as pd
+    _, point, boots, base = _drawn_diffs(recs, rel, kinds, k, tau, mask, daam, n_draws, seed, "top", rules)
+    idx = _word_draws(boots[None], seed)
+    means = {r: _resampled_means(boots[r], idx) for r in boots}
+    groups = list(means[None])
+    iou = {r: dict(point[r], pooled=np.concatenate([point[r][c] for c in groups if c != "pooled"])) for r in point}
+    base = dict(base, pooled=np.concatenate([base[c] for c in groups if c != "pooled"]))
+    rows = []
+    for g in groups:
+        t = means[None][g]
+        rows.append(dict(kind=g, method="top", mIoU=float(iou[None][g].mean()), diff_daam=float((iou[None][g] - base[g]).mean()),
+                         daam_ci_low=float(np.quantile(t, alpha / 2)), daam_ci_high=float(np.quantile(t, 1 - alpha / 2)),
+                         p_daam=bootstrap_p(t), n_words=len(base[g]), daam_level=1 - alpha))
+        part = []
+        for r in rules:
+            vs_top = means[r][g] - t
+            part.append(dict(kind=g, method=r, mIoU=float(iou[r][g].mean()), diff_daam=float((iou[r][g] - base[g]).mean()),
+                             p_daam=bootstrap_p(means[r][g]), diff_top=float((iou[r][g] - iou[None][g]).mean()),
+                             p_top=bootstrap_p(vs_top), n_words=len(base[g])))
+        for key, draws in (("daam", lambda r: means[r][g]), ("top", lambda r: means[r][g] - t)):
+            ps = [row[f"p_{key}"] for row in part]
+            for rank, j in enumerate(np.argsort(ps, kind="stable")):
+                a = alpha / (len(part) - rank)
+                part[j][f"{key}_ci_low"], part[j][f"{key}_ci_high"] = (float(np.quantile(draws(part[j]["method"]), a / 2)),
+                                                                       float(np.quantile(draws(part[j]["method"]), 1 - a / 2)))
+                part[j][f"{key}_level"] = 1 - a
+            for row, adj in zip(part, holm(ps)):
+                row[f"p_{key}_holm"] = float(adj)
+        for row in part:
+            row["helps"] = bool(row["diff_daam"] > 0 and row["p_daam_holm"] < alpha and row["diff_top"] > 0
+                                and row["p_top_holm"] < alpha)
+        rows += part
+    return pd.DataFrame(rows)
 
 
 def oracle_ious(recs: Sequence[WordRecord], heads, k, tau: float, mask: np.ndarray,

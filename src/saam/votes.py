@@ -2,6 +2,7 @@
 (``saam.stream``) both hand each step's per-head concept scores to a :class:`VoteCounter`."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .heads import forward_order, head_ids
@@ -45,3 +46,15 @@ class VoteCounter:
                    timesteps=[self.timesteps[s] for s in order])
         self.votes, self.timesteps = {}, {}
         return out
+
+
+def normalize_votes(votes: np.ndarray) -> np.ndarray:
+    """[..., heads, concepts] vote counts -> [concepts, heads] relevance, rows summing to H."""
+    v = np.asarray(votes, dtype=np.float64)
+    if v.ndim > 2:
+        v = v.reshape(-1, *v.shape[-2:]).sum(0)
+    h = v.shape[0]
+    frac = v / np.maximum(v.sum(1, keepdims=True), 1e-12)  # per head: share of pairs won
+    col = frac.sum(0, keepdims=True)                        # per concept
+    rel = np.where(col > 0, frac / np.maximum(col, 1e-12) * h, 0.0)
+    return rel.T.astype(np.float32)
