@@ -177,3 +177,107 @@ def misbound_records(recs, bind: pd.DataFrame, n: int) -> list:
     case studies)."""
     at = {(r.image, r.kind, r.word, r.occurrence): r for r in recs}
     return [at[(it.image, "color", it.word, it.occurrence)] for it in bind[~bind.bound].head(n).itertuples()]
+
+
+def mechanism(recs, rel, params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Why relevance finds some kinds' localising heads and not others': per kind, the top-k heads
+    against the cross-fitted oracle's (``selection.oracle_ious``: chosen with masks on the other half
+    of the images; both folds' sets) and every eligible head.
+
+    Per head and kind (``heads`` table): its relevance; on the evaluation words, its mean attention to
+    the word over the image (``level``, relative to the eligible heads' mean), the share of that attention
+    inside the word's object (``inside``), how concentrated its map is (``concentration``: 1 - H / log P of
+    the map as a distribution over pixels) and its single-head IoU; on the relevance prompts, the
+    concentration of its map of the word it voted for, over its votes for the kind (``rules``'
+    statistic; NaN where it never voted the kind); its layer's downsampling factor and block; and the
+    share of its votes for the kind in the later half of the schedule.
+
+    Returns (per-group summary: kind x group in top-k / oracle-k / eligible, the heads table,
+    {kind: [steps] vote share for the kind, mean over top-k's and oracle's heads and the eligible}).
+    """
+    import torch
+    from scipy.stats import spearmanr
+    from .heads import block_of, layer_factors
+    from .models import denoiser_config
+    from .selection import oracle_ious
+    mask = eligible(params, rel.heads)
+    config = denoiser_config(params)
+    factors = layer_factors(config, {h.layer for h in rel.heads}) if "down_block_types" in config else {}
+    _, chosen = oracle_ious(recs, rel.heads, params["k"], params["tau"], mask)
+    share_t = None
+    if rel.votes is not None:
+        v = np.asarray(rel.votes, np.float64)  # [steps, heads, concepts]
+        share_t = v / np.maximum(v.sum(-1, keepdims=True), 1)
+    rows, groups, profiles = [], [], {}
+    for c in kinds_of(recs):
+        rs = [r for r in recs if r.kind == c and r.gt is not None]
+        if not rs:
+            continue
+        level, inside, conc = [], [], []
+        for r in rs:
+            m = torch.as_tensor(np.asarray(r.maps, np.float32)).clamp_min(0)  # [heads, h, w]
+            up = torch.nn.functional.interpolate(m[None], size=r.gt.shape, mode="bilinear", align_corners=False)[0]
+            tot = up.flatten(1).sum(1)
+            inside.append((up[:, torch.as_tensor(r.gt)].sum(1) / tot.clamp_min(1e-30)).numpy())
+            level.append(m.flatten(1).mean(1).numpy())
+            q = m.flatten(1) / m.flatten(1).sum(1, keepdim=True).clamp_min(1e-30)
+            ent = -(q * q.clamp_min(1e-30).log()).sum(1)
+            conc.append((1 - ent / np.log(q.shape[1])).numpy())
+        level = np.mean(level, 0)
+        single = per_head_iou(recs, c, params["tau"])
+        ci = rel.index(c)
+        at_vote = np.full(len(rel.heads), np.nan)
+        if rel.prompt_stats and rel.prompt_votes is not None:
+            won = np.asarray(rel.prompt_votes, np.float64)[..., ci].sum(0)
+            at_vote = np.where(won > 0, np.asarray(rel.prompt_stats["conc"])[..., ci].sum(0) / np.maximum(won, 1), np.nan)
+        late = np.full(len(rel.heads), np.nan)
+        if share_t is not None:
+            half = len(share_t) // 2
+            votes_c = np.asarray(rel.votes, np.float64)[..., ci]
+            late = np.where(votes_c.sum(0) > 0, votes_c[half:].sum(0) / np.maximum(votes_c.sum(0), 1), np.nan)
+        top = head_set("top", rel.heads, rel.row(c), params["k"], mask=mask, concept=c).index
+        oracle = np.concatenate([idx for (kind, _), idx in chosen.items() if kind == c])
+        for i, h in enumerate(rel.heads):
+            if not mask[i]:
+                continue
+            rows.append(dict(kind=c, head=str(h), layer=h.layer, block=block_of(h.layer), factor=factors.get(h.layer, 1),
+                             relevance=float(rel.row(c)[i]), level=float(level[i] / level[mask].mean()),
+                             inside=float(np.mean([x[i] for x in inside])), concentration=float(np.mean([x[i] for x in conc])),
+                             concentration_at_vote=float(at_vote[i]), late_votes=float(late[i]), single_iou=float(single[i]),
+                             top=bool(i in set(top)), oracle=int((oracle == i).sum())))
+        heads_c = pd.DataFrame([r for r in rows if r["kind"] == c])
+        for name, sel in (("top-k", heads_c[heads_c.top]), ("oracle-k", heads_c.loc[heads_c.index.repeat(heads_c.oracle)]),
+                          ("eligible", heads_c)):
+            groups.append(dict(kind=c, group=name, n_heads=int(sel["head"].nunique()), relevance=sel.relevance.mean(),
+                               level=sel.level.mean(), inside=sel.inside.mean(), concentration=sel.concentration.mean(),
+                               concentration_at_vote=sel.concentration_at_vote.mean(), late_votes=sel.late_votes.mean(),
+                               finest_share=float((sel.factor == sel.factor.min()).mean()) if len(factors) else np.nan,
+                               up_share=float((sel.block == "up").mean()), single_iou=sel.single_iou.mean()))
+        rho = lambda col: float(spearmanr(heads_c.relevance, heads_c[col]).statistic)  # noqa: E731
+        for g in groups[-3:]:
+            g.update(rho_relevance_level=rho("level"), rho_relevance_inside=rho("inside"),
+                     rho_relevance_concentration=rho("concentration"))
+        if share_t is not None:
+            profiles[c] = {name: share_t[:, idx, ci].mean(1) for name, idx in
+                           (("top-k", top), ("oracle-k", oracle), ("eligible", np.flatnonzero(mask)))}
+    return pd.DataFrame(groups), pd.DataFrame(rows), profiles
+
+
+def mechanism_lines(summary: pd.DataFrame) -> str:
+    """One sentence per kind from :func:`mechanism`'s summary: what top-k's heads are like against
+    the oracle's, and whether relevance follows how much a head attends to the word or where."""
+    out = []
+    for c, g in summary.groupby("kind", sort=False):
+        g = g.set_index("group")
+        t, o = g.loc["top-k"], g.loc["oracle-k"]
+        follows = ("how much a head attends to the word, not where" if t.rho_relevance_level > 0.3 and t.rho_relevance_inside < 0.3
+                   else "where a head attends" if t.rho_relevance_inside >= 0.3 else "neither how much nor where a head attends")
+        out.append(
+            f"**{c}**: top-k's heads attend to the word {t.level:.2f}x as much as the eligible mean, "
+            f"{t.inside:.0%} of it inside the object (the oracle's heads: {o.level:.2f}x, {o.inside:.0%}; single-head "
+            f"IoU {t.single_iou:.3f} against {o.single_iou:.3f}); their maps' concentration {t.concentration:.3f} "
+            f"against {o.concentration:.3f}, {t.late_votes:.0%} of their votes for the kind in the later half of the schedule "
+            f"({o.late_votes:.0%}); {t.up_share:.0%} of them in the up blocks ({o.up_share:.0%}). Across the eligible heads "
+            f"relevance follows {follows} (Spearman rho with the attention level {t.rho_relevance_level:+.2f}, with the "
+            f"share inside the object {t.rho_relevance_inside:+.2f}, with concentration {t.rho_relevance_concentration:+.2f}).")
+    return "\n\n".join(out)

@@ -182,6 +182,58 @@ def relevance_convergence(conv: pd.DataFrame):
     return fig
 
 
+def reestimates(per: pd.DataFrame):
+    """``selection.reestimates``' per-estimate table: per kind (and pooled), top-k minus DAAM of the
+    verdict's relevance (estimate 0, its two-level CI shaded) and of each independent re-estimate, with
+    its own two-level CI (thin) and relevance-only interval (thick)."""
+    kinds = list(dict.fromkeys(per.kind))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds), 3.0), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], kinds):
+        g = per[per.kind == c].sort_values("estimate")
+        main = g[g.estimate == 0].iloc[0]
+        ax.axhspan(main.ci_low, main.ci_high, color="C0", alpha=0.15, lw=0)
+        ax.vlines(g.estimate, g.ci_low, g.ci_high, color="0.5", lw=0.8)
+        ax.vlines(g.estimate, g.rel_low, g.rel_high, color="C1", lw=3, alpha=0.7)
+        ax.plot(g.estimate, g["diff"], "ko", ms=4)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set(title=c, xlabel="estimate (0: the verdict's)")
+    axes[0][0].set_ylabel("top-k minus DAAM (mIoU)")
+    fig.tight_layout()
+    return fig
+
+
+def mechanism(heads: pd.DataFrame, profiles: dict):
+    """``analyses.mechanism``: per kind (columns), every eligible head's relevance against the share of
+    its attention to the word that falls inside the object (colour: its attention level relative to the
+    eligible mean, log scale), top-k's heads ringed and the oracle's crossed (top row); the share of the
+    heads' votes that go to the kind at each step, top-k's, the oracle's and every eligible head's mean
+    (bottom row)."""
+    from matplotlib.colors import LogNorm
+    kinds = list(dict.fromkeys(heads.kind))
+    rows = 2 if profiles else 1
+    fig, axes = plt.subplots(rows, len(kinds), figsize=(3.3 * len(kinds), 3.0 * rows), squeeze=False, layout="constrained")
+    norm = LogNorm(vmin=max(heads.level.min(), 1e-3), vmax=heads.level.max())
+    for j, c in enumerate(kinds):
+        g = heads[heads.kind == c]
+        ax = axes[0][j]
+        sc = ax.scatter(g.relevance, g.inside, c=g.level.clip(lower=norm.vmin), cmap="viridis", norm=norm, s=22, zorder=2)
+        t, o = g[g.top], g[g.oracle > 0]
+        ax.scatter(t.relevance, t.inside, s=90, facecolors="none", edgecolors="k", lw=1.2, zorder=3, label="top-k")
+        ax.scatter(o.relevance, o.inside, s=40, marker="x", color="C3", lw=1.4, zorder=4, label="oracle-k")
+        ax.set(title=c, xlabel="relevance to the kind", ylabel="attention inside the object (share)" if j == 0 else None)
+        if c in profiles:
+            ax2 = axes[1][j]
+            for name, v in profiles[c].items():
+                style = {"top-k": dict(color="k"), "oracle-k": dict(color="C3", ls="--")}.get(name, dict(color="0.6"))
+                ax2.plot(np.arange(1, len(v) + 1), v, label=name, **style)
+            ax2.set(xlabel="denoising step (early -> late)", ylabel="votes for the kind (share)" if j == 0 else None)
+    axes[0][0].legend(fontsize=8, loc="best")
+    if profiles:
+        axes[1][0].legend(fontsize=8)
+    fig.colorbar(sc, ax=axes[0].tolist(), label="attention level (x mean)", shrink=0.8)
+    return fig
+
+
 def timestep_stability(table: pd.DataFrame):
     """``relevance.timestep_stability``'s table: one line per concept over the denoising windows."""
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -49,12 +49,16 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, bool]] = {
     # chapter 03's relevance convergence check: a pool of this many relevance prompts (the first
     # n_relevance_prompts shared with the pass), disjoint halves of it compared (saam.selection.convergence)
     "relevance_pool": ((int, type(None)), False, False),
+    # chapter 03: the pre-registered mask-free selection rules scored beside top-k (saam.rules.RULES;
+    # docs/preregistration.md), and how many independent relevance re-estimates test the two-level CI
+    "rules": ((list,), False, False),
+    "relevance_reestimates": ((int,), False, False),
 }
 COUNTS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks", "n_examples", "batch_size", "steps")
 ABLATION_KEYS = ("n_eval", "n_fidelity", "n_relevance_prompts", "n_sinks")
 DEFAULTS = dict(concepts="hrv", n_sinks=32, n_examples=6, device="auto", precision="auto", batch_size=16,
                 k_sweep=[0.05, 0.1, 0.25, 0.5, 1.0], tau_sweep=[0.3, 0.4, 0.5], strengths=[0.5],
-                variants=[], model_path=None, resolution=None, relevance_pool=None)
+                variants=[], model_path=None, resolution=None, relevance_pool=None, rules=[], relevance_reestimates=0)
 
 
 class ProfileError(ValueError):
@@ -176,6 +180,13 @@ def check_ranges(p: dict, source: str) -> None:
             bad(key, f"lists {', '.join(dup)} more than once ({p[key]!r}): each value is one row of its table; give it once")
     if "variants" in p and p.get("model", "shapesworld") == "shapesworld" and not p["variants"]:
         bad("variants", "must list at least one organism variant (chapter 06 compares them), got []")  # names: make check
+    from .rules import RULES
+    unknown = [r for r in p.get("rules") or [] if r not in RULES]
+    if unknown or len(set(map(str, p.get("rules") or []))) != len(p.get("rules") or []):
+        bad("rules", f"lists the pre-registered rules ({', '.join(RULES)}) at most once each, got {p['rules']!r}; "
+                     "a rule not registered before the table was seen is not scored")
+    if p.get("relevance_reestimates", 0) < 0:
+        bad("relevance_reestimates", f"must be 0 (none) or more, got {p['relevance_reestimates']!r}")
     pool = p.get("relevance_pool")
     if pool is not None and (pool < 4 or pool < p.get("n_relevance_prompts", 0)):
         bad("relevance_pool", f"must be at least 4 and at least n_relevance_prompts ({p.get('n_relevance_prompts')}), "

@@ -317,3 +317,60 @@ def convergence(rel: Relevance, recs: Sequence[WordRecord], kinds: Sequence[str]
             rows.append(dict(n_prompts=n, kind=c, jaccard=float(np.mean(jac)), jaccard_min=float(np.min(jac)),
                              top_k_miou=float(np.mean(ious)), top_k_miou_sd=float(np.std(ious)), splits=splits))
     return pd.DataFrame(rows)
+
+
+def reestimates(rels: Sequence[Relevance], recs: Sequence[WordRecord], kinds: Sequence[str], k, tau: float,
+                mask: np.ndarray, daam: Sequence[int], n_draws: int = N_DRAWS, seed: int = 0):
+    """Does the two-level CI keep its promise? ``rels[0]`` is the verdict's relevance, ``rels[1:]``
+    independent re-estimates of it (new prompts, noise and HRV word draws; ``steps.relevance_reestimate``),
+    all scored on the same evaluation records.
+
+    Returns (per-estimate table, per-kind summary). Per estimate and kind (and pooled): its top-k set,
+    top-k minus DAAM, its two-level 95 % CI and its relevance-only 95 % interval (the first level alone:
+    the draws' mean over the fixed words). Per kind: how often a re-estimate's set differs from the
+    verdict's, the mean pairwise Jaccard of independent estimates' sets (what the bootstrap's expected
+    Jaccard and the convergence check's disjoint subsets both estimate), how many re-estimates fall
+    outside the verdict's two-level CI, the spread of top-k minus DAAM across estimates against the
+    spread the first level claims (mean SD of its draws), and how often an estimate's relevance-only
+    interval covers the mean of the other estimates.
+    """
+    import pandas as pd
+    rows, sets_of = [], {}
+    for j, rel in enumerate(rels):
+        sets, point, boots, base = _drawn_diffs(recs, rel, kinds, k, tau, mask, daam, n_draws, seed)
+        two = _resampled_means(boots[None], _word_draws(boots[None], seed))
+        diffs = {c: point[None][c] - base[c] for c in boots[None]}
+        first = {c: b.mean(1) for c, b in boots[None].items()}
+        if diffs:
+            diffs["pooled"] = np.concatenate(list(diffs.values()))
+            first["pooled"] = np.concatenate(list(boots[None].values()), 1).mean(1)
+        for c in diffs:
+            if c != "pooled":
+                sets_of[(j, c)] = set(head_set("top", rel.heads, rel.row(c), k, mask=mask, concept=c).index.tolist())
+            rows.append(dict(estimate=j, kind=c, diff=float(diffs[c].mean()), ci_low=float(np.quantile(two[c], 0.025)),
+                             ci_high=float(np.quantile(two[c], 0.975)), rel_low=float(np.quantile(first[c], 0.025)),
+                             rel_high=float(np.quantile(first[c], 0.975)), rel_sd=float(first[c].std(ddof=1)),
+                             n_prompts=int(len(rel.prompt_votes)),
+                             heads=",".join(map(str, sorted(sets_of[(j, c)]))) if c != "pooled" else ""))
+    per = pd.DataFrame(rows)
+    summary = []
+    for c, g in per.groupby("kind", sort=False):
+        g = g.set_index("estimate")
+        main, others = g.loc[0], g.drop(index=0)
+        jac = lambda a, b: len(a & b) / len(a | b)  # noqa: E731
+        est = sorted(g.index)
+        pairs = [(a, b) for i, a in enumerate(est) for b in est[i + 1:]]
+        loo = [g.drop(index=j)["diff"].mean() for j in est]
+        summary.append(dict(
+            kind=c, n_estimates=len(g),
+            set_changed=(float(np.mean([sets_of[(j, c)] != sets_of[(0, c)] for j in others.index]))
+                         if c != "pooled" and len(others) else np.nan),
+            jaccard_pairwise=float(np.mean([jac(sets_of[(a, c)], sets_of[(b, c)]) for a, b in pairs])) if c != "pooled" and pairs else np.nan,
+            jaccard_min=float(np.min([jac(sets_of[(a, c)], sets_of[(b, c)]) for a, b in pairs])) if c != "pooled" and pairs else np.nan,
+            outside_two_level=int(((others["diff"] < main.ci_low) | (others["diff"] > main.ci_high)).sum()),
+            sd_between=float(g["diff"].std(ddof=1)), sd_first_level=float(g.rel_sd.mean()),
+            rel_covers_others=float(np.mean([(g.loc[j, "rel_low"] <= m <= g.loc[j, "rel_high"]) for j, m in zip(est, loo)])),
+            diff_main=float(main["diff"]), diff_mean=float(g["diff"].mean()), ci_low=float(main.ci_low), ci_high=float(main.ci_high)))
+    summary = pd.DataFrame(summary)
+    summary.attrs["n_prompts"] = int(len(rels[0].prompt_votes))
+    return per, summary

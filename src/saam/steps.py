@@ -55,13 +55,31 @@ def relevance_prompts(params: dict) -> list[str]:
     after the ones evaluated (HRV used unrelated prompts; the dataset's are at hand offline)."""
     from .shapes.world import sample_scene
     n = params.get("n_relevance_prompts") or 64
+    offset = params.get("relevance_offset", 0)  # an independent re-estimate's own prompts (relevance_reestimate)
     folder = data_dir(params) if params["model"] != "shapesworld" else None
     if folder is not None:
         from .datasets import read_captions
         caps = read_captions(folder, params.get("data_split"))
         start = params.get("n_eval", 0) if len(caps) > params.get("n_eval", 0) + n else 0
+        if offset:
+            raise ValueError("independent relevance re-estimates need prompts of their own: ShapesWorld's stream has them, "
+                             "a dataset's captions do not")
         return caps[start:start + n]
-    return [sample_scene(10_000_000 + i, split="test").caption for i in range(n)]
+    return [sample_scene(10_000_000 + offset + i, split="test").caption for i in range(n)]
+
+
+REESTIMATE_STRIDE = 100_000  # re-estimate j's prompts start j strides into the relevance stream (pools stay below it)
+
+
+def relevance_reestimate(pipe, params: dict, j: int):
+    """Independent re-estimate ``j`` (1, 2, ...) of the profile's relevance: the same pass with new prompts
+    (ShapesWorld captions ``j`` x :data:`REESTIMATE_STRIDE` further into the relevance stream), new noise and new
+    HRV word draws (seed + j); the evaluation records stay the same (chapter 03's coverage check)."""
+    if j < 1:
+        raise ValueError(f"re-estimates are numbered from 1, got {j}")
+    if max(params.get("n_relevance_prompts") or 0, params.get("relevance_pool") or 0) > REESTIMATE_STRIDE:
+        raise ValueError(f"relevance prompts past {REESTIMATE_STRIDE} would overlap the re-estimates' own")
+    return relevance(pipe, dict(params, seed=params["seed"] + j, relevance_offset=j * REESTIMATE_STRIDE))
 
 
 def protocol_runs(params: dict) -> list[tuple[str, str, float | None]]:

@@ -216,3 +216,96 @@ def binding_table(bind: pd.DataFrame, params: dict, methods: list[str]) -> tuple
                              p_bootstrap=r.p_bootstrap),
                         f"binding diagnosis, {int(r.n)} colour words of which {int(r.n_misbound)} misbound",
                         metric="AUROC")
+
+
+def rules_table(recs: dict, rel, params: dict, n_draws: int | None = None) -> pd.DataFrame:
+    """The pre-registered mask-free rules (profile's ``rules``; ``saam.rules``) on every protocol's
+    records, per kind and pooled, beside top-k and cross-fitted oracle-k: each rule's mIoU, its
+    difference to DAAM and to top-k with two-level CIs at Holm's levels (``selection.rule_comparison``),
+    and oracle-k's mIoU and paired difference to DAAM (words resampled; its heads come from masks)."""
+    from .paired import paired_stats
+    from .rules import RULES
+    from .selection import N_DRAWS, oracle_ious, rule_comparison, word_ious
+    mask = eligible(params, rel.heads)
+    daam = head_set("daam", rel.heads, None, params["k"], mask=mask).index
+    parts = []
+    for name, rs in recs.items():
+        kinds = sorted({r.kind for r in rs if r.gt is not None})
+        t = rule_comparison(rs, rel, kinds, params["k"], params["tau"], mask, daam, params["rules"],
+                            n_draws or N_DRAWS, params["seed"])
+        oracle = oracle_ious(rs, rel.heads, params["k"], params["tau"], mask)[0]
+        o, d = {}, {}
+        for c in kinds:
+            words = [r for r in rs if r.kind == c and r.gt is not None]
+            o[c] = np.array([oracle[(r.image, r.word, r.occurrence, r.kind)] for r in words])
+            d[c] = word_ious(words, [daam], len(rel.heads), params["tau"])[0]
+        o["pooled"], d["pooled"] = np.concatenate([o[c] for c in kinds]), np.concatenate([d[c] for c in kinds])
+        rows = []
+        for g in [*kinds, "pooled"]:
+            st = paired_stats(o[g] - d[g], params["seed"])
+            rows.append(dict(kind=g, method="oracle", mIoU=float(o[g].mean()), diff_daam=st["diff"],
+                             daam_ci_low=st["ci_low"], daam_ci_high=st["ci_high"], daam_level=0.95, n_words=st["n"]))
+        parts.append(pd.concat([t, pd.DataFrame(rows)], ignore_index=True).assign(protocol=name))
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(1, "label", out.method.map({"top": METHODS["top"], "oracle": ORACLE, **RULES}))
+    return out[["protocol", "kind", "label", *[c for c in out.columns if c not in ("protocol", "kind", "label")]]]
+
+
+def rules_results(tab: pd.DataFrame) -> dict:
+    """The ``rules`` entry of results.json: per protocol and kind, each row's numbers by method key."""
+    keep = ["mIoU", "diff_daam", "daam_ci_low", "daam_ci_high", "p_daam_holm", "diff_top", "top_ci_low", "top_ci_high",
+            "p_top_holm", "helps"]
+    out: dict = {}
+    for r in tab.to_dict("records"):
+        out.setdefault(r["protocol"], {}).setdefault(r["kind"], {})[r["method"]] = {
+            k: (bool(r[k]) if k == "helps" else float(r[k])) for k in keep if k in r and pd.notna(r[k])}
+    return out
+
+
+def rules_lines(tab: pd.DataFrame, protocol: str) -> list[str]:
+    """One sentence per kind (and pooled) on ``protocol``: top-k, the best rule and oracle-k's mIoU,
+    the best rule's Holm-adjusted differences, and which rules help (none, if none does)."""
+    lines = []
+    t = tab[tab.protocol == protocol]
+    for kind, g in t.groupby("kind", sort=False):
+        g = g.set_index("method")
+        rules = g.drop(index=["top", "oracle"], errors="ignore")
+        if rules.empty:
+            continue
+        best = rules.mIoU.idxmax()
+        b = rules.loc[best]
+        helps = [g.loc[m, "label"] for m in rules.index if rules.loc[m, "helps"]]
+        lines.append(
+            f"**{kind}**: top-k {g.loc['top', 'mIoU']:.3f}, best rule *{b.label}* {b.mIoU:.3f} (minus DAAM {b.diff_daam:+.3f} "
+            f"[{b.daam_ci_low:+.3f}, {b.daam_ci_high:+.3f}], Holm p {b.p_daam_holm:.3g}; minus top-k {b.diff_top:+.3f} "
+            f"[{b.top_ci_low:+.3f}, {b.top_ci_high:+.3f}], Holm p {b.p_top_holm:.3g}), oracle-k {g.loc['oracle', 'mIoU']:.3f}; "
+            + (f"helps: {', '.join(helps)}." if helps else "no rule helps (better than both DAAM and top-k after Holm)."))
+    return lines
+
+
+def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = None) -> str:
+    """The re-estimates' answer (``selection.reestimates``' summary), one sentence per kind: the
+    independent estimates' Jaccard beside the bootstrap's and the disjoint subsets' (at the pass's
+    prompt count), the set changes, the re-estimates outside the two-level CI, and the spread across
+    estimates against the interval's first level."""
+    at = {}
+    if conv is not None and len(conv):
+        n = cover.attrs.get("n_prompts")
+        c96 = conv[conv.n_prompts == (n if n in set(conv.n_prompts) else conv.n_prompts.max())]
+        at = {r.kind: (int(r.n_prompts), r.jaccard) for r in c96.itertuples()}
+    lines = []
+    for r in cover.itertuples():
+        n_re = r.n_estimates - 1
+        s = f"**{r.kind}**: "
+        if r.kind != "pooled":
+            s += (f"independent estimates' top-k sets agree with Jaccard {r.jaccard_pairwise:.2f} (lowest pair "
+                  f"{r.jaccard_min:.2f}; the bootstrap's expected Jaccard {boot.get(r.kind, {}).get('jaccard', float('nan')):.2f}"
+                  + (f", disjoint {at[r.kind][0]}-prompt subsets of the pool {at[r.kind][1]:.2f}" if r.kind in at else "")
+                  + f"); the set changed in {r.set_changed * n_re:.0f} of {n_re} re-estimates. ")
+        s += (f"Top-k minus DAAM {r.diff_main:+.3f}, two-level CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]: "
+              f"{r.outside_two_level} of {n_re} re-estimates fall outside it (mean of all {r.diff_mean:+.3f}); the spread "
+              f"across estimates (SD {r.sd_between:.3f}) against the first level's (relevance resampled, words fixed: "
+              f"SD {r.sd_first_level:.3f}); each estimate's relevance-only interval covers the others' mean in "
+              f"{r.rel_covers_others:.0%} of {r.n_estimates}.")
+        lines.append(s)
+    return "\n\n".join(lines)
