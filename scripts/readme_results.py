@@ -109,6 +109,16 @@ def block(res: dict | None = None) -> str:
     if "relevance_vs_localisation" in res:
         lines += ["", "Relevance vs single-head localisation (`figures/tab2-relevance-vs-localisation.md`), Spearman rho: "
                   + ", ".join(f"{k} {v['spearman_rho']:+.2f}" for k, v in res["relevance_vs_localisation"].items()) + "."]
+    re = res.get("relevance_reestimates")
+    if re:
+        kinds = sorted(k for k in re if isinstance(re[k], dict))
+        lines += ["", f"Does the two-level CI keep its promise? (`figures/tab1-ci-coverage.md`, {re['n']} independent re-estimates "
+                  f"of the relevance, {re['n_prompts']} new prompts, new noise and word draws each, scored on the same words): "
+                  + "; ".join(f"{c}: {re[c]['outside_two_level']} of {re['n']} outside the CI, SD across estimates "
+                              f"{re[c]['sd_between']:.3f} against the first level's {re[c]['sd_first_level']:.3f}"
+                              + (f", pairwise Jaccard {re[c]['jaccard_pairwise']:.2f} (bootstrap {re[c]['jaccard_bootstrap']:.2f})"
+                                 if "jaccard_pairwise" in re[c] and "jaccard_bootstrap" in re[c] else "")
+                              for c in kinds) + "."]
     conv = res.get("relevance_convergence")
     if conv:
         lines += ["", f"Enough relevance prompts? (`figures/tab1-relevance-convergence.md`): two disjoint subsets of "
@@ -218,11 +228,46 @@ def answer(res: dict | None = None) -> str:
         text += (f" Oracle-k (per kind, the k heads that localise best, chosen on held-out images: a bound that needs "
                  f"masks) reaches {t1['miou_oracle']:.3f} against DAAM's {t1['miou_daam']:.3f} and top-k's "
                  f"{t1['miou_top']:.3f}: what a better relevance signal could gain.")
-    if "selection" in t1:
+    text += why_and_rules(res)
+    re = res.get("relevance_reestimates")
+    if re:
+        kinds = sorted(k for k in re if isinstance(re[k], dict) and k != "pooled")
+        text += (f" How stable the heads are: {re['n']} independent re-estimates of the relevance ({re['n_prompts']} new "
+                 "prompts each) select top-k sets with pairwise Jaccard "
+                 + ", ".join(f"{c} {re[c]['jaccard_pairwise']:.2f}" for c in kinds)
+                 + f"; {sum(re[c]['outside_two_level'] for c in kinds)} of {re['n'] * len(kinds)} per-kind differences fall "
+                   "outside the verdict's two-level CI.")
+    elif "selection" in t1:
         text += (f" How stable the heads are: the expected Jaccard of the top-k sets from two resamples of the "
                  f"{t1['n_relevance_prompts']} relevance prompts is "
                  + ", ".join(f"{c} {x['jaccard']:.2f}" for c, x in sorted(t1["selection"].items())) + ".")
     return text + " No number here is about Stable Diffusion itself (no real weights were at hand; *Limits*)."
+
+
+def why_and_rules(res: dict) -> str:
+    """The answer's sentence on why colour's heads are missed (chapter 04's mechanism) and what the best
+    pre-registered mask-free rule reaches against top-k and oracle-k (chapter 03), from results.json."""
+    text = ""
+    mech = res.get("mechanism", {})
+    t, o = mech.get("color/top-k"), mech.get("color/oracle-k")
+    if t and o:
+        how = ("relevance picks the heads that attend to a colour word most over the whole image, not where the object is"
+               if t["level"] > o["level"] and t["inside"] < o["inside"] else "relevance and localisation part ways")
+        text += (f" Why colour fails (chapter 04): HRV's vote averages a head's attention to the word over every pixel, and "
+                 f"{how}: colour's top-k heads attend to the word {t['level']:.2f}x as much as the average head with "
+                 f"{t['inside']:.0%} of it inside the object, the heads that localise colour {o['level']:.2f}x and {o['inside']:.0%}.")
+    rules = res.get("rules", {}).get(res.get("table1", {}).get("protocol", ""), {})
+    c = rules.get("color", {})
+    named = {k: v for k, v in c.items() if k not in ("top", "oracle")}
+    if named and "oracle" in c and "top" in c:
+        best = max(named, key=lambda k: named[k]["mIoU"])
+        b = named[best]
+        helps = sorted({f"{m} ({kind})" for kind, ms in rules.items() for m, v in ms.items() if v.get("helps")})
+        text += (f" The best of the {len(named)} pre-registered mask-free rules for colour ({best.replace('_', ' ')}) reaches "
+                 f"{b['mIoU']:.3f} against top-k's {c['top']['mIoU']:.3f} and oracle-k's {c['oracle']['mIoU']:.3f}; "
+                 + (f"after Holm's adjustment a rule helps only for {', '.join(helps)}." if helps
+                    else "after Holm's adjustment no rule beats both DAAM and top-k for any kind."))
+    return text
 
 
 def main() -> None:

@@ -122,3 +122,46 @@ def test_rules_are_scored_on_top_ks_draws_and_words(smoke_run):
     assert sorted(r[r.kind == "color"].daam_level.round(6)) == pytest.approx(sorted([1 - 0.05, 1 - 0.025, 1 - 0.05 / 3]))
     assert (r.p_daam_holm >= r.p_daam).all() and (r.p_top_holm >= r.p_top).all()
     assert (r.helps == ((r.diff_daam > 0) & (r.p_daam_holm < 0.05) & (r.diff_top > 0) & (r.p_top_holm < 0.05))).all()
+
+
+def test_reestimates_of_the_same_relevance_agree_and_a_shifted_one_is_caught(smoke_run):
+    """Two copies of one relevance: every set kept, Jaccard 1, no spread; a re-estimate whose
+    relevance is reversed selects other heads and moves top-k minus DAAM."""
+    import dataclasses
+    from saam import tables
+    from saam.select import head_set
+    from saam.selection import reestimates
+    p, rel, recs, _ = smoke_run
+    mask = tables.eligible(p, rel.heads)
+    daam = head_set("daam", rel.heads, None, p["k"], mask=mask).index
+    kinds = ["color", "shape", "size"]
+    per, cover = reestimates([rel, rel], recs, kinds, p["k"], p["tau"], mask, daam, n_draws=40)
+    c = cover.set_index("kind")
+    assert (c.loc[kinds, "set_changed"] == 0).all() and (c.loc[kinds, "jaccard_pairwise"] == 1).all()
+    assert (c.sd_between == 0).all() and (c.outside_two_level == 0).all() and (c.n_estimates == 2).all()
+    assert cover.attrs["n_prompts"] == len(rel.prompt_votes)
+    flipped = dataclasses.replace(rel, matrix=-rel.matrix, prompt_votes=rel.prompt_votes[::-1])
+    per, cover = reestimates([rel, flipped], recs, kinds, p["k"], p["tau"], mask, daam, n_draws=40)
+    c = cover.set_index("kind")
+    assert (c.loc[kinds, "set_changed"] == 1).all() and (c.loc[kinds, "jaccard_pairwise"] < 1).all()
+    e = per.set_index(["estimate", "kind"])
+    assert (e.ci_low <= e.ci_high).all() and (e.rel_low <= e.rel_high).all()
+
+
+def test_the_mechanism_compares_top_k_with_the_oracles_heads(smoke_run):
+    from saam import analyses, tables
+    from saam.select import head_set, resolve_k
+    p, rel, recs, _ = smoke_run
+    summary, heads, profiles = analyses.mechanism(recs, rel, p)
+    mask = tables.eligible(p, rel.heads)
+    k = resolve_k(p["k"], int(mask.sum()))
+    for c, g in heads.groupby("kind"):
+        assert len(g) == mask.sum() and g.top.sum() == k and g.oracle.sum() == 2 * k  # both folds' oracle sets
+        top = head_set("top", rel.heads, rel.row(c), p["k"], mask=mask).heads
+        assert set(g[g.top]["head"]) == {str(h) for h in top}
+        assert g.inside.between(0, 1).all() and g.concentration.between(-1e-6, 1).all()
+        assert abs(g.level.mean() - 1) < 1e-6  # relative to the eligible heads' mean
+        assert set(profiles[c]) == {"top-k", "oracle-k", "eligible"} and len(profiles[c]["top-k"]) == len(rel.timesteps)
+    s = summary.set_index(["kind", "group"])
+    assert set(s.index.get_level_values("group")) == {"top-k", "oracle-k", "eligible"}
+    assert "**color**" in analyses.mechanism_lines(summary)
