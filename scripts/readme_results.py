@@ -109,6 +109,24 @@ def block(res: dict | None = None) -> str:
     if "relevance_vs_localisation" in res:
         lines += ["", "Relevance vs single-head localisation (`figures/tab2-relevance-vs-localisation.md`), Spearman rho: "
                   + ", ".join(f"{k} {v['spearman_rho']:+.2f}" for k, v in res["relevance_vs_localisation"].items()) + "."]
+    rules = res.get("rules", {})
+    for proto, kinds in rules.items():
+        lines += ["", f"Pre-registered mask-free rules, {proto} (`figures/tab1-rules.md`, chapter 03; `docs/preregistration.md`; "
+                  "mIoU, and each rule minus DAAM with its two-level CI at its Holm level):", ""]
+        for kind, ms in kinds.items():
+            named = {m: v for m, v in ms.items() if m not in ("top", "oracle")}
+            lines.append(f"- {kind}: top-k {ms['top']['mIoU']:.3f}, "
+                         + ", ".join(f"{m.replace('_', ' ')} {v['mIoU']:.3f} ({v['diff_daam']:+.3f} [{v['daam_ci_low']:+.3f}, "
+                                     f"{v['daam_ci_high']:+.3f}]{', helps' if v.get('helps') else ''})" for m, v in named.items())
+                         + f", oracle-k {ms['oracle']['mIoU']:.3f}.")
+    mech = res.get("mechanism", {})
+    if mech:
+        kinds = sorted({k.split("/")[0] for k in mech})
+        lines += ["", "Why relevance misses some kinds' heads (`figures/tab2-mechanism.md`, chapter 04; attention to the word "
+                  "relative to the eligible heads' mean, and the share of it inside the object): "
+                  + "; ".join(f"{c}: top-k {mech[c + '/top-k']['level']:.2f}x, {mech[c + '/top-k']['inside']:.0%} inside; "
+                              f"oracle-k {mech[c + '/oracle-k']['level']:.2f}x, {mech[c + '/oracle-k']['inside']:.0%}"
+                              for c in kinds if c + "/top-k" in mech and c + "/oracle-k" in mech) + "."]
     re = res.get("relevance_reestimates")
     if re:
         kinds = sorted(k for k in re if isinstance(re[k], dict))

@@ -461,7 +461,10 @@ def test_a_key_given_twice_is_an_error(tmp_path, monkeypatch):
         read_coco(tmp_path / "ds")
 
 
-@pytest.mark.parametrize("over,match", [("variants=[]", "must list at least one organism variant")])
+@pytest.mark.parametrize("over,match", [("variants=[]", "must list at least one organism variant"),
+                                        ("rules=[concentration,oracle]", "pre-registered rules"),
+                                        ("rules=[consensus,consensus]", "at most once"),
+                                        ("relevance_reestimates=-1", "0 .none. or more")])
 def test_profile_values_that_would_fail_later_fail_at_check(over, match):
     with pytest.raises(ProfileError, match=match):
         load("smoke", over)

@@ -187,6 +187,9 @@ def check_ranges(p: dict, source: str) -> None:
                      "a rule not registered before the table was seen is not scored")
     if p.get("relevance_reestimates", 0) < 0:
         bad("relevance_reestimates", f"must be 0 (none) or more, got {p['relevance_reestimates']!r}")
+    if p.get("relevance_reestimates") and p.get("model", "shapesworld") != "shapesworld":
+        bad("relevance_reestimates", "independent re-estimates need new relevance prompts, which ShapesWorld's caption stream "
+                                     "has and a dataset's captions do not: set it on ShapesWorld profiles only")
     pool = p.get("relevance_pool")
     if pool is not None and (pool < 4 or pool < p.get("n_relevance_prompts", 0)):
         bad("relevance_pool", f"must be at least 4 and at least n_relevance_prompts ({p.get('n_relevance_prompts')}), "

@@ -309,3 +309,20 @@ def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = 
               f"{r.rel_covers_others:.0%} of {r.n_estimates}.")
         lines.append(s)
     return "\n\n".join(lines)
+
+
+def with_rules(tab: pd.DataFrame, rules: pd.DataFrame | None, params: dict, by_kind: bool = False) -> pd.DataFrame:
+    """Table 1 (or by kind) with the pre-registered rules' rows (:func:`rules_table`): mIoU and the
+    difference to DAAM with its two-level CI at the rule's Holm level in ``diff_ci2_low/high``
+    (pooled rows in Table 1, per-kind rows in the by-kind table)."""
+    from .rules import RULES
+    if rules is None or rules.empty:
+        return tab
+    r = rules[rules.method.isin(list(RULES)) & ((rules.kind != "pooled") if by_kind else (rules.kind == "pooled"))]
+    rows = pd.DataFrame(dict(protocol=r.protocol, method=r.label, mIoU=r.mIoU, diff_daam=r.diff_daam,
+                             diff_ci2_low=r.daam_ci_low, diff_ci2_high=r.daam_ci_high, n_words=r.n_words))
+    if by_kind:
+        rows.insert(2, "kind", r.kind)
+    else:
+        rows["k"], rows["tau"], rows["include_mid"] = params["k"], params["tau"], params["include_mid"]
+    return pd.concat([tab, rows], ignore_index=True)
