@@ -139,11 +139,18 @@ def block(res: dict | None = None) -> str:
                               for c in kinds) + "."]
     conv = res.get("relevance_convergence")
     if conv:
-        lines += ["", f"Enough relevance prompts? (`figures/tab1-relevance-convergence.md`): two disjoint subsets of "
-                  f"{conv['n_prompts']} of {conv['pool']} relevance prompts select top-k sets with Jaccard index "
-                  + ", ".join(f"{c} {j:.2f}" for c, j in sorted(conv["jaccard"].items()))
-                  + (" (every kind at or above 0.9: the profile's relevance budget is enough)."
-                     if min(conv["jaccard"].values()) >= 0.9 else " (below 0.9 for some kind: more relevance prompts are needed).")]
+        by_n = conv.get("jaccard_by_n") or {str(conv["n_prompts"]): conv["jaccard"]}
+        n_rel = str(t1.get("n_relevance_prompts", ""))
+        lines += ["", f"Enough relevance prompts? (`figures/tab1-relevance-convergence.md`): two disjoint subsets of n of "
+                  f"{conv['pool']} relevance prompts select top-k sets with Jaccard index "
+                  + "; ".join(f"n = {n}: " + ", ".join(f"{c} {j:.2f}" for c, j in sorted(js.items()))
+                              for n, js in sorted(by_n.items(), key=lambda x: int(x[0])))
+                  + (f" (at the verdict's {n_rel} every kind at or above 0.9)" if n_rel in by_n and min(by_n[n_rel].values()) >= 0.9
+                     else f" (at the verdict's {n_rel} below 0.9 for some kind)" if n_rel in by_n else "")
+                  + (". Top-k minus DAAM with the whole pool's heads against the verdict's: "
+                     + ", ".join(f"{c} {v:+.3f} against {conv['diff_with_verdict_heads'][c]:+.3f}"
+                                 for c, v in sorted(conv["diff_with_pool_heads"].items()))
+                     if "diff_with_pool_heads" in conv else "") + "."]
     if "binding_auroc" in res:
         lines += ["", "Binding diagnosis AUROC (`figures/tab3-binding-auroc.md`; its paired verdict is in *In short*): "
                   + ", ".join(f"{k} {v:.3f}" for k, v in res["binding_auroc"].items()) + "."]

@@ -326,3 +326,24 @@ def with_rules(tab: pd.DataFrame, rules: pd.DataFrame | None, params: dict, by_k
     else:
         rows["k"], rows["tau"], rows["include_mid"] = params["k"], params["tau"], params["include_mid"]
     return pd.concat([tab, rows], ignore_index=True)
+
+
+def pool_diffs(rels: dict, recs, params: dict) -> pd.DataFrame:
+    """Top-k minus DAAM per kind (and pooled) on the same words with the heads each relevance selects
+    (``rels``: label -> Relevance, e.g. the verdict's 96 prompts and the whole convergence pool)."""
+    from .selection import word_ious
+    mask = eligible(params, next(iter(rels.values())).heads)
+    kinds = sorted({r.kind for r in recs if r.gt is not None})
+    rows = []
+    for name, rel in rels.items():
+        daam = head_set("daam", rel.heads, None, params["k"], mask=mask).index
+        d = {}
+        for c in kinds:
+            words = [r for r in recs if r.kind == c and r.gt is not None]
+            top = head_set("top", rel.heads, rel.row(c), params["k"], mask=mask, concept=c).index
+            iou = word_ious(words, [top, daam], len(rel.heads), params["tau"])
+            d[c] = iou[0] - iou[1]
+            rows.append(dict(relevance=name, n_prompts=len(rel.prompt_votes), kind=c, diff=float(d[c].mean()), n_words=len(words)))
+        allw = np.concatenate(list(d.values()))
+        rows.append(dict(relevance=name, n_prompts=len(rel.prompt_votes), kind="pooled", diff=float(allw.mean()), n_words=len(allw)))
+    return pd.DataFrame(rows)
