@@ -279,7 +279,7 @@ def rules_lines(tab: pd.DataFrame, protocol: str) -> list[str]:
             f"**{kind}**: top-k {g.loc['top', 'mIoU']:.3f}, best rule *{b.label}* {b.mIoU:.3f} (minus DAAM {b.diff_daam:+.3f} "
             f"[{b.daam_ci_low:+.3f}, {b.daam_ci_high:+.3f}], Holm p {b.p_daam_holm:.3g}; minus top-k {b.diff_top:+.3f} "
             f"[{b.top_ci_low:+.3f}, {b.top_ci_high:+.3f}], Holm p {b.p_top_holm:.3g}), oracle-k {g.loc['oracle', 'mIoU']:.3f}; "
-            + (f"helps: {', '.join(helps)}." if helps else "no rule helps (better than both DAAM and top-k after Holm)."))
+            + (f"helps: {', '.join(helps)}." if helps else "no rule helps (none beats both DAAM and top-k after Holm's adjustment)."))
     return lines
 
 
