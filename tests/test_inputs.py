@@ -344,6 +344,7 @@ def test_make_check_counts_cached_batches_once():
     assert "organism D" not in size and size["organism A"] == size["organism C"] == own
     assert size["generation"] == max(p["n_eval"], p["n_sinks"]) * steps
     assert size["relevance"] == p["relevance_pool"] * steps  # the relevance pass's prompts open the pool
+    assert size["relevance re-estimates"] == p["relevance_reestimates"] * p["n_relevance_prompts"] * steps  # new prompts each
     odd = dict(p, ablation=dict(a, n_eval=p["batch_size"] + 1))  # a batch of its own: generated again
     assert run_size(odd)["organism D"] == (p["batch_size"] + 1 + 2 * a["n_fidelity"] + a["n_relevance_prompts"]) * steps
     assert "organism D" in run_size(load_profile("smoke"))  # 6 of 12 scenes in batches of 16: not the same batch

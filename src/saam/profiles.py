@@ -297,6 +297,8 @@ def run_size(p: dict) -> dict[str, int]:
         out[f"real images (strength {s})"] = int(n_eval * steps * s)
     if not (real and p.get("hrv_vectors")):  # published vectors need no relevance pass
         out["relevance"] = rel * steps
+    if p.get("relevance_reestimates"):  # chapter 03: each re-estimate a pass of new prompts
+        out["relevance re-estimates"] = p["relevance_reestimates"] * (p.get("n_relevance_prompts") or 64) * steps
     if real:
         out["attention budget"] = p.get("n_sinks", 32) * steps
     return out
