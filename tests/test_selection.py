@@ -101,6 +101,7 @@ def test_convergence_compares_disjoint_subsets(run):
     same = Relevance(rel.concepts, rel.heads, rel.matrix, prompt_votes=np.repeat(rel.prompt_votes[:1], n, 0))
     c = convergence(same, recs, ["color"], p["k"], p["tau"], mask, splits=5)
     assert (c.jaccard == 1).all() and (c.top_k_miou_sd < 1e-12).all()  # identical prompts: identical sets
+    assert (c.jaccard_bootstrap == 1).all() and conv.jaccard_bootstrap.between(0, 1).all()
 
 
 def test_boundary_ties_count_the_heads_a_set_left_out_by_head_order():

@@ -163,10 +163,13 @@ def selection_frequency(rel, selection: dict[str, dict], eligible: np.ndarray):
 
 def relevance_convergence(conv: pd.DataFrame):
     """Per kind against the number of relevance prompts: the Jaccard index of the top-k sets from
-    two disjoint subsets (left), and top-k's mIoU with +-1 SD over subsets (right)."""
+    two disjoint subsets (left; dotted: from two resamples with replacement of one subset, as the
+    bootstrap draws them), and top-k's mIoU with +-1 SD over subsets (right)."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for c, g in conv.groupby("kind", sort=False):
-        axes[0].plot(g.n_prompts, g.jaccard, marker="o", label=c)
+        line, = axes[0].plot(g.n_prompts, g.jaccard, marker="o", label=c)
+        if "jaccard_bootstrap" in g:  # two resamples with replacement of the same prompts (the bootstrap's view)
+            axes[0].plot(g.n_prompts, g.jaccard_bootstrap, ls=":", marker=".", color=line.get_color())
         line, = axes[1].plot(g.n_prompts, g.top_k_miou, marker="o", label=c)
         axes[1].fill_between(g.n_prompts, g.top_k_miou - g.top_k_miou_sd, g.top_k_miou + g.top_k_miou_sd,
                              alpha=0.2, color=line.get_color())

@@ -286,7 +286,9 @@ def convergence(rel: Relevance, recs: Sequence[WordRecord], kinds: Sequence[str]
     per-prompt votes (``rel.prompt_votes``, P prompts). For each n (default P/8, P/4, P/2) and
     kind, over ``splits`` random pairs of *disjoint* n-prompt subsets: the mean (and lowest)
     Jaccard index of the two subsets' top-k sets, and top-k's mIoU on the kind's words with the
-    heads each subset selects (mean and SD over the 2 x ``splits`` subsets)."""
+    heads each subset selects (mean and SD over the 2 x ``splits`` subsets). Beside it,
+    ``jaccard_bootstrap``: the Jaccard of two resamples *with replacement* of the first subset's n
+    prompts, what the two-level CI's bootstrap reports at n, on the same prompts."""
     import pandas as pd
     if rel.prompt_votes is None:
         raise ValueError("the convergence check needs per-prompt votes (HRV's pass), not published vectors")
@@ -301,20 +303,29 @@ def convergence(rel: Relevance, recs: Sequence[WordRecord], kinds: Sequence[str]
         if (c, s) not in memo:
             memo[(c, s)] = float(np.mean(word_ious(words[c], [s], len(rel.heads), tau)[0])) if words[c] else np.nan
         return memo[(c, s)]
+    boot_rng = np.random.default_rng(seed + 2)  # its own stream: the disjoint subsets stay those of rng
+    jac = lambda ss: [len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(ss[::2], ss[1::2])]  # noqa: E731
+
+    def top_sets(votes):
+        m = normalize_votes(votes)
+        return {c: tuple(sorted(head_set("top", rel.heads, m[rel.index(c)], k, mask=mask, concept=c).index.tolist()))
+                for c in kinds}
     rows = []
     for n in ns:
-        sets = {c: [] for c in kinds}
+        sets, boot = {c: [] for c in kinds}, {c: [] for c in kinds}
         for _ in range(splits):
             perm = rng.permutation(n_pool)
             for half in (perm[:n], perm[n:2 * n]):
-                m = normalize_votes(pv[half].sum(0))
-                for c in kinds:
-                    sets[c].append(tuple(sorted(head_set("top", rel.heads, m[rel.index(c)], k, mask=mask, concept=c).index.tolist())))
+                for c, s in top_sets(pv[half].sum(0)).items():
+                    sets[c].append(s)
+            for _ in range(2):
+                for c, s in top_sets(pv[perm[:n][boot_rng.integers(0, n, n)]].sum(0)).items():
+                    boot[c].append(s)
         for c in kinds:
-            ss = sets[c]
-            jac = [len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(ss[::2], ss[1::2])]
-            ious = [miou(c, s) for s in ss]
-            rows.append(dict(n_prompts=n, kind=c, jaccard=float(np.mean(jac)), jaccard_min=float(np.min(jac)),
+            j = jac(sets[c])
+            ious = [miou(c, s) for s in sets[c]]
+            rows.append(dict(n_prompts=n, kind=c, jaccard=float(np.mean(j)), jaccard_min=float(np.min(j)),
+                             jaccard_bootstrap=float(np.mean(jac(boot[c]))),
                              top_k_miou=float(np.mean(ious)), top_k_miou_sd=float(np.std(ious)), splits=splits))
     return pd.DataFrame(rows)
 
