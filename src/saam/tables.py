@@ -283,18 +283,19 @@ def rules_lines(tab: pd.DataFrame, protocol: str) -> list[str]:
     return lines
 
 
-def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = None) -> str:
+def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = None,
+                   within: pd.DataFrame | None = None) -> str:
     """The re-estimates' answer (``selection.reestimates``' summary), one sentence per kind: the
     independent estimates' Jaccard beside the bootstrap's and the disjoint subsets' (at the pass's
     prompt count), the set changes, the re-estimates outside the two-level CI, and the spread across
     estimates against the interval's first level; then which stability estimate the re-estimates
-    side with."""
+    side with (``within``: per estimate and kind, the disjoint-halves Jaccard inside its own prompts)."""
     at = {}
     if conv is not None and len(conv):
         n = cover.attrs.get("n_prompts")
         c_n = conv[conv.n_prompts == (n if n in set(conv.n_prompts) else conv.n_prompts.max())]
         at = {r.kind: r for r in c_n.itertuples()}
-    lines, side = [], []
+    lines = []
     for r in cover.itertuples():
         n_re = r.n_estimates - 1
         s = f"**{r.kind}**: "
@@ -306,7 +307,6 @@ def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = 
                 d = at[r.kind]
                 s += (f"; disjoint {d.n_prompts}-prompt subsets of the pool {d.jaccard:.2f}, two resamples with replacement "
                       f"of one subset {getattr(d, 'jaccard_bootstrap', float('nan')):.2f}")
-                side.append(abs(r.jaccard_pairwise - d.jaccard) < abs(r.jaccard_pairwise - b))
             s += f"); the set changed in {r.set_changed * n_re:.0f} of {n_re} re-estimates. "
         s += (f"Top-k minus DAAM {r.diff_main:+.3f}, two-level CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]: "
               f"{r.outside_two_level} of {n_re} re-estimates fall outside it (mean of all {r.diff_mean:+.3f}); the spread "
@@ -314,21 +314,27 @@ def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = 
               f"SD {r.sd_first_level:.3f}); each estimate's relevance-only interval covers the others' mean in "
               f"{r.rel_covers_others:.0%} of {r.n_estimates}.")
         lines.append(s)
-    wide = bool((cover.sd_first_level > cover.sd_between).all())
-    resampling = bool(at) and all(getattr(d, "jaccard_bootstrap", np.inf) < d.jaccard for d in at.values())
-    if side and all(side):
-        lines.append("**Which stability estimate is right.** The re-estimates, new distinct prompts as a reader's rerun would "
-                     "draw them, side with the disjoint subsets, not with the bootstrap"
-                     + (": a resample with replacement repeats some prompts and leaves out about a third of them, and that "
-                        "moves the top-k set more than a new set of distinct prompts does (the same prompts resampled with "
-                        "replacement give the bootstrap's lower Jaccard; dotted in `fig3-relevance-convergence`). "
-                        if resampling else ". ")
-                     + ("The interval's first level therefore overstates how much the selection moves: the two-level CI is "
-                        "conservative here." if wide else "Even so, the first level's spread is not wider than the "
-                        "re-estimates' for every kind."))
-    elif side:
-        lines.append("**Which stability estimate is right.** The re-estimates side with the disjoint subsets for some kinds "
-                     "and with the bootstrap for others; neither estimate is right for every kind.")
+    kinds = [r.kind for r in cover.itertuples() if r.kind != "pooled"]
+    if at and kinds:
+        closer = {c: "the bootstrap" if abs(cover.set_index("kind").loc[c, "jaccard_pairwise"] - boot.get(c, {}).get("jaccard", np.nan))
+                  <= abs(cover.set_index("kind").loc[c, "jaccard_pairwise"] - at[c].jaccard) else "the disjoint subsets"
+                  for c in kinds if c in at}
+        by = {w: [c for c, v in closer.items() if v == w] for w in ("the bootstrap", "the disjoint subsets")}
+        text = ("**Which stability estimate is right.** The independent re-estimates measure it directly; closer to them are "
+                + " and ".join(f"{w} for {', '.join(cs)}" for w, cs in by.items() if cs) + ".")
+        if within is not None and len(within):
+            text += (f" The disjoint subsets all come from one pool of prompts, so they say how stable the selection is "
+                     f"given that pool: the same check inside each of the {len(within)} independent passes (disjoint halves "
+                     f"of its {cover.attrs.get('n_prompts', '')} prompts) ranges over " + ", ".join(f"{c} {within[c].min():.2f}-{within[c].max():.2f}"
+                                                                for c in kinds if c in within)
+                     + ", so one pool's figure can sit anywhere in such a range (the bootstrap's, from one sample, too).")
+        ratio = (cover.sd_first_level / cover.sd_between).replace([np.inf], np.nan)
+        calls = ["matches" if 0.75 <= q <= 4 / 3 else "overstates" if q > 4 / 3 else "understates" if q < 0.75 else "n/a"
+                 for q in ratio]
+        text += (" What the two-level CI needs is the spread of top-k minus DAAM across estimates, and its first level "
+                 + ("matches it" if set(calls) == {"matches"} else "; ".join(f"{k}: {c}" for k, c in zip(cover.kind, calls)))
+                 + " (first level's SD over the re-estimates': " + ", ".join(f"{k} {q:.2f}" for k, q in zip(cover.kind, ratio)) + ").")
+        lines.append(text)
     return "\n\n".join(lines)
 
 
