@@ -132,7 +132,9 @@ def block(res: dict | None = None) -> str:
         kinds = sorted(k for k in re if isinstance(re[k], dict))
         lines += ["", f"Does the two-level CI keep its promise? (`figures/tab1-ci-coverage.md`, {re['n']} independent re-estimates "
                   f"of the relevance, {re['n_prompts']} new prompts, new noise and word draws each, scored on the same words): "
-                  + "; ".join(f"{c}: {re[c]['outside_two_level']} of {re['n']} outside the CI, SD across estimates "
+                  + "; ".join(f"{c}: {re[c]['outside_two_level']} of {re['n']} outside the CI"
+                              + (f" (about {re[c]['expected_outside']:.1f} expected were it exactly right)" if "expected_outside" in re[c] else "")
+                              + f", SD across estimates "
                               f"{re[c]['sd_between']:.3f} against the first level's {re[c]['sd_first_level']:.3f}"
                               + (f", pairwise Jaccard {re[c]['jaccard_pairwise']:.2f} (bootstrap {re[c]['jaccard_bootstrap']:.2f})"
                                  if "jaccard_pairwise" in re[c] and "jaccard_bootstrap" in re[c] else "")
@@ -260,8 +262,10 @@ def answer(res: dict | None = None) -> str:
         text += (f" How stable the heads are: {re['n']} independent re-estimates of the relevance ({re['n_prompts']} new "
                  "prompts each) select top-k sets with pairwise Jaccard "
                  + ", ".join(f"{c} {re[c]['jaccard_pairwise']:.2f}" for c in kinds)
-                 + f"; {sum(re[c]['outside_two_level'] for c in kinds)} of {re['n'] * len(kinds)} per-kind differences fall "
-                   "outside the verdict's two-level CI.")
+                 + f"; {sum(re[c]['outside_two_level'] for c in kinds)} of {re['n'] * len(kinds)} per-kind differences to DAAM "
+                   "fall outside the verdict's two-level CI"
+                 + (f" (about {sum(re[c]['expected_outside'] for c in kinds):.1f} would were it exactly right: a re-estimate "
+                    "carries its own error too)" if all("expected_outside" in re[c] for c in kinds) else "") + ".")
     elif "selection" in t1:
         text += (f" How stable the heads are: the expected Jaccard of the top-k sets from two resamples of the "
                  f"{t1['n_relevance_prompts']} relevance prompts is "

@@ -342,10 +342,12 @@ def reestimates(rels: Sequence[Relevance], recs: Sequence[WordRecord], kinds: Se
     verdict's, the mean pairwise Jaccard of independent estimates' sets (what the bootstrap's expected
     Jaccard and the convergence check's disjoint subsets both estimate), how many re-estimates fall
     outside the verdict's two-level CI, the spread of top-k minus DAAM across estimates against the
-    spread the first level claims (mean SD of its draws), and how often an estimate's relevance-only
-    interval covers the mean of the other estimates.
+    spread the first level claims (mean SD of its draws), how often an estimate's relevance-only
+    interval and its two-level CI cover the mean of the other estimates, and how many re-estimates
+    would fall outside the verdict's CI were its first level exactly right (``expected_outside``).
     """
     import pandas as pd
+    from scipy.stats import norm
     rows, sets_of = [], {}
     for j, rel in enumerate(rels):
         sets, point, boots, base = _drawn_diffs(recs, rel, kinds, k, tau, mask, daam, n_draws, seed)
@@ -381,6 +383,11 @@ def reestimates(rels: Sequence[Relevance], recs: Sequence[WordRecord], kinds: Se
             outside_two_level=int(((others["diff"] < main.ci_low) | (others["diff"] > main.ci_high)).sum()),
             sd_between=float(g["diff"].std(ddof=1)), sd_first_level=float(g.rel_sd.mean()),
             rel_covers_others=float(np.mean([(g.loc[j, "rel_low"] <= m <= g.loc[j, "rel_high"]) for j, m in zip(est, loo)])),
+            two_covers_others=float(np.mean([(g.loc[j, "ci_low"] <= m <= g.loc[j, "ci_high"]) for j, m in zip(est, loo)])),
+            # a re-estimate against an interval around another estimate: their difference has sqrt(2) x the first
+            # level's spread, so even a right interval leaves some outside (normal approximation)
+            expected_outside=float(len(others) * 2 * norm.sf((main.ci_high - main.ci_low) / 2 / (np.sqrt(2) * g.rel_sd.mean())))
+            if g.rel_sd.mean() > 0 else 0.0,
             diff_main=float(main["diff"]), diff_mean=float(g["diff"].mean()), ci_low=float(main.ci_low), ci_high=float(main.ci_high)))
     summary = pd.DataFrame(summary)
     summary.attrs["n_prompts"] = int(len(rels[0].prompt_votes))

@@ -309,7 +309,10 @@ def coverage_lines(cover: pd.DataFrame, boot: dict, conv: pd.DataFrame | None = 
                       f"of one subset {getattr(d, 'jaccard_bootstrap', float('nan')):.2f}")
             s += f"); the set changed in {r.set_changed * n_re:.0f} of {n_re} re-estimates. "
         s += (f"Top-k minus DAAM {r.diff_main:+.3f}, two-level CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]: "
-              f"{r.outside_two_level} of {n_re} re-estimates fall outside it (mean of all {r.diff_mean:+.3f}); the spread "
+              f"{r.outside_two_level} of {n_re} re-estimates fall outside it (about {r.expected_outside:.1f} would if the "
+              f"interval were exactly right: a re-estimate differs from the verdict's estimate by both their errors; mean "
+              f"of all {r.diff_mean:+.3f}); each estimate's two-level CI covers the mean of the others in "
+              f"{r.two_covers_others:.0%} of {r.n_estimates}; the spread "
               f"across estimates (SD {r.sd_between:.3f}) against the first level's (relevance resampled, words fixed: "
               f"SD {r.sd_first_level:.3f}); each estimate's relevance-only interval covers the others' mean in "
               f"{r.rel_covers_others:.0%} of {r.n_estimates}.")
