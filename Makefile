@@ -39,8 +39,10 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 # re-runs every chapter and never overwrites a plain run's outputs or the committed figures/
 SETTAG := $(if $(strip $(SET_RAW)),set-$(shell printf '%s' $(SETQ) | sha256sum | cut -c1-10))
 OUTDIR := build/$(PROFILE)$(if $(SETTAG),/$(SETTAG))
-# where the run's figures and results.json land (saam.paths.figures_dir): figures/ for a plain paper run
-FIGDIR := $(if $(and $(filter paper,$(PROFILE)),$(if $(SETTAG),,1)),figures,$(OUTDIR)/figures)
+# where the run's figures and results.json land (saam.paths.figures_dir): figures/ for a plain paper run,
+# figures/mmdit/ for a plain mmdit run (both committed)
+COMMITTED := $(if $(SETTAG),,$(if $(filter paper,$(PROFILE)),figures,$(if $(filter mmdit,$(PROFILE)),figures/mmdit)))
+FIGDIR := $(or $(COMMITTED),$(OUTDIR)/figures)
 EXECUTED := $(patsubst notebooks/%,$(OUTDIR)/%,$(NOTEBOOKS))
 # the chapters allocate through tcmalloc where the system has it (Debian/Ubuntu: libtcmalloc-minimal4;
 # TCMALLOC= turns it off): glibc's malloc hands the UNet's large activations back to the kernel and
@@ -78,9 +80,9 @@ all: $(STAMP) check $(EXECUTED)  ## run every notebook with PROFILE (default pap
 	@if [ "$(PROFILE)" = paper ] && [ -z "$(SETTAG)" ]; then $(BIN)/python scripts/readme_results.py; fi
 	@$(BIN)/python scripts/run_notebook.py --timings $(OUTDIR)
 	@# did this run reproduce the committed one? every value with a CI in results.json against the committed run's CI
-	@if [ "$(PROFILE)" = paper ] && git cat-file -e HEAD:figures/results.json 2>/dev/null; then \
-	  git show HEAD:figures/results.json > $(OUTDIR)/committed-results.json && \
-	  echo "reproduction check (scripts/compare_runs.py: this run against the committed figures/results.json; same CPU class: identical; any CPU: no value outside its family-wise interval):" && \
+	@if [ -n "$(COMMITTED)" ] && git cat-file -e HEAD:$(COMMITTED)/results.json 2>/dev/null; then \
+	  git show HEAD:$(COMMITTED)/results.json > $(OUTDIR)/committed-results.json && \
+	  echo "reproduction check (scripts/compare_runs.py: this run against the committed $(COMMITTED)/results.json; same CPU class: identical; any CPU: no value outside its family-wise interval):" && \
 	  $(BIN)/python scripts/compare_runs.py --summary $(OUTDIR)/committed-results.json $(FIGDIR)/results.json; fi
 
 # a notebook re-runs when it, its profile, the model or the package code it imports changed (its

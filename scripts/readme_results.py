@@ -19,7 +19,8 @@ def artefact_map() -> str:
     rows = ["| artefact (in `figures/` for `paper`, `build/<profile>/figures/` otherwise) | chapter | models |", "|---|---|---|"]
     for c in CHAPTERS:
         names = ", ".join(f"`{n}`" + ("" if "." in n else f" ({'/'.join(f.split('.')[-1] for f in files(n))})")
-                          + (" (SD profiles only)" if n in c.real_only else "") for n in c.produces)
+                          + (" (SD profiles only)" if n in c.real_only else " (MM-DiT profiles only)" if n in c.dit_only else "")
+                          for n in c.produces)
         rows.append(f"| {names} | `notebooks/{c.notebook}.ipynb` | {'ShapesWorld' if c.shapesworld_only else 'all'} |")
     rows.append("| `bench-capture.json`, `bench-relevance.json` | `scripts/bench.py` (`make bench`) | ShapesWorld |")
     rows.append("| `bench-dit.json` | `scripts/bench.py` (`make bench`) | SD3- and Flux-width MM-DiT blocks |")
@@ -270,7 +271,60 @@ def answer(res: dict | None = None) -> str:
         text += (f" How stable the heads are: the expected Jaccard of the top-k sets from two resamples of the "
                  f"{t1['n_relevance_prompts']} relevance prompts is "
                  + ", ".join(f"{c} {x['jaccard']:.2f}" for c, x in sorted(t1["selection"].items())) + ".")
-    return text + " No number here is about Stable Diffusion itself (no real weights were at hand; *Limits*)."
+    dit = dit_answer()
+    return (text + (f"\n\n{dit}" if dit else "")
+            + " No number here is about Stable Diffusion itself (no real weights were at hand; *Limits*).")
+
+
+def dit_answer(res: dict | None = None) -> str:
+    """The answer's second organism: the MM-DiT's verdicts per kind (top-k minus the cross-attention
+    average over every joint head, two-level CI), ConceptAttention's output space against that
+    average, head-wise ConceptAttention, oracle-k in both spaces and where grounding lives, from the
+    mmdit profile's results.json (``make all PROFILE=mmdit``); empty until that run exists."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from saam import paths
+    f = paths.figures_dir("mmdit") / "results.json"
+    if res is None and not f.exists():
+        return ""
+    res = res if res is not None else json.loads(f.read_text())
+    t1, v = res["table1"], res.get("verdict", {})
+    kinds, pooled, bk = v.get("table1_by_kind", {}), v.get("table1"), t1.get("by_kind", {})
+    if not pooled:
+        return ""
+    ci = lambda x: f"{x['diff']:+.3f} [{x['ci_low']:+.3f}, {x['ci_high']:+.3f}]"  # noqa: E731
+    dci = lambda x: f"{x['diff']:+.3f} [{x['diff_ci'][0]:+.3f}, {x['diff_ci'][1]:+.3f}]"  # noqa: E731
+    call = lambda x: ("better" if x["diff_ci"][0] > 0 else "worse" if x["diff_ci"][1] < 0 else "not distinguishable")  # noqa: E731
+    fid = res.get("fidelity", {})
+    text = ("**The MM-DiT organism** (SD3's joint-attention transformer, 6 blocks x 4 heads, trained on the CPU; "
+            + (f"fidelity colour {fid['single_color_accuracy']:.0%}, shape {fid['single_shape_accuracy']:.0%}, binding "
+               f"{fid['two_object_binding']:.0%}; " if fid else "")
+            + f"`figures/mmdit/`, {t1['n_words']} words; relevance from the concept stream): top-k minus DAAM's construction "
+            "(every joint head's cross-attention, averaged) "
+            + "; ".join(f"{c} words {ci(x)}, **{x['call']}**" for c, x in sorted(kinds.items()))
+            + f"; pooled {ci(pooled)}, **{pooled['call']}**.")
+    if bk and all("output" in m for m in bk.values()):
+        text += (" ConceptAttention's output-space maps (every head, its blocks, the softmax over the prompt's words) against "
+                 "that cross-attention average, paired on the same words: "
+                 + "; ".join(f"{c} {m['output']['miou']:.3f} against {m['daam']['miou']:.3f}, {dci(m['output'])}, "
+                             f"**{call(m['output'])}**" for c, m in sorted(bk.items())) + ".")
+        if all("output_top" in m for m in bk.values()):
+            text += (" Head-wise ConceptAttention over top-k's heads: "
+                     + ", ".join(f"{c} {m['output_top']['miou']:.3f}" for c, m in sorted(bk.items())) + ".")
+    if "miou_oracle" in t1 and "miou_oracle_output" in t1:
+        text += (f" Oracle-k (a bound, heads chosen with masks) reaches {t1['miou_oracle']:.3f} in cross-attention and "
+                 f"{t1['miou_oracle_output']:.3f} in output space, against DAAM's {t1['miou_daam']:.3f}.")
+    blocks = res.get("blocks", {})
+    per = {}
+    for key, b in blocks.items():
+        kind, block, space = key.split("/")
+        if kind == "pooled":
+            per.setdefault(space, []).append((b["miou"], int(block), b["concept_block"]))
+    if per.get("output") and per.get("attention"):
+        (ma, ba, _), (mo, bo, _) = max(per["attention"]), max(per["output"])
+        ca = [b for _, b, c in sorted(per["output"], key=lambda x: x[1]) if c]
+        text += (f" Where grounding lives (chapter 04, pooled): cross-attention is best in block {ba} ({ma:.3f}), the output "
+                 f"space in block {bo} ({mo:.3f}); ConceptAttention averages blocks {', '.join(map(str, ca))}.")
+    return text
 
 
 def why_and_rules(res: dict) -> str:

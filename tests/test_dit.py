@@ -238,6 +238,16 @@ def test_output_space_maps_are_conceptattentions(dit, reference):
         torch.testing.assert_close(got_h.double(), ref_h, rtol=1e-3, atol=1e-5)
     red = output_map(hm, "red")
     assert red.shape == hm.latent_size and not torch.allclose(red, output_map(hm, "blue"))
+    # ConceptAttention's blocks: the later half of the joint (double-stream) blocks, never a single-stream one
+    from saam.aggregate import concept_layers, output_block_maps, upsample
+    blocks, ca = output_block_maps(hm, "red"), concept_layers(layers)
+    joint_layers = [l for l in layers if l.startswith("transformer_blocks.")]
+    assert ca == joint_layers[len(joint_layers) - max(1, len(joint_layers) // 2):] and list(blocks) == list(hm.outputs)
+    cols = hm.columns(hm.token_positions("red"))
+    for layer in layers:  # each block's own map: its share of the softmax, the word's tokens and the steps averaged
+        want = upsample((hm.outputs[layer][cols].mean(0) / hm.steps)[None], tuple(hm.latent_size))[0]
+        torch.testing.assert_close(blocks[layer], want)
+    torch.testing.assert_close(red, torch.stack([blocks[l] for l in ca]).mean(0))
     from saam.aggregate import per_head_maps
     hw = per_head_maps(hm, hm.token_positions("red"), hm.heads(), space="output")
     assert hw.shape == (len(hm.heads()), *hm.latent_size) and (hw >= 0).all() and (hw <= 1).all()

@@ -151,6 +151,7 @@ def test_overrides_get_folders_of_their_own_and_make_agrees(tmp_path):
     Makefile names its folder as the package does, so changed overrides re-run every chapter."""
     from saam import paths
     assert paths.figures_dir("paper") == paths.ROOT / "figures"
+    assert paths.figures_dir("mmdit") == paths.ROOT / "figures" / "mmdit"  # the MM-DiT organism's run, committed too
     tag = paths.overrides_tag("steps=4 n_eval=6")
     assert tag.startswith("set-") and tag != paths.overrides_tag("steps=4 n_eval=7")
     assert paths.figures_dir("paper", "steps=4 n_eval=6") == paths.BUILD / "paper" / tag / "figures"
@@ -163,6 +164,9 @@ def test_overrides_get_folders_of_their_own_and_make_agrees(tmp_path):
     paper = subprocess.run(["make", "-n", "all", "PROFILE=paper", "SET=steps=4"], cwd=paths.ROOT,
                            capture_output=True, text=True).stdout
     assert f"build/paper/{paths.overrides_tag('steps=4')}/03-miou.ipynb" in paper
+    for profile, folder in paths.COMMITTED.items():  # make's reproduction check reads the folder the package writes
+        plain = subprocess.run(["make", "-n", "all", f"PROFILE={profile}"], cwd=paths.ROOT, capture_output=True, text=True).stdout
+        assert f"HEAD:{folder}/results.json" in plain and f"{folder}/results.json" in plain
 
 
 def test_model_folders_are_checked_for_components_and_family(tmp_path):

@@ -123,9 +123,12 @@ def test_every_chapter_runs_on_a_real_model_profile(profile, kind, export, tmp_p
     from saam.select import METHODS
     dit = profile in ("sd3", "sd35", "flux", "flux2", "flux2-klein", "qwenimage")  # ConceptAttention's output-space maps
     # on MM-DiTs three more methods: ConceptAttention's, and the head-wise one over top-k's and soft's heads
-    from saam.selection import ORACLE  # the cross-fitted bound, beside the five methods on data with masks
-    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 6 + 3 * dit and (t1.n_words > 0).all()
+    from saam.selection import ORACLE, ORACLE_OUTPUT  # the cross-fitted bounds (MM-DiTs: in output space too)
+    assert set(t1.protocol) == {"dataset (strength 0.5)"} and len(t1) == 6 + 4 * dit and (t1.n_words > 0).all()
     assert all((METHODS[m] in set(t1.method)) == dit for m in ("output", "output_top", "output_soft")) and ORACLE in set(t1.method)
+    assert (ORACLE_OUTPUT in set(t1.method)) == dit
+    # where grounding lives: each joint block in both spaces (chapter 04), on MM-DiTs only
+    assert all((out / "figures" / f"{n}.{s}").exists() == dit for n, s in (("fig4-blocks", "png"), ("tab2-blocks", "csv")))
     assert t1.diff_daam.isna().tolist() == [m == METHODS["daam"] for m in t1.method]  # paired to DAAM
     poly = pd.read_csv(out / "figures" / "tab5-polysemy.csv")  # chapter 05's case study on SD profiles
     assert len(poly) == 2 * 2 and poly.competing_share.between(0, 1).all()

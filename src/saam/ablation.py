@@ -68,9 +68,12 @@ def adoption(tab: pd.DataFrame, sd_concentration: dict[str, float]) -> dict:
     is shown to be missed (each target at or below the upper end of the Wilson CI; *clearly* fit
     when at or below the lower end too), and among the fit ones the closest to SD v1.4 is the one with
     the smallest total shortfall in colour and shape concentration. Returns fit, clearly fit, shortfall
-    and closest."""
+    and closest. Only the UNet variants (``shapes.model.VARIANTS``) are candidates: the MM-DiT organism
+    is a second model beside the default one, not a choice for it."""
+    from .shapes.model import VARIANTS
     targets = FIDELITY_TARGETS
     t = tab.set_index("variant")
+    t = t[[v in VARIANTS for v in t.index]]
     fit = [v for v in t.index if all(t.loc[v, f"{k}_ci"][1] >= x for k, x in targets.items())]
     clearly = [v for v in fit if all(t.loc[v, f"{k}_ci"][0] >= x for k, x in targets.items())]
     gap = {v: float(sum(max(0.0, sd_concentration[c] - t.loc[v, f"conc_{c}"]) for c in sd_concentration)) for v in fit}

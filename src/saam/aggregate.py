@@ -136,17 +136,36 @@ def word_map(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, wei
     return aggregate(hm, hm.token_positions(word, occurrence), daam_heads(hm) if heads is None else heads, weights)
 
 
-def output_map(hm: HeadMaps, word: str, occurrence: int | str = 0) -> torch.Tensor:
-    """ConceptAttention's map of a word on an MM-DiT, at latent size [h, w] (upsampled as
-    :func:`per_head_maps` upsamples): its share of each pixel's output-space softmax over the
-    prompt's word tokens (``HeadMaps.outputs``), averaged over its tokens, the joint layers and the
-    steps. Not a head set: every head's output enters the products (ConceptAttention's
-    construction, with the prompt's words as its concepts)."""
+def concept_layers(layers: Sequence[str]) -> list[str]:
+    """ConceptAttention's blocks among an MM-DiT's traced layers: the last max(1, n // 2) of its n
+    joint (double-stream) blocks (FLUX.1's 19: blocks 10-18, the blocks its code averages; the MM-DiT
+    organism's 6: blocks 3-5); single-stream blocks never. In the order given."""
+    joint = [l for l in layers if l.startswith("transformer_blocks.")]
+    later = set(sorted(joint, key=lambda l: int(l.split(".")[1]))[len(joint) - max(1, len(joint) // 2):])
+    return [l for l in joint if l in later]
+
+
+def output_block_maps(hm: HeadMaps, word: str, occurrence: int | str = 0) -> dict[str, torch.Tensor]:
+    """Each traced joint layer's ConceptAttention map of a word, at latent size: its share of each
+    pixel's output-space softmax over the prompt's word tokens (``HeadMaps.outputs``), averaged over
+    the word's tokens and the steps, upsampled as :func:`per_head_maps` upsamples. {layer: [h, w]}."""
     if not hm.outputs:
         raise ValueError("output-space maps come from an MM-DiT trace (SD3, FLUX, Qwen-Image); this trace has none")
     cols = hm.columns(hm.token_positions(word, occurrence))
-    maps = torch.stack([m[cols].float().mean(0) for m in hm.outputs.values()])  # the joint layers share one grid
-    return upsample((maps.mean(0) / max(hm.steps, 1))[None], tuple(hm.latent_size))[0]
+    maps = torch.stack([m[cols].float().mean(0) for m in hm.outputs.values()]) / max(hm.steps, 1)
+    return dict(zip(hm.outputs, upsample(maps, tuple(hm.latent_size))))
+
+
+def output_map(hm: HeadMaps, word: str, occurrence: int | str = 0, layers: Sequence[str] | None = None) -> torch.Tensor:
+    """ConceptAttention's map of a word on an MM-DiT, at latent size [h, w]: the mean of
+    :func:`output_block_maps` over its blocks (``layers``; default :func:`concept_layers`, the later
+    half of the joint blocks, as its code takes them). Not a head set: every head's output enters
+    the products (its construction, with the prompt's words as its concepts)."""
+    maps = output_block_maps(hm, word, occurrence)
+    layers = concept_layers(list(maps)) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("no joint blocks to average: ConceptAttention reads the double-stream blocks")
+    return torch.stack([maps[l] for l in layers]).mean(0)
 
 
 def word_mask(hm: HeadMaps, word: str, heads: Sequence[HeadId] | None = None, weights=None,

@@ -281,3 +281,68 @@ def mechanism_lines(summary: pd.DataFrame) -> str:
             f"relevance follows {follows} (Spearman rho with the attention level {t.rho_relevance_level:+.2f}, with the "
             f"share inside the object {t.rho_relevance_inside:+.2f}, with concentration {t.rho_relevance_concentration:+.2f}).")
     return "\n\n".join(out)
+
+
+def blocks(recs, rel, mask: np.ndarray, k, tau: float, seed: int = 0) -> pd.DataFrame:
+    """Where grounding lives on an MM-DiT (Seg4Diff's question), per word kind (and pooled) and
+    joint block: the mIoU [bootstrap 95 % CI] of the block's cross-attention map (the mean of its
+    eligible heads' maps: DAAM's construction on one block) and of its own ConceptAttention map
+    (output space, ``WordRecord.output_blocks``), the block's mean relevance to the kind and its
+    share of top-k's heads (``k`` of the heads ``mask`` allows), and whether the block is one of
+    ConceptAttention's (``aggregate.concept_layers``). Masks at ``tau``. The best block is chosen on
+    these same words: a bound, not a method.
+
+    Returns one row per (kind, layer, space); empty without output-space records (UNets)."""
+    import torch
+    from .aggregate import concept_layers, mean_maps
+    from .evaluate import bootstrap_ci
+    scored = [r for r in recs if r.gt is not None]
+    if not scored or any(r.output_blocks is None for r in scored):
+        return pd.DataFrame()
+    layers = list(scored[0].output_layers)
+    w = torch.zeros(len(layers), len(rel.heads))
+    for i, h in enumerate(rel.heads):
+        if mask[i] and h.layer in layers:
+            w[layers.index(h.layer), i] = 1.0
+    have = w.sum(1) > 0
+    ious = {}
+    for r in scored:
+        att = mask_ious(mean_maps(torch.as_tensor(r.maps), w[have]), r.gt, [tau])[:, 0]
+        full = np.full(len(layers), np.nan)
+        full[have.numpy()] = att
+        ious.setdefault(r.kind, []).append((full, mask_ious(r.output_blocks, r.gt, [tau])[:, 0]))
+    ious = {c: ious[c] for c in sorted(ious)} | {"pooled": [x for c in sorted(ious) for x in ious[c]]}
+    ca = set(concept_layers(layers))
+    rows = []
+    for c, per in ious.items():
+        top = (set(head_set("top", rel.heads, rel.row(c), k, mask=mask, concept=c).index)
+               if c != "pooled" else set())
+        for j, layer in enumerate(layers):
+            idx = [i for i, h in enumerate(rel.heads) if h.layer == layer and mask[i]]
+            for space, col in (("attention", 0), ("output", 1)):
+                v = np.array([x[col][j] for x in per], float)
+                m, lo, hi = bootstrap_ci(v, seed=seed) if not np.isnan(v).all() else (np.nan,) * 3
+                rows.append(dict(kind=c, layer=layer, block=j, space=space, mIoU=m, ci_low=lo, ci_high=hi, n_words=len(v),
+                                 relevance=float(np.mean(rel.row(c)[idx])) if c != "pooled" and idx else np.nan,
+                                 top_share=len(top & set(idx)) / max(len(top), 1) if c != "pooled" else np.nan,
+                                 concept_block=layer in ca))
+    return pd.DataFrame(rows)
+
+
+def blocks_lines(df: pd.DataFrame) -> list[str]:
+    """One sentence per kind (and pooled) from :func:`blocks`: the best block in each space against
+    ConceptAttention's blocks, and where the kind's top-k heads sit and its relevance peaks."""
+    out = []
+    for c, g in df.groupby("kind", sort=False):
+        att, outp = g[g.space == "attention"].dropna(subset=["mIoU"]), g[g.space == "output"]
+        ba, bo = att.loc[att.mIoU.idxmax()], outp.loc[outp.mIoU.idxmax()]
+        ca = outp[outp.concept_block]
+        s = (f"**{c}**: the best block for cross-attention is block {ba.block} ({ba.mIoU:.3f} [{ba.ci_low:.3f}, {ba.ci_high:.3f}]), "
+             f"in output space block {bo.block} ({bo.mIoU:.3f} [{bo.ci_low:.3f}, {bo.ci_high:.3f}]); ConceptAttention's blocks "
+             f"({', '.join(map(str, ca.block))}) score {', '.join(f'{v:.3f}' for v in ca.mIoU)} one by one")
+        if c != "pooled":
+            tops = att[att.top_share > 0]
+            s += ("; the kind's top-k heads sit in blocks " + ", ".join(f"{r.block} ({r.top_share:.0%})" for r in tops.itertuples())
+                  + f", its relevance peaks in block {att.loc[att.relevance.idxmax()].block}")
+        out.append(s + ".")
+    return out

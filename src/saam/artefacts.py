@@ -16,6 +16,7 @@ class Chapter:
     produces: tuple[str, ...]
     shapesworld_only: bool = False  # needs ShapesWorld's renderer or analyzer; says so elsewhere
     real_only: tuple[str, ...] = ()  # of ``produces``: written on real-model (SD) profiles only
+    dit_only: tuple[str, ...] = ()  # of ``produces``: written on MM-DiT profiles only (output-space maps)
 
 
 CHAPTERS = (
@@ -31,7 +32,8 @@ CHAPTERS = (
              "tab1-relevance-reestimates", "tab1-ci-coverage", "fig3-relevance-reestimates", "results.json")),
     Chapter("04-most-vs-least", "Most vs least relevant heads",
             ("tab2-k-sweep", "fig4-k-sweep", "fig4-examples", "fig4-relevance-vs-localisation",
-             "tab2-relevance-vs-localisation", "tab2-mechanism", "fig4-mechanism", "explorer.html")),
+             "tab2-relevance-vs-localisation", "tab2-mechanism", "fig4-mechanism", "tab2-blocks", "fig4-blocks",
+             "explorer.html"), dit_only=("tab2-blocks", "fig4-blocks")),
     Chapter("05-misinterpretation", "Diagnosing misinterpretations",
             ("tab3-binding-auroc", "fig5-roc", "fig5-case-studies", "tab5-polysemy", "fig5-polysemy"),
             real_only=("tab5-polysemy", "fig5-polysemy")),
@@ -59,6 +61,7 @@ def chapter(notebook: str) -> Chapter:
 def produces_markdown(notebook: str, figures_dir: str = "figures") -> str:
     """The chapter's "Produces" line, for its header."""
     c = chapter(notebook)
-    names = ", ".join(f"`{n}`" + (" (SD profiles)" if n in c.real_only else "") for n in c.produces)
+    names = ", ".join(f"`{n}`" + (" (SD profiles)" if n in c.real_only else " (MM-DiT profiles)" if n in c.dit_only else "")
+                      for n in c.produces)
     only = " (ShapesWorld profiles only)" if c.shapesworld_only else ""
     return f"**Produces{only}** in `{figures_dir}/`: {names}."

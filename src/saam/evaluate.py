@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .aggregate import DAAM_TAU, mean_maps, normalize, output_map, per_head_maps, to_mask
+from .aggregate import DAAM_TAU, mean_maps, normalize, output_block_maps, output_map, per_head_maps, to_mask
 from .capture import trace
 from .heads import HeadId
 from .models import guidance_arg
@@ -44,6 +44,8 @@ class WordRecord:
     bound: bool | None = None      # generation protocol: intended (colour, shape) object drawn?
     output: np.ndarray | None = None  # MM-DiTs: ConceptAttention's output-space map [h, w] (aggregate.output_map)
     output_heads: np.ndarray | None = None  # MM-DiTs: each head's own output-space map [heads, h, w] (per_head_maps(space="output"))
+    output_blocks: np.ndarray | None = None  # MM-DiTs: each joint layer's ConceptAttention map [layers, h, w] (output_block_maps)
+    output_layers: tuple[str, ...] | None = None  # the layers of ``output_blocks``, in order
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -257,10 +259,14 @@ def records_of(hm, caption: str, words, image_idx: int, heads: list[HeadId], n_o
             cut.append((image_idx, word))
             continue
         maps = per_head_maps(hm, pos, heads).numpy()
-        space = output_map(hm, word, occurrence).numpy() if hm.outputs else None
+        space = blocks = None
+        if hm.outputs:
+            blocks = output_block_maps(hm, word, occurrence)
+            space = output_map(hm, word, occurrence).numpy()  # ConceptAttention's blocks (aggregate.concept_layers)
         heads_space = per_head_maps(hm, pos, heads, space="output").numpy() if hm.head_outputs else None
         out.append(WordRecord(image_idx, caption, word, occurrence, kind, obj, gt, maps, n_objects, bound, space,
-                              heads_space))
+                              heads_space, None if blocks is None else torch.stack(list(blocks.values())).numpy(),
+                              None if blocks is None else tuple(blocks)))
     return out
 
 
@@ -355,12 +361,12 @@ class FlowImg2Img(_Img2Img):
             sched.timesteps, sched.sigmas = sched.timesteps[n - keep:], sched.sigmas[n - keep:]
 
         def noised(clean):  # once per call, in the layout the pipeline packed the clean latents in
-            if "x" not in state:
-                sigma = float(sched.sigmas[0])
-                noise = torch.cat([torch.randn(clean[i:i + 1].shape, generator=gens[i], dtype=torch.float32)
-                                   for i in range(len(clean))]).to(clean.device)
-                state["x"] = ((1 - sigma) * clean.float() + sigma * noise).to(clean.dtype)
-            return state["x"]
+            if "x" not in state:  # (a guided denoiser call stacks the images' rows once per branch: each branch alike)
+                sigma, z = float(sched.sigmas[0]), clean[:len(gens)]
+                noise = torch.cat([torch.randn(z[i:i + 1].shape, generator=gens[i], dtype=torch.float32)
+                                   for i in range(len(z))]).to(z.device)
+                state["x"] = ((1 - sigma) * z.float() + sigma * noise).to(z.dtype)
+            return state["x"].repeat(len(clean) // len(state["x"]), *[1] * (clean.dim() - 1))
 
         def first_call(module, args, kwargs):
             if "stepped" not in state:
@@ -385,7 +391,9 @@ class FlowImg2Img(_Img2Img):
 
 def img2img(pipe):
     """The image-to-image pipeline sharing ``pipe``'s components (SD 1.x/2.x, SDXL, SD3, Flux,
-    ShapesWorld: diffusers' own), or :class:`LatentImg2Img` where diffusers has none (PixArt-Sigma)."""
+    ShapesWorld's UNets: diffusers' own), or where diffusers has none :class:`LatentImg2Img`
+    (PixArt-Sigma) or :class:`FlowImg2Img` (FLUX.2; a pipeline of its own on a flow-matching
+    scheduler, such as the MM-DiT organism's)."""
     from .family import of
     if of(pipe).img2img == "latents":
         return LatentImg2Img(pipe)
@@ -394,7 +402,12 @@ def img2img(pipe):
     from .progress import quiet
     with quiet():  # importing the auto pipelines also imports every pipeline's image processors
         from diffusers import AutoPipelineForImage2Image
-        i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+        try:
+            i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+        except ValueError:  # no image-to-image sibling registered for this pipeline class
+            if "FlowMatch" in type(pipe.scheduler).__name__ and hasattr(pipe, "_encode_vae_image"):
+                return FlowImg2Img(pipe)
+            raise
     i2i.set_progress_bar_config(disable=True)
     return i2i
 

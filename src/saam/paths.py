@@ -29,16 +29,22 @@ def overrides_tag(overrides: str | dict | None) -> str:
     return "set-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+# the profiles whose plain runs are committed, and where: the paper profile's figures/, the MM-DiT organism's
+# figures/mmdit/ (the Makefile's FIGDIR says the same)
+COMMITTED = {"paper": "figures", "mmdit": "figures/mmdit"}
+
+
 def figures_dir(profile: str, overrides: str | dict | None = None) -> Path:
-    """Where a profile's figures and tables go: the committed ``figures/`` for a plain ``paper``
-    run, ``build/<profile>/figures/`` for any other profile, ``build/<profile>/set-<hash>/figures/``
-    for a run with overrides ($SAAM_FIGURES overrides all, for tests)."""
+    """Where a profile's figures and tables go: the committed folder of a plain run of a
+    :data:`COMMITTED` profile (``figures/``, ``figures/mmdit/``), ``build/<profile>/figures/`` for
+    any other profile, ``build/<profile>/set-<hash>/figures/`` for a run with overrides
+    ($SAAM_FIGURES overrides all, for tests)."""
     if os.environ.get("SAAM_FIGURES"):
         return Path(os.environ["SAAM_FIGURES"])
     tag = overrides_tag(overrides)
     if tag:
         return BUILD / profile / tag / "figures"
-    return ROOT / "figures" if profile == "paper" else BUILD / profile / "figures"
+    return ROOT / COMMITTED[profile] if profile in COMMITTED else BUILD / profile / "figures"
 
 
 PARAMS = ROOT / "params"

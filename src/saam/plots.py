@@ -19,7 +19,11 @@ MAP_CMAP = "cividis"  # word maps over images: perceptually uniform and colour-b
 
 
 def training_curves(card: dict):
-    """VAE PSNR and UNet loss against step; a fine-tuned variant's steps continue the base curve."""
+    """VAE PSNR and UNet loss against step; a fine-tuned variant's steps continue the base curve. The
+    MM-DiT organism (``saam.shapes.dit``, its VAE the UNet organisms'): its flow-matching loss, and its
+    fidelity on the fixed prompt set against the targets it trained to."""
+    if card.get("variant") == "mmdit":
+        return _dit_curves(card)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     for ax, (stage, key, label) in zip(axes, (("vae", "psnr", "reconstruction PSNR (dB)"),
                                               ("unet", "loss", "noise-prediction MSE"))):
@@ -37,6 +41,27 @@ def training_curves(card: dict):
         ax.set(title=f"{stage.upper()} training", xlabel="optimiser step", ylabel=label)
         if len(runs) > 1:
             ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _dit_curves(card: dict):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    c = pd.DataFrame(card.get("curves", []))
+    if len(c):
+        axes[0].plot(c.step, c.loss, lw=0.8)
+        axes[0].set_yscale("log")
+    axes[0].set(title="MM-DiT training (flow matching)", xlabel="optimiser step", ylabel="velocity-prediction MSE")
+    f = pd.DataFrame(card.get("fidelity", []))
+    for (key, target), col in zip(card.get("targets", {}).items(), sns.color_palette("colorblind", 3)):
+        if key in f:
+            axes[1].plot(f.step, f[key], "o-", ms=3, color=col, label=key.replace("_", " "))
+        axes[1].axhline(target, color=col, ls="--", lw=0.8)
+    if card.get("targets_met_at"):
+        axes[1].axvline(card["targets_met_at"], color="k", lw=0.6)
+    axes[1].set(title="fidelity on the fixed prompts (dashed: targets)", xlabel="optimiser step", ylabel="accuracy",
+                ylim=(0, 1.02))
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -234,6 +259,41 @@ def mechanism(heads: pd.DataFrame, profiles: dict):
     if profiles:
         axes[1][0].legend(fontsize=8)
     fig.colorbar(sc, ax=axes[0].tolist(), label="attention level (x mean)", shrink=0.8)
+    return fig
+
+
+def blocks(df: pd.DataFrame):
+    """``analyses.blocks``: per kind (columns), each joint block's mIoU [95 % CI] in cross-attention
+    and in output space, ConceptAttention's blocks shaded (top row); the block's mean relevance to
+    the kind (bars) and its share of top-k's heads (dots) (bottom row)."""
+    kinds = list(dict.fromkeys(df.kind))
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.0 * len(kinds), 5.4), squeeze=False, sharex=True,
+                             layout="constrained")
+    for j, c in enumerate(kinds):
+        g = df[df.kind == c]
+        ax = axes[0][j]
+        for b in g[g.concept_block].block.unique():
+            ax.axvspan(b - 0.5, b + 0.5, color="0.92", zorder=0)
+        for space, style in (("attention", dict(color="C0", marker="o")), ("output", dict(color="C3", marker="s"))):
+            s = g[g.space == space]
+            ax.errorbar(s.block, s.mIoU, yerr=[s.mIoU - s.ci_low, s.ci_high - s.mIoU], capsize=2, ms=4,
+                        label={"attention": "cross-attention (block's heads)", "output": "output space (ConceptAttention)"}[space],
+                        **style)
+        ax.set(title=c, ylabel="mIoU" if j == 0 else None)
+        ax2 = axes[1][j]
+        a = g[g.space == "attention"]
+        if a.relevance.notna().any():
+            ax2.bar(a.block, a.relevance, color="0.6", label="mean relevance")
+            ax3 = ax2.twinx()
+            ax3.plot(a.block, a.top_share, "ko", ms=4, label="share of top-k's heads")
+            ax3.set_ylim(0, 1)
+            if j == len(kinds) - 1:
+                ax3.set_ylabel("share of top-k's heads (dots)")
+        else:
+            ax2.set_yticks([])
+        ax2.set(xlabel="joint block", ylabel="mean relevance (bars)" if j == 0 else None)
+        ax2.set_xticks(sorted(g.block.unique()))
+    axes[0][0].legend(fontsize=7, loc="best", title="shaded: ConceptAttention's blocks", title_fontsize=7)
     return fig
 
 

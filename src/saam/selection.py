@@ -34,11 +34,23 @@ from .select import head_set
 
 N_DRAWS = 1000  # two-level bootstrap draws (each: relevance prompts, then words)
 ORACLE = "oracle-k (a bound: heads chosen with masks)"  # its label in Table 1
+ORACLE_OUTPUT = "oracle-k, output space (a bound: heads chosen with masks)"  # MM-DiTs: head-wise ConceptAttention's bound
 
 
-def word_ious(recs: Sequence[WordRecord], sets: Sequence[Sequence[int]], n_heads: int, tau: float) -> np.ndarray:
-    """[sets, words] IoU of each word's mask from the plain mean of its per-head maps over each
-    head set (indices into the heads), as Table 1 scores a set; NaN where the object is missing."""
+def head_maps(r: WordRecord, space: str = "attention") -> np.ndarray:
+    """A record's per-head maps [heads, h, w] in ``space``: ``attention`` (``maps``) or, on an
+    MM-DiT, ``output`` (each head's own output-space map, ``output_heads``)."""
+    m = {"attention": r.maps, "output": r.output_heads}[space]
+    if m is None:
+        raise ValueError("head-wise output-space maps come from an MM-DiT's records; these have none")
+    return m
+
+
+def word_ious(recs: Sequence[WordRecord], sets: Sequence[Sequence[int]], n_heads: int, tau: float,
+              space: str = "attention") -> np.ndarray:
+    """[sets, words] IoU of each word's mask from the plain mean of its per-head maps (in ``space``,
+    :func:`head_maps`) over each head set (indices into the heads), as Table 1 scores a set; NaN
+    where the object is missing."""
     w = np.zeros((len(sets), n_heads), np.float32)
     for i, s in enumerate(sets):
         w[i, list(s)] = 1.0
@@ -46,7 +58,7 @@ def word_ious(recs: Sequence[WordRecord], sets: Sequence[Sequence[int]], n_heads
     out = np.full((len(sets), len(recs)), np.nan)
     for j, r in enumerate(recs):
         if r.gt is not None:
-            out[:, j] = mask_ious(mean_maps(torch.as_tensor(r.maps), w), r.gt, [tau])[:, 0]
+            out[:, j] = mask_ious(mean_maps(torch.as_tensor(head_maps(r, space)), w), r.gt, [tau])[:, 0]
     return out
 
 
@@ -234,22 +246,23 @@ def rule_comparison(recs: Sequence[WordRecord], rel: Relevance, kinds: Sequence[
 
 
 def oracle_ious(recs: Sequence[WordRecord], heads, k, tau: float, mask: np.ndarray,
-                folds: int = 2) -> tuple[dict[tuple, float], dict[tuple, np.ndarray]]:
+                folds: int = 2, space: str = "attention") -> tuple[dict[tuple, float], dict[tuple, np.ndarray]]:
     """Cross-fitted oracle-k: ({(image, word, occurrence, kind): IoU}, {(kind, fold): head indices}).
     Per kind, images fall into ``folds`` folds by their index; a fold's words are scored with the k
     eligible heads whose single-head maps scored best (mean IoU at ``tau``) on the other folds'
-    words of that kind."""
-    return _oracle(recs, heads, [k], tau, mask, folds)[0]
+    words of that kind. ``space``: the heads' attention maps, or on an MM-DiT their own output-space
+    maps (:func:`head_maps`; the bound for head-wise ConceptAttention)."""
+    return _oracle(recs, heads, [k], tau, mask, folds, space)[0]
 
 
-def _oracle(recs, heads, ks, tau, mask, folds: int = 2) -> list[tuple[dict, dict]]:
+def _oracle(recs, heads, ks, tau, mask, folds: int = 2, space: str = "attention") -> list[tuple[dict, dict]]:
     """:func:`oracle_ious` at each of ``ks``, the single-head IoUs computed once."""
     out = [({}, {}) for _ in ks]
     for c in sorted({r.kind for r in recs}):
         rs = [r for r in recs if r.kind == c and r.gt is not None]
         if not rs:
             continue
-        single = np.stack([mask_ious(r.maps, r.gt, [tau])[:, 0] for r in rs])  # [words, heads]
+        single = np.stack([mask_ious(head_maps(r, space), r.gt, [tau])[:, 0] for r in rs])  # [words, heads]
         fold = np.array([r.image % folds for r in rs])
         for f in range(folds):
             train, test = fold != f, np.flatnonzero(fold == f)
@@ -260,7 +273,7 @@ def _oracle(recs, heads, ks, tau, mask, folds: int = 2) -> list[tuple[dict, dict
             score = single[train].mean(0)
             for (ious, chosen_sets), k in zip(out, ks):
                 chosen = chosen_sets[(c, f)] = head_set("top", heads, score, k, mask=mask, concept=c).index
-                iou = word_ious([rs[i] for i in test], [chosen], len(heads), tau)[0]
+                iou = word_ious([rs[i] for i in test], [chosen], len(heads), tau, space)[0]
                 for i, v in zip(test, iou):
                     r = rs[i]
                     ious[(r.image, r.word, r.occurrence, r.kind)] = float(v)

@@ -12,7 +12,7 @@ from .evaluate import WORD, auroc_ci, bootstrap_ci, miou_table, per_word, score_
 from .heads import layer_factors
 from .models import denoiser_config
 from .paired import paired_auroc, paired_table, verdict
-from .selection import ORACLE
+from .selection import ORACLE, ORACLE_OUTPUT
 from .select import METHODS, head_set
 from .select import eligible as rule
 
@@ -106,11 +106,14 @@ def selection(recs, rel, params: dict, n_draws: int | None = None) -> dict:
     """What the head selection's own uncertainty and a bound add to Table 1 on one protocol's
     records (``saam.selection``): the two-level paired CI of top-k minus DAAM per kind and pooled
     (with each kind's selection frequencies and expected Jaccard), and cross-fitted oracle-k's
-    per-word IoUs. Published relevance keeps no per-prompt votes: then only oracle-k."""
+    per-word IoUs (on an MM-DiT also in output space, ``oracle_output``: head-wise ConceptAttention's
+    bound). Published relevance keeps no per-prompt votes: then only oracle-k."""
     from .selection import N_DRAWS, oracle_ious, two_level
     mask = eligible(params, rel.heads)
     kinds = sorted({r.kind for r in recs if r.gt is not None})
     out = dict(oracle=oracle_ious(recs, rel.heads, params["k"], params["tau"], mask)[0])
+    if recs and all(r.output_heads is not None for r in recs):
+        out["oracle_output"] = oracle_ious(recs, rel.heads, params["k"], params["tau"], mask, space="output")[0]
     if rel.prompt_votes is not None and kinds:
         daam = head_set("daam", rel.heads, None, params["k"], mask=mask).index
         out["two_level"] = two_level(recs, rel, kinds, params["k"], params["tau"], mask, daam,
@@ -121,25 +124,30 @@ def selection(recs, rel, params: dict, n_draws: int | None = None) -> dict:
 def with_selection(tab: pd.DataFrame, df: pd.DataFrame, sel: dict, main: str, params: dict,
                    by_kind: bool = False) -> pd.DataFrame:
     """Table 1 (or by kind) with oracle-k's rows on protocol ``main`` (mIoU [CI], paired difference
-    to DAAM on the same words) and the two-level CI of top-k's difference (``diff_ci2_low/high``)."""
+    to DAAM on the same words; on an MM-DiT also oracle-k in output space) and the two-level CI of
+    top-k's difference (``diff_ci2_low/high``)."""
     from .paired import paired_stats
     w = per_word(df)
     w = w[~w.missing & (w.method == METHODS["daam"])].set_index(WORD).iou
-    oracle = pd.Series(sel["oracle"]).reindex(w.index)
     rows = []
-    for kind, idx in ([(k, w.index.get_level_values("kind") == k) for k in sorted(set(w.index.get_level_values("kind")))]
-                      if by_kind else [(None, np.ones(len(w), bool))]):
-        o, d = oracle[idx].to_numpy(float), w[idx].to_numpy(float)
-        m, lo, hi = bootstrap_ci(o[~np.isnan(o)], seed=params["seed"])
-        st = paired_stats(o - d, params["seed"])
-        rows.append(dict(protocol=main, method=ORACLE, **({"kind": kind} if by_kind else {}), mIoU=m, ci_low=lo,
-                         ci_high=hi, diff_daam=st["diff"], diff_ci_low=st["ci_low"], diff_ci_high=st["ci_high"],
-                         p_wilcoxon=st["p_wilcoxon"], better=st["better"], worse=st["worse"], d_z=st["d_z"],
-                         draw_sd=np.nan, n_words=st["n"], n_missing=int(tab[tab.protocol == main].n_missing.iloc[0])
-                         if not by_kind else np.nan))
+    for label, key in ((ORACLE, "oracle"), (ORACLE_OUTPUT, "oracle_output")):
+        if key not in sel:
+            continue
+        oracle = pd.Series(sel[key]).reindex(w.index)
+        for kind, idx in ([(k, w.index.get_level_values("kind") == k) for k in sorted(set(w.index.get_level_values("kind")))]
+                          if by_kind else [(None, np.ones(len(w), bool))]):
+            o, d = oracle[idx].to_numpy(float), w[idx].to_numpy(float)
+            m, lo, hi = bootstrap_ci(o[~np.isnan(o)], seed=params["seed"])
+            st = paired_stats(o - d, params["seed"])
+            rows.append(dict(protocol=main, method=label, **({"kind": kind} if by_kind else {}), mIoU=m, ci_low=lo,
+                             ci_high=hi, diff_daam=st["diff"], diff_ci_low=st["ci_low"], diff_ci_high=st["ci_high"],
+                             p_wilcoxon=st["p_wilcoxon"], better=st["better"], worse=st["worse"], d_z=st["d_z"],
+                             draw_sd=np.nan, n_words=st["n"], n_missing=int(tab[tab.protocol == main].n_missing.iloc[0])
+                             if not by_kind else np.nan))
     out = pd.concat([tab, pd.DataFrame(rows)], ignore_index=True)
     if not by_kind:
-        out.loc[out.method == ORACLE, ["k", "tau", "include_mid"]] = [params["k"], params["tau"], params["include_mid"]]
+        out.loc[out.method.isin([ORACLE, ORACLE_OUTPUT]), ["k", "tau", "include_mid"]] = [
+            params["k"], params["tau"], params["include_mid"]]
     out["diff_ci2_low"], out["diff_ci2_high"] = np.nan, np.nan
     two = sel.get("two_level")
     if two:
@@ -182,12 +190,21 @@ def table1_results(tab: pd.DataFrame, rel, params: dict, main: str, bykind: pd.D
     verdicts = {"table1": call(g.loc[METHODS["top"]], "top", what, two.get("pooled")),
                 "bottom": call(g.loc[METHODS["bottom"]], "bottom", what, None)}
     if bykind is not None:
+        # every method per kind (the oracles too), for the README's answer: mIoU [CI] and minus DAAM [paired CI]
+        label = {v: k for k, v in METHODS.items()} | {ORACLE: "oracle", ORACLE_OUTPUT: "oracle_output"}
+        head["by_kind"] = {c: {label[r.method]: dict(miou=float(r.mIoU), miou_ci=[float(r.ci_low), float(r.ci_high)],
+                                                      **({} if r.method == METHODS["daam"] else dict(
+                                                          diff=float(r.diff_daam),
+                                                          diff_ci=[float(r.diff_ci_low), float(r.diff_ci_high)])))
+                               for r in g_.itertuples() if r.method in label}
+                           for c, g_ in bykind[bykind.protocol == main].groupby("kind", sort=True)}
         bk = bykind[(bykind.protocol == main) & (bykind.method == METHODS["top"])].set_index("kind")
         verdicts["table1_by_kind"] = {c: call(r, "top", f"{c} words, {what}", two.get(c)) for c, r in bk.iterrows()}
     if sel and sel.get("oracle"):
-        o = g.loc[ORACLE] if ORACLE in g.index else None
-        if o is not None:
-            head["miou_oracle"], head["miou_oracle_ci"] = float(o.mIoU), [float(o.ci_low), float(o.ci_high)]
+        for label, key in ((ORACLE, "oracle"), (ORACLE_OUTPUT, "oracle_output")):
+            if label in g.index:
+                o = g.loc[label]
+                head[f"miou_{key}"], head[f"miou_{key}_ci"] = float(o.mIoU), [float(o.ci_low), float(o.ci_high)]
     if two:
         head["selection"] = {c: dict(jaccard=v["jaccard"], distinct_sets=v["distinct_sets"])
                              for c, v in two["selection"].items()}

@@ -70,6 +70,13 @@ def _pipeline_class():
                                   scheduler=scheduler)
             self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
             self._guidance_scale = 1.0
+            from diffusers.image_processor import VaeImageProcessor
+            self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+        def _encode_vae_image(self, image: torch.Tensor, generator=None) -> torch.Tensor:
+            """Images in [-1, 1] as the transformer's latents: the VAE's mean, scaled, as training
+            encodes them (the real-image protocol's ``evaluate.FlowImg2Img`` starts from these)."""
+            return self.vae.encode(image.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
 
         @property
         def do_classifier_free_guidance(self) -> bool:
@@ -100,7 +107,7 @@ def _pipeline_class():
         @torch.no_grad()
         def __call__(self, prompt, num_inference_steps: int = 28, guidance_scale: float = 5.0, generator=None,
                      height: int | None = None, width: int | None = None, output_type: str = "pil",
-                     num_images_per_prompt: int = 1, negative_prompt=None, **unused):
+                     num_images_per_prompt: int = 1, negative_prompt=None, latents: torch.Tensor | None = None, **unused):
             from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
             self._guidance_scale = guidance_scale
             dev = self.transformer.device
@@ -110,7 +117,8 @@ def _pipeline_class():
             s = self.transformer.config.sample_size
             h, w = (height or s * self.vae_scale_factor) // self.vae_scale_factor, (width or s * self.vae_scale_factor) // self.vae_scale_factor
             gens = generator if isinstance(generator, list) else [generator] * n
-            x = torch.cat([torch.randn((1, 4, h, w), generator=g, dtype=torch.float32) for g in gens]).to(dev)
+            x = (torch.cat([torch.randn((1, 4, h, w), generator=g, dtype=torch.float32) for g in gens]).to(dev)
+                 if latents is None else latents.to(dev, torch.float32))
             self.scheduler.set_timesteps(num_inference_steps, device=dev)
             self._num_timesteps = len(self.scheduler.timesteps)
             ctx, pooled = (torch.cat([ne, pe]), torch.cat([npool, pp])) if self.do_classifier_free_guidance else (pe, pp)

@@ -46,8 +46,11 @@ MMDIT_ABOUT = "MM-DiT: SD3's joint-attention transformer (6 blocks, 4 heads of 3
 
 def variant_folder(name: str) -> Path:
     """Where a variant's model folder lives: A is the originally trained ``data/shapesworld-model``,
-    the others ``data/variants/<name>`` (fine-tuned from A; ``make model VARIANT=<name>``)."""
+    the others ``data/variants/<name>`` (fine-tuned from A; ``make model VARIANT=<name>``), the MM-DiT
+    organism ``data/variants/mmdit`` (``saam.shapes.dit``)."""
     from .. import paths
+    if name == "mmdit":
+        return paths.VARIANTS / name
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
     return paths.MODEL_DIR if name == "A" else paths.VARIANTS / name
