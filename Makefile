@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PROFILE ?= paper
 SET ?=
 VARIANT ?= C
-# minutes of training per `make model` call (time-budgeted, resumable): VARIANT=mmdit trains for about 4 CPU hours
+# minutes of training per `make model` call (time-budgeted, resumable): VARIANT=mmdit met its targets after about 6 hours on 2 cores
 MINUTES ?= 60
 # processes per chapter: one per GPU where there are GPUs, else one (measured on 2 cores: two CPU
 # processes of one thread each made chapter 00 slower, 191 s against 159 s, as its batches do not split evenly)
