@@ -232,6 +232,7 @@ def answer(res: dict | None = None) -> str:
     """The README's first-screen paragraph: what this repository found, per word kind first, from
     results.json (the verdicts' own numbers and calls, ``saam.paired.verdict``)."""
     sys.path.insert(0, str(ROOT / "src"))
+    from saam import paths
     from saam.chapter import load
     from saam.models import model_path
     from saam.shapes.model import variant_of
@@ -272,6 +273,14 @@ def answer(res: dict | None = None) -> str:
                  f"{t1['n_relevance_prompts']} relevance prompts is "
                  + ", ".join(f"{c} {x['jaccard']:.2f}" for c, x in sorted(t1["selection"].items())) + ".")
     dit = dit_answer()
+    if dit:
+        dres = json.loads((paths.figures_dir("mmdit") / "results.json").read_text())
+        both = {name: {c: x["call"] for c, x in r.get("verdict", {}).get("table1_by_kind", {}).items()}
+                for name, r in (("unet", res), ("dit", dres))}
+        say = lambda calls: ", ".join(c for c, call in sorted(calls.items()) if call == "better") or "no kind"  # noqa: E731
+        dit += (f" **Two organisms, one answer**: selecting heads by relevance beats the all-head average for {say(both['unet'])} "
+                f"words on the UNet and for {say(both['dit'])} on the MM-DiT; on both, oracle-k shows heads that localise better "
+                "exist, so what decides is whether relevance finds them.")
     return (text + (f"\n\n{dit}" if dit else "")
             + " No number here is about Stable Diffusion itself (no real weights were at hand; *Limits*).")
 
@@ -302,9 +311,13 @@ def dit_answer(res: dict | None = None) -> str:
             "(every joint head's cross-attention, averaged) "
             + "; ".join(f"{c} words {ci(x)}, **{x['call']}**" for c, x in sorted(kinds.items()))
             + f"; pooled {ci(pooled)}, **{pooled['call']}**.")
+    bottom = v.get("bottom")
+    if bottom and "miou_bottom" in t1:
+        text += (f" The least relevant heads: bottom-k minus DAAM {ci(bottom)}, **{bottom['call']}** (bottom-k "
+                 f"{t1['miou_bottom']:.3f}, top-k {t1['miou_top']:.3f}).")
     if bk and all("output" in m for m in bk.values()):
         text += (" ConceptAttention's output-space maps (every head, its blocks, the softmax over the prompt's words) against "
-                 "that cross-attention average, paired on the same words: "
+                 "that cross-attention average, paired on the same words (95 % CI over the words): "
                  + "; ".join(f"{c} {m['output']['miou']:.3f} against {m['daam']['miou']:.3f}, {dci(m['output'])}, "
                              f"**{call(m['output'])}**" for c, m in sorted(bk.items())) + ".")
         if all("output_top" in m for m in bk.values()):

@@ -117,6 +117,12 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
                      "words, with the words-only CI beside it; better or worse only where it excludes 0; by word "
                      "kind first):</p><ul>"
                      + "".join(f"<li>{bold(s)}</li>" for s in lines) + "</ul>")
+    side = two_organisms()
+    if side is not None and profile in ("paper", "mmdit"):
+        parts.append("<h2>Two organisms, one question</h2><p class='note'>Per word kind, on the generation protocol: "
+                     "each method minus DAAM's all-head average on the same words [95 % CI; top-k's over the relevance "
+                     "prompts and the words], organism D (UNet, <code>figures/</code>) beside the MM-DiT organism "
+                     "(<code>figures/mmdit/</code>).</p>" + side.to_html(index=False, escape=True))
     if (figs / "tab1-miou.csv").exists():
         parts.append("<h2>Table 1: mIoU</h2>" + pd.read_csv(figs / "tab1-miou.csv").to_html(index=False, float_format="%.3f"))
     fid, conc = res.get("fidelity"), res.get("concentration_top25_hrv34") or res.get("concentration_top25")
@@ -146,6 +152,29 @@ def front_page(profile: str, figs: Path, out: Path, pages: list[tuple[str, str]]
         f'<li><a href="{s}.html">{html.escape(t)}</a></li>' for s, t in pages) + "</ol>")
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saam report ({html.escape(profile)})"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def two_organisms():
+    """Organism D and the MM-DiT organism side by side, per kind, from the two committed runs'
+    results.json (``make all`` and ``make all PROFILE=mmdit``): top-k's and bottom-k's verdicts against
+    DAAM, ConceptAttention's and oracle-k's differences; None until both runs exist."""
+    import pandas as pd
+    from saam import paths
+    runs = {"organism D (UNet)": paths.figures_dir("paper"), "MM-DiT organism": paths.figures_dir("mmdit")}
+    if not all((f / "results.json").exists() for f in runs.values()):
+        return None
+    rows = []
+    for name, folder in runs.items():
+        res = json.loads((folder / "results.json").read_text())
+        verdicts, by_kind = res.get("verdict", {}).get("table1_by_kind", {}), res["table1"].get("by_kind", {})
+        for kind in sorted(verdicts):
+            v, m = verdicts[kind], by_kind.get(kind, {})
+            diff = lambda key: (f"{m[key]['diff']:+.3f} [{m[key]['diff_ci'][0]:+.3f}, {m[key]['diff_ci'][1]:+.3f}]"  # noqa: E731
+                                if key in m else "")
+            rows.append({"organism": name, "kind": kind, "DAAM": f"{m['daam']['miou']:.3f}" if "daam" in m else "",
+                         "top-k": f"{v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}] {v['call']}",
+                         "bottom-k": diff("bottom"), "ConceptAttention": diff("output"), "oracle-k (bound)": diff("oracle")})
+    return pd.DataFrame(rows)
 
 
 def build(profile: str, overrides: str = "") -> Path:
