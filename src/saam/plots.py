@@ -287,13 +287,17 @@ def blocks(df: pd.DataFrame):
             ax3 = ax2.twinx()
             ax3.plot(a.block, a.top_share, "ko", ms=4, label="share of top-k's heads")
             ax3.set_ylim(0, 1)
-            if j == len(kinds) - 1:
+            if j == len(kinds) - 2:
                 ax3.set_ylabel("share of top-k's heads (dots)")
-        else:
-            ax2.set_yticks([])
+        else:  # pooled: no relevance of its own; the panel holds the legend
+            ax2.axis("off")
+            ax.tick_params(labelbottom=True)
+            ax.set_xlabel("joint block")
+            ax2.legend(*axes[0][0].get_legend_handles_labels(), loc="center", fontsize=8,
+                       title="shaded: ConceptAttention's blocks", title_fontsize=8)
+            continue
         ax2.set(xlabel="joint block", ylabel="mean relevance (bars)" if j == 0 else None)
         ax2.set_xticks(sorted(g.block.unique()))
-    axes[0][0].legend(fontsize=7, loc="best", title="shaded: ConceptAttention's blocks", title_fontsize=7)
     return fig
 
 
